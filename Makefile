@@ -1,0 +1,35 @@
+# The two entry points a new machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast test-e2e demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,pycryptodome]'
+	touch $(STAMP)
+
+# Everything: engine tests natively, ublk end-to-end tests inside a QEMU VM.
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+# Engine only (no VM).
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not e2e" tests
+
+test-e2e: setup
+	$(PY) -m pytest -q -ra -m e2e tests
+
+demo: setup
+	$(PY) -m tools.demo
+
+bench: setup
+	$(PY) -m tools.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

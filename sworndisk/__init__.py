@@ -1,0 +1,26 @@
+"""SwornDisk: a log-structured secure block device.
+
+    from sworndisk import SwornDisk
+    with SwornDisk.create("data.img", "meta.img", key) as disk:
+        disk.write(0, b"x" * 4096)
+        disk.flush()
+"""
+from .config import BLOCK_SIZE, Config
+from .device import BlockDevice, FileDevice, MemoryDevice
+from .errors import (DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument,
+                     NoSpaceError, NotFormattedError, SwornDiskError, WrongKeyError)
+
+__all__ = [
+    "SwornDisk", "Config", "BLOCK_SIZE", "BlockDevice", "FileDevice", "MemoryDevice",
+    "SwornDiskError", "IntegrityError", "WrongKeyError", "NoSpaceError", "NotFormattedError",
+    "DiskClosedError", "InvalidArgument", "DeviceTooSmall",
+]
+
+
+def __getattr__(name):
+    # The engine is imported lazily so that `import sworndisk` stays cheap for tools that
+    # only need the device layer or the errors.
+    if name == "SwornDisk":
+        from .disk import SwornDisk
+        return SwornDisk
+    raise AttributeError(name)

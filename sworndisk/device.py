@@ -1,0 +1,229 @@
+"""Block devices the engine stores onto.
+
+The engine performs all of its device I/O through the public methods of BlockDevice
+(pread, pwrite, flush, discard, size), so a subclass that overrides just those sees
+every byte: that is how the crash and tamper tests interpose.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import struct
+import threading
+
+from .errors import InvalidArgument
+
+_BLKGETSIZE64 = 0x80081272
+_BLKDISCARD = 0x1277
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ALIGN = 4096
+
+
+class BlockDevice:
+    """Base class: subclasses implement pread, pwrite, flush and size; discard is optional."""
+
+    @property
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def pread(self, nbytes: int, offset: int) -> bytes:
+        raise NotImplementedError
+
+    def pwrite(self, data, offset: int) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Durability barrier: every completed pwrite is on stable storage after this returns."""
+        raise NotImplementedError
+
+    def discard(self, offset: int, nbytes: int) -> None:
+        """Hint that a range no longer holds data; the default does nothing."""
+
+    def close(self) -> None:
+        """Release OS resources; the default does nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MemoryDevice(BlockDevice):
+    """A device in RAM: for tests and for measuring the engine without a disk."""
+
+    def __init__(self, size: int):
+        if size <= 0 or size % _ALIGN:
+            raise InvalidArgument(f"MemoryDevice size must be a positive multiple of {_ALIGN}")
+        self.buf = bytearray(size)
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    def pread(self, nbytes: int, offset: int) -> bytes:
+        _check_range(self, nbytes, offset)
+        return bytes(self.buf[offset:offset + nbytes])
+
+    def pwrite(self, data, offset: int) -> None:
+        _check_range(self, len(data), offset)
+        self.buf[offset:offset + len(data)] = data
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, nbytes: int) -> None:
+        _check_range(self, nbytes, offset)
+        self.buf[offset:offset + nbytes] = bytes(nbytes)
+
+
+def _check_range(dev: BlockDevice, nbytes: int, offset: int) -> None:
+    if offset < 0 or nbytes < 0 or offset + nbytes > dev.size:
+        raise InvalidArgument(
+            f"I/O [{offset}, {offset + nbytes}) is outside the device (size {dev.size} bytes)")
+
+
+class _AlignedBuffers(threading.local):
+    """One page-aligned bounce buffer per thread, grown on demand (O_DIRECT needs alignment)."""
+
+    def get(self, nbytes: int) -> mmap.mmap:
+        buf = getattr(self, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            if buf is not None:
+                buf.close()
+            size = max(_ALIGN, (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN)
+            buf = mmap.mmap(-1, size)
+            self.buf = buf
+        return buf
+
+
+class FileDevice(BlockDevice):
+    """A regular file or a block device, opened with O_DIRECT where the filesystem allows it.
+
+    tmpfs and some other filesystems refuse O_DIRECT; then the file is opened buffered and
+    flush() still calls fdatasync, so durability is the same, only the page cache is used.
+    """
+
+    def __init__(self, path: str, *, direct: bool = True, readonly: bool = False):
+        self.path = str(path)
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise InvalidArgument(f"{self.path}: no such file or device") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise InvalidArgument(f"{self.path}: not a regular file or block device")
+        self.is_blockdev = stat.S_ISBLK(st.st_mode)
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
+        self.direct = False
+        fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(self.path, flags | os.O_DIRECT)
+                self.direct = True
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+        if fd < 0:
+            fd = os.open(self.path, flags)
+        self.fd = fd
+        if self.is_blockdev:
+            self._size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
+        else:
+            self._size = os.fstat(fd).st_size
+        self._bufs = _AlignedBuffers()
+        if self.direct and not self._probe_direct():
+            os.close(self.fd)
+            self.fd = os.open(self.path, flags)
+            self.direct = False
+
+    def _probe_direct(self) -> bool:
+        """Some filesystems accept O_DIRECT at open but fail the first read with EINVAL."""
+        if self._size < _ALIGN:
+            return True
+        try:
+            os.preadv(self.fd, [self._bufs.get(_ALIGN)], 0)
+            return True
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return False
+            raise
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, nbytes: int, offset: int) -> bytes:
+        _check_range(self, nbytes, offset)
+        if not self.direct:
+            data = os.pread(self.fd, nbytes, offset)
+        else:
+            buf = self._bufs.get(nbytes)
+            n = os.preadv(self.fd, [memoryview(buf)[:nbytes]], offset)
+            data = buf[:n]
+        if len(data) != nbytes:
+            raise OSError(errno.EIO, f"{self.path}: short read at {offset} ({len(data)}/{nbytes})")
+        return data
+
+    def pwrite(self, data, offset: int) -> None:
+        nbytes = len(data)
+        _check_range(self, nbytes, offset)
+        if self.direct:
+            buf = self._bufs.get(nbytes)
+            mv = memoryview(buf)[:nbytes]
+            mv[:] = data
+            n = os.pwritev(self.fd, [mv], offset)
+        else:
+            n = os.pwrite(self.fd, data, offset)
+        if n != nbytes:
+            raise OSError(errno.EIO, f"{self.path}: short write at {offset} ({n}/{nbytes})")
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, nbytes: int) -> None:
+        _check_range(self, nbytes, offset)
+        try:
+            if self.is_blockdev:
+                fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("QQ", offset, nbytes))
+            else:
+                _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, nbytes)
+        except OSError:
+            pass  # discard is a hint
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def as_device(dev, what: str) -> BlockDevice:
+    """A path becomes a FileDevice; a BlockDevice is used as is."""
+    if isinstance(dev, BlockDevice):
+        return dev
+    if isinstance(dev, (str, os.PathLike)):
+        return FileDevice(os.fspath(dev))
+    raise InvalidArgument(f"{what} must be a path or a BlockDevice, not {type(dev).__name__}")
+
+
+def create_image(path: str, size: int) -> None:
+    """Create (or extend) a sparse regular file of `size` bytes."""
+    with open(path, "ab") as f:
+        if os.fstat(f.fileno()).st_size < size:
+            f.truncate(size)
+
+
+__all__ = ["BlockDevice", "FileDevice", "MemoryDevice", "as_device", "create_image"]

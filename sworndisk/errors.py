@@ -1,0 +1,53 @@
+"""The exceptions of the public API.
+
+Everything the engine raises on purpose derives from SwornDiskError; the two that
+correspond to an errno at the block layer (EIO, ENOSPC) are also OSErrors so that a
+front end can turn them into a request result without a lookup table.
+"""
+import errno
+
+
+class SwornDiskError(Exception):
+    """Base class: the disk cannot do what was asked."""
+
+
+class IntegrityError(SwornDiskError, OSError):
+    """Authenticated data failed to verify: tampering, replay or corruption."""
+
+    def __init__(self, message: str):
+        SwornDiskError.__init__(self, message)
+        OSError.__init__(self, errno.EIO, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class WrongKeyError(SwornDiskError):
+    """The root key does not belong to this disk."""
+
+
+class NoSpaceError(SwornDiskError, OSError):
+    """The data or meta device is full: live data plus the cleaning reserve do not fit."""
+
+    def __init__(self, message: str):
+        SwornDiskError.__init__(self, message)
+        OSError.__init__(self, errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class NotFormattedError(SwornDiskError):
+    """The meta device holds no SwornDisk at all (no superblock magic)."""
+
+
+class DiskClosedError(SwornDiskError):
+    """The disk was closed, or failed and was shut down."""
+
+
+class InvalidArgument(ValueError):
+    """A caller's argument is out of range or misaligned; the message names the limit."""
+
+
+class DeviceTooSmall(InvalidArgument):
+    """A data or meta device cannot hold the requested disk; the message gives the minimum."""
