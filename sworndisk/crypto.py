@@ -1,0 +1,124 @@
+"""Authenticated encryption and key derivation: the engine's only door to cryptography.
+
+Every encryption unit (data block, BIT node, journal block, checkpoint pack, superblock
+body) is AES-GCM with a 12-byte nonce and a 16-byte tag kept apart from the ciphertext, so
+a 4 KiB block encrypts to exactly 4 KiB and its tag lives in whoever references it. Two
+backends produce the same bytes (standard AES-GCM): OpenSSL through `cryptography` (default,
+fast) and `pycryptodome` (optional).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+
+from .errors import IntegrityError, InvalidArgument
+
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+
+class _OpenSSLBackend:
+    name = "cryptography"
+
+    def __init__(self):
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        self._aesgcm = AESGCM
+        self._invalid = InvalidTag
+
+    def encrypt(self, key: bytes, nonce: bytes, data, aad: bytes | None = None):
+        out = self._aesgcm(key).encrypt(nonce, data, aad)
+        return out[:-TAG_BYTES], out[-TAG_BYTES:]
+
+    def decrypt(self, key: bytes, nonce: bytes, ct, tag: bytes, aad: bytes | None = None):
+        try:
+            return self._aesgcm(key).decrypt(nonce, bytes(ct) + tag, aad)
+        except self._invalid:
+            return None
+
+
+class _PyCryptodomeBackend:
+    name = "pycryptodome"
+
+    def __init__(self):
+        from Crypto.Cipher import AES
+        self._aes = AES
+
+    def encrypt(self, key: bytes, nonce: bytes, data, aad: bytes | None = None):
+        c = self._aes.new(key, self._aes.MODE_GCM, nonce=nonce)
+        if aad:
+            c.update(aad)
+        return c.encrypt_and_digest(bytes(data))
+
+    def decrypt(self, key: bytes, nonce: bytes, ct, tag: bytes, aad: bytes | None = None):
+        c = self._aes.new(key, self._aes.MODE_GCM, nonce=nonce)
+        if aad:
+            c.update(aad)
+        try:
+            return c.decrypt_and_verify(bytes(ct), tag)
+        except ValueError:
+            return None
+
+
+_BACKENDS = {"cryptography": _OpenSSLBackend, "pycryptodome": _PyCryptodomeBackend}
+_backend = None
+
+
+def set_backend(name: str) -> None:
+    """Select the AEAD implementation for this process (the on-disk format is the same)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise InvalidArgument(f"unknown AEAD backend {name!r}; choose one of {sorted(_BACKENDS)}")
+    try:
+        _backend = _BACKENDS[name]()
+    except ImportError:
+        raise InvalidArgument(f"AEAD backend {name!r} is not installed "
+                              f"(pip install 'sworndisk[{name}]')") from None
+
+
+def backend_name() -> str:
+    return _get().name
+
+
+def _get():
+    if _backend is None:
+        set_backend(os.environ.get("SWORNDISK_AEAD", "cryptography"))
+    return _backend
+
+
+def encrypt(key: bytes, nonce: bytes, data, aad: bytes | None = None) -> tuple[bytes, bytes]:
+    """Returns (ciphertext, tag); the ciphertext has the plaintext's length."""
+    return _get().encrypt(key, nonce, data, aad)
+
+
+def decrypt(key: bytes, nonce: bytes, ct, tag: bytes, what: str, aad: bytes | None = None) -> bytes:
+    """Decrypts and verifies, or raises IntegrityError naming `what` failed."""
+    pt = _get().decrypt(key, nonce, ct, tag, aad)
+    if pt is None:
+        raise IntegrityError(f"{what} failed authentication (tampered, replayed or corrupt)")
+    return pt
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def derive(kdk: bytes, label: str, *numbers: int, nbytes: int = 32) -> bytes:
+    """Deterministic subkey: HMAC-SHA256(kdk, label || numbers), truncated.
+
+    Used for keys that must be recomputable from the root key alone (superblock body,
+    checkpoint packs, journal blocks), so that only the root key needs safekeeping.
+    """
+    msg = label.encode() + b"".join(struct.pack("<Q", n) for n in numbers)
+    return hmac.new(kdk, msg, hashlib.sha256).digest()[:nbytes]
+
+
+def check_root_key(key) -> bytes:
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"the root key must be bytes, not {type(key).__name__}")
+    key = bytes(key)
+    if len(key) not in (16, 32):
+        raise InvalidArgument(f"the root key must be 16 or 32 bytes (got {len(key)})")
+    return key

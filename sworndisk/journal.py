@@ -1,0 +1,206 @@
+"""The secure journal: a ring of MAC-chained, encrypted 4 KiB blocks.
+
+Each block carries the MAC of the block before it inside its encrypted body, and is
+encrypted under a key derived from the root key and its sequence number; the sequence
+number is in the plaintext header and bound as associated data. Recovery follows the
+chain from a checkpoint's anchor and stops at the first block that does not verify, so a
+forged, reordered, stale or spliced block ends the history there; it can never insert one.
+
+Blocks group into transactions (one per commit): the last block of a transaction has the
+LAST flag. Only whole transactions count. Block layout in docs/format.md.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+from . import crypto
+from .config import BLOCK_SIZE
+from .device import BlockDevice
+from .errors import IntegrityError, NoSpaceError
+from .records import RecordFormat
+
+BLOCK_MAGIC = b"SDJB"
+_HDR = struct.Struct("<4sQ12s")            # magic, seq, nonce  (plaintext, AAD)
+_BODY_HDR = struct.Struct("<16sBH")        # prev_mac, flags, payload length  (encrypted)
+BODY_BYTES = BLOCK_SIZE - _HDR.size - crypto.TAG_BYTES
+PAYLOAD_BYTES = BODY_BYTES - _BODY_HDR.size
+FLAG_LAST = 1
+_READ_BATCH = 64
+
+# Transaction record types
+REC_WRITE, REC_DISCARD, REC_COMMIT, REC_CHECKPOINT = b"W", b"D", b"C", b"K"
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_DISCARD = struct.Struct("<QQ")
+_CKPT = struct.Struct("<Q16s")
+
+
+@dataclass(frozen=True)
+class Txn:
+    first_seq: int
+    end_seq: int          # one past the last block
+    payload: bytes
+    end_mac: bytes        # MAC of the last block: the chain continues from it
+
+
+class Journal:
+    def __init__(self, meta: BlockDevice, root: bytes, start: int, nblocks: int):
+        self.meta = meta
+        self.kdk = crypto.derive(root, "journal")
+        self.start = start
+        self.nblocks = nblocks
+        self.head_seq = 1                 # next block to write
+        self.last_mac = self.genesis_mac()
+        self.anchor_seq = 1               # oldest block recovery may still need
+        self.blocks_written = 0
+
+    def genesis_mac(self) -> bytes:
+        return crypto.derive(self.kdk, "genesis", nbytes=crypto.TAG_BYTES)
+
+    def _key(self, seq: int) -> bytes:
+        return crypto.derive(self.kdk, "block", seq, nbytes=16)
+
+    def _pos(self, seq: int) -> int:
+        return self.start + seq % self.nblocks
+
+    def used(self) -> int:
+        return self.head_seq - self.anchor_seq
+
+    def blocks_for(self, nbytes: int) -> int:
+        return max(1, -(-nbytes // PAYLOAD_BYTES))
+
+    def append(self, payload: bytes) -> int:
+        """Writes one transaction and flushes the meta device; returns its first seq."""
+        n = self.blocks_for(len(payload))
+        if self.used() + n > self.nblocks:
+            raise NoSpaceError("the journal is full; the meta device is too small for this load")
+        first = self.head_seq
+        blocks = []
+        mac = self.last_mac
+        for i in range(n):
+            seq = first + i
+            chunk = payload[i * PAYLOAD_BYTES:(i + 1) * PAYLOAD_BYTES]
+            flags = FLAG_LAST if i == n - 1 else 0
+            body = _BODY_HDR.pack(mac, flags, len(chunk)) + chunk
+            body += bytes(BODY_BYTES - len(body))
+            nonce = crypto.random_bytes(crypto.NONCE_BYTES)
+            hdr = _HDR.pack(BLOCK_MAGIC, seq, nonce)
+            ct, mac = crypto.encrypt(self._key(seq), nonce, body, hdr)
+            blocks.append(hdr + ct + mac)
+        self._write(first, blocks)
+        self.meta.flush()
+        self.head_seq = first + n
+        self.last_mac = mac
+        self.blocks_written += n
+        return first
+
+    def _write(self, first: int, blocks: list[bytes]) -> None:
+        i = 0
+        while i < len(blocks):
+            pos = (first + i) % self.nblocks
+            run = min(len(blocks) - i, self.nblocks - pos)
+            self.meta.pwrite(b"".join(blocks[i:i + run]), (self.start + pos) * BLOCK_SIZE)
+            i += run
+
+    def _read(self, seq: int, count: int) -> list[bytes]:
+        pos = seq % self.nblocks
+        count = min(count, self.nblocks - pos)
+        raw = self.meta.pread(count * BLOCK_SIZE, (self.start + pos) * BLOCK_SIZE)
+        return [raw[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] for i in range(count)]
+
+    def _open_block(self, blk: bytes, seq: int, prev_mac: bytes) -> tuple[int, bytes, bytes] | None:
+        magic, bseq, nonce = _HDR.unpack_from(blk)
+        if magic != BLOCK_MAGIC or bseq != seq:
+            return None
+        tag = blk[-crypto.TAG_BYTES:]
+        try:
+            body = crypto.decrypt(self._key(seq), nonce, blk[_HDR.size:-crypto.TAG_BYTES], tag,
+                                  "journal block", blk[:_HDR.size])
+        except IntegrityError:
+            return None
+        prev, flags, n = _BODY_HDR.unpack_from(body)
+        if prev != prev_mac or n > PAYLOAD_BYTES:
+            return None
+        return flags, body[_BODY_HDR.size:_BODY_HDR.size + n], tag
+
+    def scan(self, seq: int, prev_mac: bytes) -> Iterator[Txn]:
+        """Whole transactions from `seq` on, following the chain until it breaks."""
+        start_seq, parts, txn_first = seq, [], seq
+        batch: list[bytes] = []
+        while seq - start_seq < self.nblocks:
+            if not batch:
+                batch = self._read(seq, min(_READ_BATCH, self.nblocks - (seq - start_seq)))
+            opened = self._open_block(batch.pop(0), seq, prev_mac)
+            if opened is None:
+                return
+            flags, payload, prev_mac = opened
+            parts.append(payload)
+            seq += 1
+            if flags & FLAG_LAST:
+                yield Txn(txn_first, seq, b"".join(parts), prev_mac)
+                parts, txn_first = [], seq
+
+    def resume(self, seq: int, mac: bytes) -> None:
+        """Continue writing after the last accepted transaction (overwriting anything later)."""
+        self.head_seq = seq
+        self.last_mac = mac
+
+
+# ---- transaction payloads -------------------------------------------------------------
+
+def encode_ops(fmt: RecordFormat, ops: list) -> bytes:
+    """ops: ("W", lba, value) / ("D", lba, n) / ("C", commit_seq) / ("K", pack_seq, mac)."""
+    out = bytearray()
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if op[0] == "W":
+            j = i
+            while j < len(ops) and ops[j][0] == "W":
+                j += 1
+            recs = fmt.array([o[1] for o in ops[i:j]], [o[2] for o in ops[i:j]])
+            out += REC_WRITE + _U32.pack(j - i) + recs.tobytes()
+            i = j
+            continue
+        if op[0] == "D":
+            out += REC_DISCARD + _DISCARD.pack(op[1], op[2])
+        elif op[0] == "C":
+            out += REC_COMMIT + _U64.pack(op[1])
+        elif op[0] == "K":
+            out += REC_CHECKPOINT + _CKPT.pack(op[1], op[2])
+        else:
+            raise ValueError(op)
+        i += 1
+    return bytes(out)
+
+
+def decode_ops(fmt: RecordFormat, payload: bytes) -> list:
+    """Inverse of encode_ops; a malformed payload (impossible after MAC checks) raises."""
+    import numpy as np
+    ops, off = [], 0
+    try:
+        while off < len(payload):
+            t = payload[off:off + 1]
+            off += 1
+            if t == REC_WRITE:
+                n = _U32.unpack_from(payload, off)[0]
+                off += 4
+                recs = np.frombuffer(payload, fmt.dtype, n, off)
+                off += n * fmt.size
+                for lba, value in zip(recs["lba"].tolist(), fmt.values_of(recs)):
+                    ops.append(("W", lba, value))
+            elif t == REC_DISCARD:
+                ops.append(("D",) + _DISCARD.unpack_from(payload, off))
+                off += _DISCARD.size
+            elif t == REC_COMMIT:
+                ops.append(("C", _U64.unpack_from(payload, off)[0]))
+                off += 8
+            elif t == REC_CHECKPOINT:
+                ops.append(("K",) + _CKPT.unpack_from(payload, off))
+                off += _CKPT.size
+            else:
+                raise ValueError(t)
+    except (ValueError, struct.error) as e:
+        raise IntegrityError(f"journal transaction is malformed ({e})") from None
+    return ops

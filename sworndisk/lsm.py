@@ -1,0 +1,207 @@
+"""The disk-oriented secure LSM-tree: the committed MemTable over levels of BITs.
+
+Level 0 holds up to `level_ratio` BITs, newest first, each a former MemTable (minor
+compaction). When L0 overflows, all of L0 and L1 merge into one new L1 BIT; level i >= 1
+holds a single BIT and merges into level i+1 when it exceeds memtable_records *
+level_ratio**i records (major compaction). The newest record of an LBA wins; tombstones
+drop out when the merge writes the deepest level. Merges stream leaf by leaf, so memory
+stays bounded by a few leaves per input whatever the disk size.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .bit import Bit, BitBuilder, BitMeta, NodeStore
+from .config import Config
+from .layout import INDEX_CHUNK_BLOCKS
+from .memtable import MemTable
+from .records import TOMBSTONE_HBA, RecordFormat
+
+
+
+class LsmIndex:
+    def __init__(self, fmt: RecordFormat, store: NodeStore, config: Config,
+                 alloc_chunk: Callable[[], int], chunk_block: Callable[[int], int]):
+        self.fmt = fmt
+        self.store = store
+        self.config = config
+        self.alloc_chunk = alloc_chunk
+        self.chunk_block = chunk_block
+        self.memtable = MemTable(fmt)
+        self.levels: list[list[Bit]] = []
+        self.next_bit_id = 1
+        self.minor_compactions = 0
+        self.major_compactions = 0
+        self.index_blocks_written = 0
+
+    # ---- catalog ----
+    def bits(self) -> list[Bit]:
+        """All BITs, newest first (L0 newest to oldest, then L1, L2, ...)."""
+        return [b for level in self.levels for b in level]
+
+    def catalog(self) -> list[dict]:
+        return [b.meta.to_dict() for b in self.bits()]
+
+    def load(self, catalog: list[dict], next_bit_id: int) -> None:
+        self.levels = []
+        for d in catalog:
+            meta = BitMeta.from_dict(d)
+            while len(self.levels) <= meta.level:
+                self.levels.append([])
+            self.levels[meta.level].append(Bit(meta, self.store))
+        self.next_bit_id = next_bit_id
+
+    # ---- lookups ----
+    def get(self, lba: int) -> bytes | None:
+        v = self.memtable.get(lba)
+        if v is not None:
+            return v
+        for bit in self.bits():
+            v = self._bit_get(bit, lba)
+            if v is not None:
+                return v
+        return None
+
+    def _bit_get(self, bit: Bit, lba: int) -> bytes | None:
+        m = bit.meta
+        if lba < m.lba_min or lba > m.lba_max:
+            return None
+        entry, height = m.root, m.height
+        while True:
+            recs = bit._node(entry, height == 0)
+            lbas = recs["lba"]
+            if height == 0:
+                i = int(lbas.searchsorted(lba))
+                return self.fmt.value_at(recs, i) if i < len(recs) and lbas[i] == lba else None
+            c = int(lbas.searchsorted(lba, side="right")) - 1
+            if c < 0:
+                return None
+            entry, height = self.fmt.value_at(recs, c), height - 1
+
+    def lookup_bits(self, lbas: list[int]) -> dict[int, bytes]:
+        """Newest BIT record for each LBA (MemTable not consulted), batched per node."""
+        if not lbas or not self.levels:
+            return {}
+        keys = np.unique(np.asarray(lbas, np.uint64))
+        found = np.zeros(len(keys), bool)
+        out = np.empty(len(keys), self.fmt.dtype)
+        for bit in self.bits():
+            bit.lookup_many(keys, found, out)
+            if found.all():
+                break
+        hit = out[found]
+        return dict(zip(hit["lba"].tolist(), self.fmt.values_of(hit)))
+
+    def range(self, lo: int, hi: int) -> dict[int, bytes]:
+        """Newest committed value of every mapped LBA in [lo, hi) (tombstones included)."""
+        out = dict(self.memtable.range(lo, hi))
+        for bit in self.bits():
+            recs = bit.range(lo, hi)
+            if len(recs):
+                for lba, v in zip(recs["lba"].tolist(), self.fmt.values_of(recs)):
+                    out.setdefault(lba, v)
+        return out
+
+    def get_many(self, lbas: list[int]) -> dict[int, bytes]:
+        if len(lbas) <= 4:
+            res = {}
+            for l in lbas:
+                v = self.get(l)
+                if v is not None:
+                    res[l] = v
+            return res
+        return self.range(min(lbas), max(lbas) + 1)
+
+    # ---- compaction ----
+    def _builder(self) -> BitBuilder:
+        return BitBuilder(self.store, self.alloc_chunk, INDEX_CHUNK_BLOCKS, self.chunk_block)
+
+    def _finish(self, builder: BitBuilder, level: int) -> Bit | None:
+        meta = builder.finish(self.next_bit_id, level)
+        self.index_blocks_written += builder.blocks_written
+        if meta is None:
+            return None
+        self.next_bit_id += 1
+        return Bit(meta, self.store)
+
+    def compact(self) -> list[int]:
+        """Minor compaction of the whole MemTable, then major compactions as needed.
+        Writes BIT nodes (no flush); returns the index chunks of retired BITs."""
+        retired: list[int] = []
+        if len(self.memtable):
+            b = self._builder()
+            recs = self.memtable.to_array()
+            if not self.levels or not any(self.levels):
+                recs = recs[recs["hba"] != TOMBSTONE_HBA]
+            b.add(recs)
+            bit = self._finish(b, 0)
+            if not self.levels:
+                self.levels.append([])
+            if bit is not None:
+                self.levels[0].insert(0, bit)
+            self.memtable.clear()
+            self.minor_compactions += 1
+        lvl = 0
+        while lvl < len(self.levels):
+            if self._overfull(lvl):
+                retired += self._merge_down(lvl)
+            lvl += 1
+        while self.levels and not self.levels[-1]:
+            self.levels.pop()
+        return retired
+
+    def _overfull(self, lvl: int) -> bool:
+        level = self.levels[lvl]
+        if lvl == 0:
+            return len(level) > self.config.level_ratio
+        limit = self.config.memtable_records * self.config.level_ratio ** lvl
+        return bool(level) and level[0].meta.count > limit
+
+    def _merge_down(self, lvl: int) -> list[int]:
+        if lvl + 1 == len(self.levels):
+            self.levels.append([])
+        inputs = self.levels[lvl] + self.levels[lvl + 1]
+        bottom = not any(self.levels[lvl + 2:])
+        b = self._builder()
+        for recs in merge_streams([bit.leaves() for bit in inputs]):
+            if bottom:
+                recs = recs[recs["hba"] != TOMBSTONE_HBA]
+            b.add(recs)
+        new = self._finish(b, lvl + 1)
+        retired = [c for bit in inputs for c in bit.meta.chunks]
+        self.levels[lvl] = []
+        self.levels[lvl + 1] = [new] if new is not None else []
+        self.major_compactions += 1
+        return retired
+
+    def node_count(self) -> int:
+        return sum(len(b.meta.chunks) for b in self.bits()) * INDEX_CHUNK_BLOCKS
+
+
+def merge_streams(streams: list) -> "iter[np.ndarray]":
+    """Merges sorted record streams (index 0 newest) into one, newest record per LBA.
+
+    Each step takes everything up to the smallest last-buffered LBA among the inputs, so
+    no input can still hold a smaller LBA, and memory is a few leaves per input."""
+    bufs = [next(s, None) for s in streams]
+    while True:
+        live = [i for i, b in enumerate(bufs) if b is not None]
+        if not live:
+            return
+        cut = min(int(bufs[i]["lba"][-1]) for i in live)
+        parts, prios = [], []
+        for i in live:
+            b = bufs[i]
+            k = int(np.searchsorted(b["lba"], cut, side="right"))
+            if k:
+                parts.append(b[:k])
+                prios.append(np.full(k, i, np.int32))
+            bufs[i] = b[k:] if k < len(b) else next(streams[i], None)
+        recs = np.concatenate(parts)
+        order = np.lexsort((np.concatenate(prios), recs["lba"]))
+        recs = recs[order]
+        keep = np.ones(len(recs), bool)
+        keep[1:] = recs["lba"][1:] != recs["lba"][:-1]
+        yield recs[keep]

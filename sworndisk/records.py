@@ -1,0 +1,60 @@
+"""The index record, defined once: LBA -> (HBA, key, nonce, MAC).
+
+A record is 8+8+k+12+16 bytes (60 with AES-128 keys, 76 with AES-256), little-endian,
+packed. The same layout serves four places: MemTable values (the part after the LBA),
+journal data-log records, BIT leaf entries, and BIT internal entries (where LBA is the
+child's first LBA and HBA the child node's meta block).
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from .crypto import NONCE_BYTES, TAG_BYTES
+
+TOMBSTONE_HBA = 0xFFFF_FFFF_FFFF_FFFF   # a discarded LBA
+_HBA = struct.Struct("<Q")
+
+
+class RecordFormat:
+    """Record layout for one key size; `value` means a record without its LBA."""
+
+    def __init__(self, key_bytes: int):
+        self.key_bytes = key_bytes
+        self.dtype = np.dtype([("lba", "<u8"), ("hba", "<u8"), ("key", f"V{key_bytes}"),
+                               ("nonce", f"V{NONCE_BYTES}"), ("mac", f"V{TAG_BYTES}")])
+        self.size = self.dtype.itemsize
+        self.value_size = self.size - 8
+        self.tombstone = _HBA.pack(TOMBSTONE_HBA) + bytes(self.value_size - 8)
+
+    def value(self, hba: int, key: bytes, nonce: bytes, mac: bytes) -> bytes:
+        return _HBA.pack(hba) + key + nonce + mac
+
+    def split(self, value: bytes) -> tuple[int, bytes, bytes, bytes]:
+        k = self.key_bytes
+        return (_HBA.unpack_from(value)[0], value[8:8 + k], value[8 + k:8 + k + NONCE_BYTES],
+                value[8 + k + NONCE_BYTES:])
+
+    @staticmethod
+    def hba_of(value: bytes) -> int:
+        return _HBA.unpack_from(value)[0]
+
+    def array(self, lbas, values: list[bytes]) -> np.ndarray:
+        """Packs parallel (lba, value) sequences into a record array."""
+        n = len(values)
+        out = np.empty(n, self.dtype)
+        if n:
+            raw = out.view(np.uint8).reshape(n, self.size)
+            raw[:, 8:] = np.frombuffer(b"".join(values), np.uint8).reshape(n, self.value_size)
+            out["lba"] = lbas
+        return out
+
+    def values_of(self, recs: np.ndarray) -> list[bytes]:
+        raw = recs.view(np.uint8).reshape(len(recs), self.size)[:, 8:]
+        blob = raw.tobytes()
+        vs = self.value_size
+        return [blob[i:i + vs] for i in range(0, len(blob), vs)]
+
+    def value_at(self, recs: np.ndarray, i: int) -> bytes:
+        return recs[i:i + 1].tobytes()[8:]

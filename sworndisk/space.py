@@ -1,0 +1,175 @@
+"""Space accounting and allocation on the data device (DST, SVT, RIT) and the index region.
+
+Invariants (the reasons for the commit protocol in disk.py):
+- A data block is *valid* when the committed index maps some LBA to it. Validity changes
+  only when a transaction commits: the new block becomes valid, the block it supersedes
+  (found by an index lookup at commit time) becomes invalid at that moment, exactly once.
+- A block written but not yet committed is *busy*: not valid, not allocatable.
+- An invalid, non-busy block is free and may be reused at once: the commit that freed it
+  is durable before any later write can land on it, and recovery replays the same commits.
+- The segment validity table (SVT) is derived: a segment is free when it has no valid and
+  no busy block and is not the log head.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import SEGMENT_BLOCKS
+from .errors import IntegrityError, NoSpaceError
+
+RIT_NONE = np.uint32(0xFFFF_FFFF)
+CHUNK_FREE, CHUNK_USED, CHUNK_RETIRING = 0, 1, 2
+
+
+class DataSpace:
+    def __init__(self, data_segments: int, reserve_segments: int):
+        self.nseg = data_segments
+        self.nblocks = data_segments * SEGMENT_BLOCKS
+        self.reserve = reserve_segments
+        self.valid = np.zeros(self.nblocks, bool)
+        self.busy = np.zeros(self.nblocks, bool)
+        self.rit = np.full(self.nblocks, RIT_NONE, np.uint32)
+        self.seg_valid = np.zeros(self.nseg, np.int32)
+        self.seg_busy = np.zeros(self.nseg, np.int32)
+        self.excluded: set[int] = set()       # segments being cleaned: no allocation there
+        self.head_seg = -1
+        self.head_off = SEGMENT_BLOCKS
+        self.threaded = False                 # the head is filling holes of a used segment
+        self.threaded_segments = 0
+
+    # ---- persistence ----
+    def load(self, valid: np.ndarray, rit: np.ndarray) -> None:
+        self.valid = valid.copy()
+        self.rit = rit.copy()
+        self.seg_valid = self.valid.reshape(self.nseg, SEGMENT_BLOCKS).sum(1).astype(np.int32)
+        self.busy[:] = False
+        self.seg_busy[:] = 0
+        self.head_seg, self.head_off = -1, SEGMENT_BLOCKS
+
+    # ---- commit-time accounting ----
+    def validate(self, hba: int, lba: int) -> None:
+        if hba >= self.nblocks:
+            raise IntegrityError(f"index record points outside the data device (block {hba})")
+        if not self.valid[hba]:
+            self.valid[hba] = True
+            self.seg_valid[hba // SEGMENT_BLOCKS] += 1
+        self.rit[hba] = lba
+
+    def invalidate(self, hba: int) -> None:
+        if hba < self.nblocks and self.valid[hba]:
+            self.valid[hba] = False
+            self.seg_valid[hba // SEGMENT_BLOCKS] -= 1
+
+    def set_busy(self, hbas, busy: bool) -> None:
+        hbas = np.asarray(hbas, np.int64)
+        if len(hbas) == 0:
+            return
+        self.busy[hbas] = busy
+        segs, counts = np.unique(hbas // SEGMENT_BLOCKS, return_counts=True)
+        self.seg_busy[segs] += counts if busy else -counts
+
+    # ---- queries ----
+    def free_mask(self) -> np.ndarray:
+        free = (self.seg_valid == 0) & (self.seg_busy == 0)
+        if 0 <= self.head_seg:
+            free[self.head_seg] = False
+        for s in self.excluded:
+            free[s] = False
+        return free
+
+    def free_segments(self) -> int:
+        return int(self.free_mask().sum())
+
+    def valid_blocks(self) -> int:
+        return int(self.seg_valid.sum())
+
+    def free_blocks(self) -> int:
+        return self.nblocks - self.valid_blocks() - int(self.seg_busy.sum())
+
+    # ---- allocation ----
+    def alloc(self, n: int) -> list[tuple[int, int]]:
+        """n blocks as ascending (start, count) runs, from the log head or holes."""
+        runs: list[tuple[int, int]] = []
+        while n > 0:
+            if self.head_off >= SEGMENT_BLOCKS:
+                self._new_head()
+            base = self.head_seg * SEGMENT_BLOCKS
+            window = ~(self.valid[base + self.head_off:base + SEGMENT_BLOCKS] |
+                       self.busy[base + self.head_off:base + SEGMENT_BLOCKS])
+            idx = np.flatnonzero(window)[:n]
+            if len(idx) == 0:
+                self.head_off = SEGMENT_BLOCKS
+                continue
+            hbas = base + self.head_off + idx
+            self.head_off += int(idx[-1]) + 1
+            n -= len(idx)
+            cuts = np.flatnonzero(np.diff(hbas) != 1) + 1
+            for run in np.split(hbas, cuts):
+                start, count = int(run[0]), len(run)
+                if runs and runs[-1][0] + runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + count)
+                else:
+                    runs.append((start, count))
+        return runs
+
+    def _new_head(self) -> None:
+        """Normal logging into a free segment while they last beyond the reserve;
+        threaded logging (filling holes of used segments) when they run low."""
+        free = np.flatnonzero(self.free_mask())
+        if len(free) > self.reserve:
+            after = free[free > self.head_seg]
+            self._set_head(int(after[0] if len(after) else free[0]), threaded=False)
+            return
+        holes = SEGMENT_BLOCKS - self.seg_valid - self.seg_busy
+        holes[list(self.excluded)] = 0
+        if 0 <= self.head_seg:
+            holes[self.head_seg] = 0
+        holes[free] = 0        # whole free segments are the reserve, used last
+        best = int(np.argmax(holes))
+        if holes[best] > 0:
+            self._set_head(best, threaded=True)
+            return
+        if len(free):
+            self._set_head(int(free[0]), threaded=False)
+            return
+        raise NoSpaceError(
+            f"the data device is full: {self.valid_blocks()} valid and "
+            f"{int(self.seg_busy.sum())} unflushed blocks in {self.nblocks}; "
+            f"discard data or flush more often")
+
+    def _set_head(self, seg: int, threaded: bool) -> None:
+        self.head_seg, self.head_off, self.threaded = seg, 0, threaded
+        self.threaded_segments += threaded
+
+    def ensure_room(self, n: int) -> None:
+        """NoSpaceError before writing anything if n blocks cannot be placed."""
+        if n > self.free_blocks():
+            raise NoSpaceError(
+                f"the data device is full: {self.valid_blocks()} valid and "
+                f"{int(self.seg_busy.sum())} unflushed blocks in {self.nblocks}; "
+                f"discard data or flush more often")
+
+
+class IndexSpace:
+    """Index chunks: free, used by a live BIT, or retiring (freed at the next checkpoint)."""
+
+    def __init__(self, nchunks: int):
+        self.state = np.zeros(nchunks, np.uint8)
+
+    def alloc(self) -> int:
+        free = np.flatnonzero(self.state == CHUNK_FREE)
+        if len(free) == 0:
+            raise NoSpaceError("the meta device's index region is full; use a larger meta device")
+        c = int(free[0])
+        self.state[c] = CHUNK_USED
+        return c
+
+    def retire(self, chunks) -> None:
+        self.state[list(chunks)] = CHUNK_RETIRING
+
+    def release_retired(self) -> None:
+        """After a checkpoint is durable, no committed state references retired chunks."""
+        self.state[self.state == CHUNK_RETIRING] = CHUNK_FREE
+
+    def used(self) -> int:
+        return int((self.state != CHUNK_FREE).sum())
