@@ -28,6 +28,7 @@ import numpy as np
 from . import crypto, superblock as sbmod
 from .bit import NodeStore
 from .checkpoint import Pack, read_pack
+from .cleaner import Cleaner
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS, Config
 from .device import BlockDevice, as_device
 from .errors import (DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument,
@@ -118,6 +119,7 @@ class SwornDisk:
                              commits=0, checkpoints=0, recovered_txns=0, segments_sealed=0,
                              cleaning_runs=0, blocks_moved=0)
         self._user_blocks_at_open = 0
+        self.cleaner = Cleaner(self)
 
     @classmethod
     def create(cls, data: Dev, meta: Dev, key, nr_blocks: int | None = None,
@@ -375,6 +377,32 @@ class SwornDisk:
     def flush(self) -> None:
         self._check_usable()
         self._guarded(self._commit)
+        if self.space.free_segments() <= self.layout.reserve_segments + 1:
+            self._guarded(lambda: self._clean_and_commit(greedy=True))
+
+    def background_step(self) -> bool:
+        """One bounded unit of background work (one segment's cleaning); True if it did any.
+
+        Runs only when nothing unflushed is pending, since it commits its own moves."""
+        self._check_usable()
+        if self._ops or self._buf_map:
+            return False
+        if self.space.free_segments() >= self.layout.reserve_segments + 4:
+            return False
+        moved = []
+        self._guarded(lambda: moved.append(self._clean_and_commit(greedy=False)))
+        return bool(moved and moved[0])
+
+    def _clean_and_commit(self, greedy: bool) -> bool:
+        victim = self.cleaner.pick_victim(greedy)
+        if victim is None:
+            return False
+        try:
+            self.cleaner.clean(victim)
+            self._commit()
+        finally:
+            self.space.excluded.discard(victim)
+        return True
 
     def close(self) -> None:
         if self._closed:
@@ -421,6 +449,15 @@ class SwornDisk:
             self._failed = e
             raise
 
+    def _superseded(self, lba: int) -> bool:
+        """True if something newer than the committed value of lba is buffered or pending."""
+        return (lba in self._buf_map or lba in self._pending
+                or (bool(self._pending_discards) and self._pending_discarded(lba)))
+
+    def _stage_write(self, lba: int, value: bytes) -> None:
+        self._pending[lba] = value
+        self._ops.append(("W", lba, value))
+
     def _pending_discarded(self, lba: int) -> bool:
         return any(lo <= lba < hi for lo, hi in self._pending_discards)
 
@@ -445,20 +482,19 @@ class SwornDisk:
                 ct, tag = crypto.encrypt(key, nonce,
                                          buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE])
                 parts.append(ct)
-                value = self.fmt.value(start + j, key, nonce, tag)
-                self._pending[l] = value
-                self._ops.append(("W", l, value))
+                self._stage_write(l, self.fmt.value(start + j, key, nonce, tag))
                 hbas.append(start + j)
                 idx += 1
             self.data.pwrite(b"".join(parts), start * BLOCK_SIZE)
-        self.space.set_busy(hbas, True)
+        self.space.seg_stamp[np.unique(np.asarray(hbas) // SEGMENT_BLOCKS)] = self.commit_seq
         self._pending_hbas.extend(hbas)
         self.counters["segments_sealed"] += 1
         self._reset_buffer()
 
     def _reset_buffer(self) -> None:
-        self._buf_lbas = []
-        self._buf_map = {}
+        # In place: write() holds these objects in locals across a seal.
+        self._buf_lbas.clear()
+        self._buf_map.clear()
 
     def _commit(self) -> None:
         self._seal()

@@ -104,6 +104,19 @@ class LsmIndex:
                     out.setdefault(lba, v)
         return out
 
+    def get_many_exact(self, lbas: list[int]) -> dict[int, bytes]:
+        """Committed value of each given LBA: MemTable first, then a batched BIT lookup."""
+        out = {}
+        misses = []
+        for l in lbas:
+            v = self.memtable.get(l)
+            if v is None:
+                misses.append(l)
+            else:
+                out[l] = v
+        out.update(self.lookup_bits(misses))
+        return out
+
     def get_many(self, lbas: list[int]) -> dict[int, bytes]:
         if len(lbas) <= 4:
             res = {}

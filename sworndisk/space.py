@@ -32,6 +32,7 @@ class DataSpace:
         self.seg_valid = np.zeros(self.nseg, np.int32)
         self.seg_busy = np.zeros(self.nseg, np.int32)
         self.excluded: set[int] = set()       # segments being cleaned: no allocation there
+        self.seg_stamp = np.zeros(self.nseg, np.int64)   # commit seq of the last write (age)
         self.head_seg = -1
         self.head_off = SEGMENT_BLOCKS
         self.threaded = False                 # the head is filling holes of a used segment
@@ -88,7 +89,8 @@ class DataSpace:
 
     # ---- allocation ----
     def alloc(self, n: int) -> list[tuple[int, int]]:
-        """n blocks as ascending (start, count) runs, from the log head or holes."""
+        """n blocks as ascending (start, count) runs, from the log head or holes; they are
+        busy (unallocatable) until the commit that validates or drops them."""
         runs: list[tuple[int, int]] = []
         while n > 0:
             if self.head_off >= SEGMENT_BLOCKS:
@@ -102,6 +104,7 @@ class DataSpace:
                 continue
             hbas = base + self.head_off + idx
             self.head_off += int(idx[-1]) + 1
+            self.set_busy(hbas, True)     # at once: a later head choice must not see them free
             n -= len(idx)
             cuts = np.flatnonzero(np.diff(hbas) != 1) + 1
             for run in np.split(hbas, cuts):
