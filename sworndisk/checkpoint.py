@@ -8,8 +8,9 @@ disk.py, recovery). Layout of a slot:
     block 1+: AES-GCM(derive(root, "checkpoint", seq), nonce, body)
 
 The body is a list of sections (name, length, bytes): "meta" (JSON: anchor, counters,
-BIT catalog, log head), "dst" (valid bitmap, packbits), "rit" (u32 LBA per data block),
-"ichunks" (u8 state per index chunk). See docs/format.md.
+BIT catalog), "segdir" (the segment table directory: per data segment, where its
+DST/RIT detail block is, its key, nonce, MAC and valid count), "ichunks" (u8 state per
+index chunk). See docs/format.md.
 """
 from __future__ import annotations
 
@@ -35,8 +36,7 @@ class Pack:
     anchor_seq: int           # journal block holding this pack's checkpoint record
     anchor_prev_mac: bytes    # MAC of the block before it
     meta: dict                # JSON-able scalars and the BIT catalog
-    valid: np.ndarray         # bool per data block (DST bitmap)
-    rit: np.ndarray           # u32 LBA per data block (reverse index)
+    segdir: np.ndarray        # segment table directory (segtable.dir_dtype), one per segment
     ichunks: np.ndarray       # u8 state per index chunk
     mac: bytes = field(default=b"")
 
@@ -45,8 +45,7 @@ class Pack:
         meta = dict(self.meta, anchor_seq=self.anchor_seq,
                     anchor_prev_mac=self.anchor_prev_mac.hex())
         sections = [(b"meta", json.dumps(meta, sort_keys=True).encode()),
-                    (b"dst", np.packbits(self.valid).tobytes()),
-                    (b"rit", self.rit.astype("<u4").tobytes()),
+                    (b"segdir", self.segdir.tobytes()),
                     (b"ichunks", self.ichunks.astype(np.uint8).tobytes())]
         body = b"".join(_SECTION.pack(name, len(data)) + data for name, data in sections)
         nonce = crypto.random_bytes(crypto.NONCE_BYTES)
@@ -63,7 +62,7 @@ def slot_blocks_needed(body_len: int) -> int:
 
 
 def read_pack(meta_dev: BlockDevice, root: bytes, slot_start: int, slot_blocks: int,
-              data_blocks: int) -> Pack | None:
+              segdir_dtype: np.dtype) -> Pack | None:
     """The pack in one slot, or None if the slot holds nothing that verifies."""
     head = meta_dev.pread(BLOCK_SIZE, slot_start * BLOCK_SIZE)
     magic, seq, nonce, body_len = _HDR.unpack_from(head)
@@ -84,8 +83,7 @@ def read_pack(meta_dev: BlockDevice, root: bytes, slot_start: int, slot_blocks: 
         sections[name.rstrip(b"\0").decode()] = body[off:off + n]
         off += n
     meta = json.loads(sections["meta"])
-    valid = np.unpackbits(np.frombuffer(sections["dst"], np.uint8))[:data_blocks].astype(bool)
-    rit = np.frombuffer(sections["rit"], "<u4").astype(np.uint32)
+    segdir = np.frombuffer(sections["segdir"], segdir_dtype).copy()
     ichunks = np.frombuffer(sections["ichunks"], np.uint8).copy()
     return Pack(seq, meta.pop("anchor_seq"), bytes.fromhex(meta.pop("anchor_prev_mac")), meta,
-                valid, rit, ichunks, mac)
+                segdir, ichunks, mac)

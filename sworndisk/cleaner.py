@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS
 from .errors import IntegrityError
+from .segtable import NONE
 
 
 class Cleaner:
@@ -46,12 +47,13 @@ class Cleaner:
         """Moves the victim's valid blocks (uncommitted); returns how many moved."""
         disk, sp, fmt = self.disk, self.disk.space, self.disk.fmt
         base = victim * SEGMENT_BLOCKS
-        hbas = base + np.flatnonzero(sp.valid[base:base + SEGMENT_BLOCKS])
+        seg_lbas = sp.segment_lbas(victim)
+        offs = np.flatnonzero(seg_lbas != NONE)
         sp.excluded.add(victim)
-        if len(hbas) == 0:
+        if len(offs) == 0:
             return 0
-        lbas = sp.rit[hbas].astype(np.int64)
-        live = [(int(h), int(l)) for h, l in zip(hbas, lbas) if not disk._superseded(int(l))]
+        live = [(base + int(o), int(seg_lbas[o])) for o in offs
+                if not disk._superseded(int(seg_lbas[o]))]
         committed = disk.index.get_many_exact([l for _, l in live])
         moves = []
         for h, l in live:

@@ -37,6 +37,7 @@ from .journal import Journal, decode_ops, encode_ops
 from .layout import INDEX_CHUNK_BLOCKS, Layout, plan, usable_blocks
 from .lsm import LsmIndex
 from .records import RecordFormat
+from .segtable import SegmentTable, dir_dtype
 from .space import DataSpace, IndexSpace
 from .superblock import Superblock
 
@@ -96,7 +97,11 @@ class SwornDisk:
         self._tomb = self.fmt.tombstone
         self.store = NodeStore(self.meta, self.fmt, self.config.node_cache_bytes)
         self.ispace = IndexSpace(self.layout.index_chunks)
-        self.space = DataSpace(self.layout.data_segments, self.layout.reserve_segments)
+        self.segtable = SegmentTable(self.meta, self.layout.data_segments,
+                                     self.config.cipher_key_bytes, self.layout.segtable_start,
+                                     self.layout.segtable_blocks,
+                                     self.config.node_cache_bytes // 4 // BLOCK_SIZE)
+        self.space = DataSpace(self.segtable, self.layout.reserve_segments)
         self.index = LsmIndex(self.fmt, self.store, self.config, self.ispace.alloc,
                               lambda c: self.layout.index_start + c * INDEX_CHUNK_BLOCKS)
         self.journal = Journal(self.meta, self._disk_key, self.layout.journal_start,
@@ -226,7 +231,8 @@ class SwornDisk:
 
     def _recover(self) -> None:
         packs = [read_pack(self.meta, self._disk_key, self.layout.checkpoint_slot(s),
-                           self.layout.checkpoint_blocks, self.layout.data_blocks) for s in (0, 1)]
+                           self.layout.checkpoint_blocks, dir_dtype(self.config.cipher_key_bytes))
+                 for s in (0, 1)]
         packs = sorted((p for p in packs if p is not None), key=lambda p: -p.seq)
         if not packs:
             raise IntegrityError("no checkpoint pack verifies: the meta device is damaged or tampered")
@@ -261,12 +267,13 @@ class SwornDisk:
 
     def _load_pack(self, pack: Pack) -> None:
         m = pack.meta
-        if len(pack.valid) != self.layout.data_blocks or len(pack.rit) != self.layout.data_blocks \
+        if len(pack.segdir) != self.layout.data_segments \
                 or len(pack.ichunks) != self.layout.index_chunks:
             raise IntegrityError("checkpoint pack does not match the disk layout")
         self.pack_seq = pack.seq
         self.commit_seq = m["commit_seq"]
-        self.space.load(pack.valid, pack.rit)
+        self.segtable.load(pack.segdir)
+        self.space.reset_volatile()
         self.ispace.state = pack.ichunks.copy()
         self.ispace.release_retired()
         self.index.load(m["bits"], m["next_bit_id"])
@@ -510,7 +517,8 @@ class SwornDisk:
         self._unflushed = 0
         self.counters["commits"] += 1
         if (len(self.index.memtable) >= self.config.memtable_records
-                or self.journal.used() > self.journal.nblocks // 2):
+                or self.journal.used() > self.journal.nblocks // 2
+                or len(self.segtable.dirty) > self.segtable.cache_limit // 2):
             self._checkpoint()
 
     def _apply(self, ops: list) -> None:
@@ -543,6 +551,7 @@ class SwornDisk:
     def _checkpoint(self) -> None:
         retired = self.index.compact()
         self.ispace.retire(retired)
+        self.segtable.write_dirty()
         self.pack_seq += 1
         pack = Pack(self.pack_seq, self.journal.head_seq, self.journal.last_mac,
                     meta={"commit_seq": self.commit_seq, "bits": self.index.catalog(),
@@ -551,7 +560,7 @@ class SwornDisk:
                           "minor_compactions": self.index.minor_compactions,
                           "major_compactions": self.index.major_compactions,
                           "time": time.time()},
-                    valid=self.space.valid, rit=self.space.rit, ichunks=self.ispace.state)
+                    segdir=self.segtable.directory(), ichunks=self.ispace.state)
         slot_bytes, mac = pack.encode(self._disk_key)
         if len(slot_bytes) > self.layout.checkpoint_blocks * BLOCK_SIZE:
             raise NoSpaceError("the checkpoint pack outgrew its slot; use a larger meta device")
@@ -561,6 +570,7 @@ class SwornDisk:
         self.meta.flush()
         self.journal.anchor_seq = anchor[1]
         self.ispace.release_retired()
+        self.segtable.release_retired()
         self.counters["checkpoints"] += 1
 
     # ------------------------------------------------------------------ stats
@@ -587,6 +597,8 @@ class SwornDisk:
             index_chunks_used=self.ispace.used(), index_chunks=self.layout.index_chunks,
             node_cache_hits=self.store.hits, node_cache_misses=self.store.misses,
             node_cache_entries=len(self.store.cache), node_cache_limit=self.store.cache_limit,
+            segtable_cached=len(self.segtable.cache), segtable_dirty=len(self.segtable.dirty),
+            segtable_loads=self.segtable.loads,
             journal_blocks_used=self.journal.used(), journal_blocks=self.journal.nblocks,
             data_bytes_written=self.data.bytes_written, meta_bytes_written=self.meta.bytes_written,
             data_bytes_read=self.data.bytes_read, meta_bytes_read=self.meta.bytes_read,

@@ -3,7 +3,7 @@
 Data device: data segments of 1024 blocks (4 MiB), nothing else (no plaintext at all).
 Meta device, in 4 KiB blocks:
 
-    [sb0][sb1][checkpoint slot 0][checkpoint slot 1][journal ring][index chunks ...]
+    [sb0][sb1][checkpoint slot 0][checkpoint slot 1][journal ring][segment table][index chunks]
 
 The sizes depend on the data device size, the logical size and the Config, and are
 recorded in the superblock, so `open` never recomputes them.
@@ -47,6 +47,8 @@ class Layout:
     checkpoint_blocks: int    # per slot
     journal_start: int
     journal_blocks: int
+    segtable_start: int
+    segtable_blocks: int
     index_start: int
     index_chunks: int
 
@@ -69,6 +71,7 @@ class Layout:
             "checkpoint0": ("meta", self.checkpoint_slot(0) * b, self.checkpoint_blocks * b),
             "checkpoint1": ("meta", self.checkpoint_slot(1) * b, self.checkpoint_blocks * b),
             "journal": ("meta", self.journal_start * b, self.journal_blocks * b),
+            "segtable": ("meta", self.segtable_start * b, self.segtable_blocks * b),
             "index": ("meta", self.index_start * b, self.index_chunks * INDEX_CHUNK_BLOCKS * b),
             "data": ("data", 0, self.data_blocks * b),
         }
@@ -105,7 +108,7 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
 
     rec = 28 + 8 + 8 + config.cipher_key_bytes
     fanout = leaf_capacity(rec)
-    # Checkpoint slot: header block + body (BITC, DST bitmap, RIT, index chunk map, scalars).
+    # Checkpoint slot: header block + body (BIT catalog, segment directory, chunk map, scalars).
     live = min(nr_blocks, data_blocks)
     leaves = -(-live // fanout)
     index_chunks_needed = -(-(leaves + leaves // (fanout - 1) + 2) // INDEX_CHUNK_BLOCKS)
@@ -113,15 +116,20 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
     l0_chunks = (config.level_ratio + 2) * (-(-(mem_leaves + 2) // INDEX_CHUNK_BLOCKS) + 1)
     # Live index, a full copy during the largest major compaction, L0, and slack.
     index_chunks = 2 * index_chunks_needed + 2 * l0_chunks + 8
-    body = (4096 + MAX_BITS * (256 + 4 * index_chunks) + data_blocks // 8 + 4 * data_blocks
+    dir_entry = 8 + config.cipher_key_bytes + 12 + 16 + 2
+    body = (4096 + MAX_BITS * (256 + 8 * index_chunks) + dir_entry * data_segments
             + index_chunks + 4096)
     checkpoint_blocks = 1 + -(-body // BLOCK_SIZE)
     # Journal: at least 4 MiB and room for 4 MemTables' worth of records between checkpoints.
     per_block = BLOCK_SIZE - 64
     journal_blocks = max(1024, 4 * -(-config.memtable_records * (rec + 1) // per_block) + 64)
+    # Segment table: one detail block per data segment, twice (out-of-place rewrites).
+    segtable_blocks = 2 * data_segments + 16
     start = 2
+    journal_start = start + 2 * checkpoint_blocks
+    segtable_start = journal_start + journal_blocks
     return Layout(nr_blocks=nr_blocks, data_segments=data_segments, reserve_segments=reserve,
                   checkpoint_start=start, checkpoint_blocks=checkpoint_blocks,
-                  journal_start=start + 2 * checkpoint_blocks, journal_blocks=journal_blocks,
-                  index_start=start + 2 * checkpoint_blocks + journal_blocks,
-                  index_chunks=index_chunks)
+                  journal_start=journal_start, journal_blocks=journal_blocks,
+                  segtable_start=segtable_start, segtable_blocks=segtable_blocks,
+                  index_start=segtable_start + segtable_blocks, index_chunks=index_chunks)

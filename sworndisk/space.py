@@ -1,4 +1,4 @@
-"""Space accounting and allocation on the data device (DST, SVT, RIT) and the index region.
+"""Space allocation on the data device (log head, threaded logging) and the index region.
 
 Invariants (the reasons for the commit protocol in disk.py):
 - A data block is *valid* when the committed index maps some LBA to it. Validity changes
@@ -15,21 +15,21 @@ from __future__ import annotations
 import numpy as np
 
 from .config import SEGMENT_BLOCKS
-from .errors import IntegrityError, NoSpaceError
+from .errors import NoSpaceError
+from .segtable import NONE, SegmentTable
 
-RIT_NONE = np.uint32(0xFFFF_FFFF)
 CHUNK_FREE, CHUNK_USED, CHUNK_RETIRING = 0, 1, 2
 
 
 class DataSpace:
-    def __init__(self, data_segments: int, reserve_segments: int):
-        self.nseg = data_segments
-        self.nblocks = data_segments * SEGMENT_BLOCKS
+    """Allocation on the data device over the paged segment table (segtable.py)."""
+
+    def __init__(self, table: SegmentTable, reserve_segments: int):
+        self.table = table
+        self.nseg = table.nseg
+        self.nblocks = self.nseg * SEGMENT_BLOCKS
         self.reserve = reserve_segments
-        self.valid = np.zeros(self.nblocks, bool)
-        self.busy = np.zeros(self.nblocks, bool)
-        self.rit = np.full(self.nblocks, RIT_NONE, np.uint32)
-        self.seg_valid = np.zeros(self.nseg, np.int32)
+        self.busy: dict[int, np.ndarray] = {}            # seg -> bool per block (sparse)
         self.seg_busy = np.zeros(self.nseg, np.int32)
         self.excluded: set[int] = set()       # segments being cleaned: no allocation there
         self.seg_stamp = np.zeros(self.nseg, np.int64)   # commit seq of the last write (age)
@@ -37,41 +37,47 @@ class DataSpace:
         self.head_off = SEGMENT_BLOCKS
         self.threaded = False                 # the head is filling holes of a used segment
         self.threaded_segments = 0
+        self.valid = _ValidView(table)        # read-only views for tests and debugging
+        self.rit = _RitView(table)
 
-    # ---- persistence ----
-    def load(self, valid: np.ndarray, rit: np.ndarray) -> None:
-        self.valid = valid.copy()
-        self.rit = rit.copy()
-        self.seg_valid = self.valid.reshape(self.nseg, SEGMENT_BLOCKS).sum(1).astype(np.int32)
-        self.busy[:] = False
+    @property
+    def seg_valid(self) -> np.ndarray:
+        return self.table.count
+
+    def reset_volatile(self) -> None:
+        self.busy.clear()
         self.seg_busy[:] = 0
         self.head_seg, self.head_off = -1, SEGMENT_BLOCKS
 
     # ---- commit-time accounting ----
     def validate(self, hba: int, lba: int) -> None:
-        if hba >= self.nblocks:
-            raise IntegrityError(f"index record points outside the data device (block {hba})")
-        if not self.valid[hba]:
-            self.valid[hba] = True
-            self.seg_valid[hba // SEGMENT_BLOCKS] += 1
-        self.rit[hba] = lba
+        self.table.validate(hba, lba)
 
     def invalidate(self, hba: int) -> None:
-        if hba < self.nblocks and self.valid[hba]:
-            self.valid[hba] = False
-            self.seg_valid[hba // SEGMENT_BLOCKS] -= 1
+        self.table.invalidate(hba)
 
     def set_busy(self, hbas, busy: bool) -> None:
         hbas = np.asarray(hbas, np.int64)
         if len(hbas) == 0:
             return
-        self.busy[hbas] = busy
-        segs, counts = np.unique(hbas // SEGMENT_BLOCKS, return_counts=True)
-        self.seg_busy[segs] += counts if busy else -counts
+        segs = hbas // SEGMENT_BLOCKS
+        for seg in np.unique(segs).tolist():
+            offs = hbas[segs == seg] - seg * SEGMENT_BLOCKS
+            m = self.busy.get(seg)
+            if m is None:
+                m = self.busy[seg] = np.zeros(SEGMENT_BLOCKS, bool)
+            m[offs] = busy
+            self.seg_busy[seg] = int(m.sum())
+            if not busy and self.seg_busy[seg] == 0:
+                del self.busy[seg]
+
+    def segment_lbas(self, seg: int) -> np.ndarray:
+        """LBA per block of a segment (NONE where not valid)."""
+        return self.table.detail(seg)
 
     # ---- queries ----
     def free_mask(self) -> np.ndarray:
-        free = (self.seg_valid == 0) & (self.seg_busy == 0)
+        free = (self.table.count == 0) & (self.seg_busy == 0)
         if 0 <= self.head_seg:
             free[self.head_seg] = False
         for s in self.excluded:
@@ -82,7 +88,7 @@ class DataSpace:
         return int(self.free_mask().sum())
 
     def valid_blocks(self) -> int:
-        return int(self.seg_valid.sum())
+        return int(self.table.count.sum())
 
     def free_blocks(self) -> int:
         return self.nblocks - self.valid_blocks() - int(self.seg_busy.sum())
@@ -95,9 +101,11 @@ class DataSpace:
         while n > 0:
             if self.head_off >= SEGMENT_BLOCKS:
                 self._new_head()
-            base = self.head_seg * SEGMENT_BLOCKS
-            window = ~(self.valid[base + self.head_off:base + SEGMENT_BLOCKS] |
-                       self.busy[base + self.head_off:base + SEGMENT_BLOCKS])
+            seg, base = self.head_seg, self.head_seg * SEGMENT_BLOCKS
+            window = self.table.detail(seg)[self.head_off:] == NONE
+            busy = self.busy.get(seg)
+            if busy is not None:
+                window &= ~busy[self.head_off:]
             idx = np.flatnonzero(window)[:n]
             if len(idx) == 0:
                 self.head_off = SEGMENT_BLOCKS
@@ -123,7 +131,7 @@ class DataSpace:
             after = free[free > self.head_seg]
             self._set_head(int(after[0] if len(after) else free[0]), threaded=False)
             return
-        holes = SEGMENT_BLOCKS - self.seg_valid - self.seg_busy
+        holes = SEGMENT_BLOCKS - self.table.count - self.seg_busy
         holes[list(self.excluded)] = 0
         if 0 <= self.head_seg:
             holes[self.head_seg] = 0
@@ -144,13 +152,35 @@ class DataSpace:
         self.head_seg, self.head_off, self.threaded = seg, 0, threaded
         self.threaded_segments += threaded
 
-    def ensure_room(self, n: int) -> None:
-        """NoSpaceError before writing anything if n blocks cannot be placed."""
-        if n > self.free_blocks():
-            raise NoSpaceError(
-                f"the data device is full: {self.valid_blocks()} valid and "
-                f"{int(self.seg_busy.sum())} unflushed blocks in {self.nblocks}; "
-                f"discard data or flush more often")
+
+class _ValidView:
+    """space.valid[h] / space.valid[a:b]: is the block valid (computed from the table)."""
+
+    def __init__(self, table: SegmentTable):
+        self.table = table
+
+    def __getitem__(self, idx):
+        return _RitView(self.table)[idx] != NONE
+
+    def sum(self) -> int:
+        return int(self.table.count.sum())
+
+
+class _RitView:
+    """space.rit[h]: the LBA a block holds, NONE if none (computed from the table)."""
+
+    def __init__(self, table: SegmentTable):
+        self.table = table
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(self.table.nseg * SEGMENT_BLOCKS))
+        if np.ndim(idx) == 0:
+            h = int(idx)
+            return self.table.detail(h // SEGMENT_BLOCKS)[h % SEGMENT_BLOCKS]
+        idx = np.asarray(idx, np.int64)
+        return np.array([self.table.detail(int(h) // SEGMENT_BLOCKS)[int(h) % SEGMENT_BLOCKS]
+                         for h in idx], np.uint32)
 
 
 class IndexSpace:

@@ -1,0 +1,162 @@
+"""The segment table: per-data-segment valid map and reverse index (DST + RIT), paged.
+
+For each data segment, a *detail* is one 4 KiB array of 1024 u32: the LBA stored in each
+block, or NONE when the block holds nothing valid. So the detail is both the segment's
+valid bitmap (DST) and its reverse index (RIT). Details live on the meta device in the
+segment-table region, one encrypted block each (fresh random key, like a BIT node); the
+checkpoint pack holds the directory (per segment: block, key, nonce, MAC, valid count).
+
+RAM holds only the directory and the counts (about 70 bytes per 4 MiB segment, 18 MiB per
+TiB) plus a bounded cache of details: a disk of any size opens without per-block state.
+Details changed since the last checkpoint are dirty and pinned; a checkpoint writes them
+out of place (so the previous pack's details stay intact until the new pack is durable)
+and the engine checkpoints early when too many are dirty.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from . import crypto
+from .config import BLOCK_SIZE, SEGMENT_BLOCKS
+from .device import BlockDevice
+from .errors import IntegrityError, NoSpaceError
+
+NONE = np.uint32(0xFFFF_FFFF)
+_NO_BLOCK = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+def dir_dtype(key_bytes: int) -> np.dtype:
+    return np.dtype([("hba", "<u8"), ("key", f"V{key_bytes}"), ("nonce", "V12"),
+                     ("mac", "V16"), ("count", "<u2")])
+
+
+class SegmentTable:
+    def __init__(self, meta: BlockDevice, nseg: int, key_bytes: int, region_start: int,
+                 region_blocks: int, cache_segments: int):
+        self.meta = meta
+        self.nseg = nseg
+        self.key_bytes = key_bytes
+        self.region_start = region_start
+        self.region_blocks = region_blocks
+        self.dir = np.zeros(nseg, dir_dtype(key_bytes))
+        self.dir["hba"] = _NO_BLOCK
+        self.count = np.zeros(nseg, np.int32)
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.cache_limit = max(8, cache_segments)
+        self.dirty: set[int] = set()
+        self.region_used = np.zeros(region_blocks, bool)
+        self.retiring: list[int] = []
+        self.loads = 0
+        self.blocks_written = 0
+
+    # ---- persistence ----
+    def load(self, directory: np.ndarray) -> None:
+        self.dir = directory.copy()
+        self.count = self.dir["count"].astype(np.int32)
+        self.cache.clear()
+        self.dirty.clear()
+        self.retiring = []
+        self.region_used[:] = False
+        used = self.dir["hba"][self.dir["hba"] != _NO_BLOCK].astype(np.int64) - self.region_start
+        if len(used) and (used.min() < 0 or used.max() >= self.region_blocks):
+            raise IntegrityError("segment table directory points outside its region")
+        self.region_used[used] = True
+
+    def directory(self) -> np.ndarray:
+        d = self.dir.copy()
+        d["count"] = self.count
+        return d
+
+    # ---- details ----
+    def detail(self, seg: int) -> np.ndarray:
+        """The segment's u32 LBA-per-block array (NONE = not valid); cached."""
+        d = self.cache.get(seg)
+        if d is not None:
+            self.cache.move_to_end(seg)
+            return d
+        e = self.dir[seg]
+        if e["hba"] == _NO_BLOCK:
+            d = np.full(SEGMENT_BLOCKS, NONE, np.uint32)
+        else:
+            hba = int(e["hba"])
+            ct = self.meta.pread(BLOCK_SIZE, hba * BLOCK_SIZE)
+            pt = crypto.decrypt(e["key"].tobytes(), e["nonce"].tobytes(), ct, e["mac"].tobytes(),
+                                f"segment table block for data segment {seg} (meta block {hba})")
+            d = np.frombuffer(pt, "<u4").astype(np.uint32)
+            if int((d != NONE).sum()) != int(self.count[seg]):
+                raise IntegrityError(f"segment table block for data segment {seg} disagrees "
+                                     f"with its valid count")
+            self.loads += 1
+        self.cache[seg] = d
+        self._evict()
+        return d
+
+    def _evict(self) -> None:
+        while len(self.cache) > self.cache_limit:
+            for seg in self.cache:
+                if seg not in self.dirty:
+                    del self.cache[seg]
+                    break
+            else:
+                return          # everything cached is dirty: the engine checkpoints soon
+
+    def lba_of(self, hba: int) -> int | None:
+        v = self.detail(hba // SEGMENT_BLOCKS)[hba % SEGMENT_BLOCKS]
+        return None if v == NONE else int(v)
+
+    def validate(self, hba: int, lba: int) -> None:
+        seg, off = divmod(hba, SEGMENT_BLOCKS)
+        if seg >= self.nseg:
+            raise IntegrityError(f"index record points outside the data device (block {hba})")
+        d = self.detail(seg)
+        if d[off] == NONE:
+            self.count[seg] += 1
+        d[off] = lba
+        self.dirty.add(seg)
+
+    def invalidate(self, hba: int) -> None:
+        seg, off = divmod(hba, SEGMENT_BLOCKS)
+        if seg >= self.nseg:
+            return
+        d = self.detail(seg)
+        if d[off] != NONE:
+            d[off] = NONE
+            self.count[seg] -= 1
+            self.dirty.add(seg)
+
+    # ---- checkpoint ----
+    def write_dirty(self) -> int:
+        """Writes dirty details out of place; the blocks they replace retire until the
+        next checkpoint is durable (release_retired)."""
+        n = 0
+        free = iter(np.flatnonzero(~self.region_used).tolist())
+        for seg in sorted(self.dirty):
+            d = self.cache[seg]
+            old = self.dir[seg]["hba"]
+            if self.count[seg] == 0:
+                self.dir[seg]["hba"] = _NO_BLOCK     # an empty segment needs no block
+            else:
+                blk = next(free, None)
+                if blk is None:
+                    raise NoSpaceError("the segment table region is full (meta device too small)")
+                self.region_used[blk] = True
+                blk += self.region_start
+                key = crypto.random_bytes(self.key_bytes)
+                nonce = crypto.random_bytes(crypto.NONCE_BYTES)
+                ct, mac = crypto.encrypt(key, nonce, d.astype("<u4").tobytes())
+                self.meta.pwrite(ct, blk * BLOCK_SIZE)
+                self.dir[seg] = (blk, key, nonce, mac, 0)
+                n += 1
+            if old != _NO_BLOCK:
+                self.retiring.append(int(old) - self.region_start)
+        self.dirty.clear()
+        self._evict()
+        self.blocks_written += n
+        return n
+
+    def release_retired(self) -> None:
+        if self.retiring:
+            self.region_used[self.retiring] = False
+            self.retiring = []
