@@ -345,6 +345,7 @@ class SwornDisk:
             raise InvalidArgument(f"write length must be a positive multiple of {BLOCK_SIZE} "
                                   f"bytes (got {len(data)})")
         self._check_range(lba, n)
+        self._ensure_room(lba, n)
         mv = memoryview(data).cast("B")
         buf, bmap, blbas = self._buf, self._buf_map, self._buf_lbas
         for i in range(n):
@@ -407,6 +408,8 @@ class SwornDisk:
         try:
             self.cleaner.clean(victim)
             self._commit()
+        except NoSpaceError:
+            return False          # no room to move into: threaded logging carries on
         finally:
             self.space.excluded.discard(victim)
         return True
@@ -455,6 +458,14 @@ class SwornDisk:
         except BaseException as e:
             self._failed = e
             raise
+
+    def _ensure_room(self, lba: int, n: int) -> None:
+        """ENOSPC before buffering, so that a buffered block can always be sealed (and a
+        full disk can still flush the discards that make room)."""
+        bmap = self._buf_map
+        new = n if not bmap else sum(1 for l in range(lba, lba + n) if l not in bmap)
+        if new + len(bmap) > self.space.free_blocks():
+            raise self.space.no_space()
 
     def _superseded(self, lba: int) -> bool:
         """True if something newer than the committed value of lba is buffered or pending."""

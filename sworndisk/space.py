@@ -98,6 +98,15 @@ class DataSpace:
         """n blocks as ascending (start, count) runs, from the log head or holes; they are
         busy (unallocatable) until the commit that validates or drops them."""
         runs: list[tuple[int, int]] = []
+        try:
+            self._alloc_into(runs, n)
+        except NoSpaceError:
+            for start, count in runs:      # all or nothing
+                self.set_busy(range(start, start + count), False)
+            raise
+        return runs
+
+    def _alloc_into(self, runs: list, n: int) -> None:
         while n > 0:
             if self.head_off >= SEGMENT_BLOCKS:
                 self._new_head()
@@ -121,7 +130,6 @@ class DataSpace:
                     runs[-1] = (runs[-1][0], runs[-1][1] + count)
                 else:
                     runs.append((start, count))
-        return runs
 
     def _new_head(self) -> None:
         """Normal logging into a free segment while they last beyond the reserve;
@@ -143,7 +151,10 @@ class DataSpace:
         if len(free):
             self._set_head(int(free[0]), threaded=False)
             return
-        raise NoSpaceError(
+        raise self.no_space()
+
+    def no_space(self) -> NoSpaceError:
+        return NoSpaceError(
             f"the data device is full: {self.valid_blocks()} valid and "
             f"{int(self.seg_busy.sum())} unflushed blocks in {self.nblocks}; "
             f"discard data or flush more often")
