@@ -112,7 +112,8 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
     live = min(nr_blocks, data_blocks)
     leaves = -(-live // fanout)
     index_chunks_needed = -(-(leaves + leaves // (fanout - 1) + 2) // INDEX_CHUNK_BLOCKS)
-    mem_leaves = -(-config.memtable_records // fanout)
+    # A BIT holds at most one record per LBA: small disks need less than a full MemTable.
+    mem_leaves = -(-min(config.memtable_records, nr_blocks) // fanout)
     l0_chunks = (config.level_ratio + 2) * (-(-(mem_leaves + 2) // INDEX_CHUNK_BLOCKS) + 1)
     # Live index, a full copy during the largest major compaction, L0, and slack.
     index_chunks = 2 * index_chunks_needed + 2 * l0_chunks + 8
