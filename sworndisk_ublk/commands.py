@@ -1,0 +1,257 @@
+"""The sub-commands: add, del, list, recover, stats.  `cli.py` parses, this module acts.
+
+Each command takes plain values and returns what it wants printed, or raises CliError;
+no argparse objects reach this module, so the commands can be tested on their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+from . import state
+from .busy import device_users
+from .daemon import Ready, ServerOptions, run_foreground, start_background
+from .errors import DRIVER_MISSING_MESSAGE, NOT_ROOT_MESSAGE, CliError, ExitCode
+from .keys import get_key_source
+from .table import Table, format_bytes, parse_table, resolve_devices
+from .volume import check_meta_size, will_format
+
+CONTROL_DEVICE = "/dev/ublk-control"
+POLL = 0.2
+
+
+# --- preconditions ------------------------------------------------------------------------
+
+def require_ublk() -> None:
+    """The driver must be loaded; say how to load it and what the kernel needs."""
+    if not os.path.exists(CONTROL_DEVICE):
+        raise CliError(DRIVER_MISSING_MESSAGE, ExitCode.NOT_FOUND)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise CliError(NOT_ROOT_MESSAGE, ExitCode.PERMISSION)
+
+
+def device_exists(dev_id: int) -> bool:
+    """The kernel still has ublk device N (its disk, or its char device while it has none)."""
+    return (os.path.exists(f"/sys/block/ublkb{dev_id}")
+            or os.path.exists(f"/sys/class/ublk-char/ublkc{dev_id}"))
+
+
+def _require_devices_free(table: Table) -> None:
+    """Refuse devices another SwornDisk uses, or block devices that are mounted or open."""
+    for role, path in (("data", table.data_dev), ("meta", table.meta_dev)):
+        for st in state.load_all():
+            if path in (st.data, st.meta) and (st.server_alive() or device_exists(st.dev_id)):
+                raise CliError(f"{role} device {path} is already used by {st.dev_path}",
+                               ExitCode.BUSY)
+        users = device_users(path)
+        if users:
+            raise CliError(f"{role} device {path} is busy: {', '.join(users)}", ExitCode.BUSY)
+
+
+# --- add / recover ------------------------------------------------------------------------
+
+def read_table_text(words: List[str], stdin: Any) -> str:
+    """`add -` reads the table from stdin (as `dmsetup create` does); else argv words."""
+    if words == ["-"]:
+        return stdin.read()
+    return " ".join(words)
+
+
+def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverable: bool,
+        queues: int, depth: int, stdin_free: bool,
+        on_ready: Callable[[Ready], None]) -> None:
+    """Parse and check everything, ask for the key, then start the server."""
+    table = resolve_devices(parse_table(table_text))
+    require_ublk()
+    require_root()
+    _require_devices_free(table)
+    formatting = will_format(table)
+    if formatting:
+        check_meta_size(table)
+    source = get_key_source(key_file, table.meta_dev, new=formatting, stdin_free=stdin_free)
+    opts = ServerOptions(table=table, recoverable=recoverable, queues=queues, depth=depth)
+    _launch(opts, source, foreground, on_ready)
+
+
+def recover(dev_id: int, *, key_file: Optional[str], foreground: bool,
+            on_ready: Callable[[Ready], None]) -> None:
+    """Start a new server for a --recoverable device whose server died."""
+    require_ublk()
+    require_root()
+    st = _load_state(dev_id)
+    if not st.recoverable:
+        raise CliError(f"{st.dev_path} was not added with --recoverable and cannot be "
+                       f"recovered; delete it (del -n {dev_id}) and add it again", ExitCode.USAGE)
+    if st.server_alive():
+        raise CliError(f"{st.dev_path} is served by pid {st.pid}: nothing to recover",
+                       ExitCode.BUSY)
+    if not device_exists(dev_id):
+        state.remove(dev_id)
+        raise CliError(f"{st.dev_path} no longer exists; add it again (format false)",
+                       ExitCode.NOT_FOUND)
+    table = resolve_devices(parse_table(st.table)).with_format("false")
+    source = get_key_source(key_file, table.meta_dev, new=False, stdin_free=True)
+    opts = ServerOptions(table=table, recoverable=True, queues=st.queues, depth=st.depth,
+                         recover_dev_id=dev_id)
+    _launch(opts, source, foreground, on_ready)
+
+
+def _launch(opts: ServerOptions, source: Any, foreground: bool,
+            on_ready: Callable[[Ready], None]) -> None:
+    if foreground:
+        run_foreground(opts, source, on_ready)
+    else:
+        on_ready(start_background(opts, source))
+
+
+def describe_ready(ready: Ready) -> str:
+    """The human summary `add` prints to stderr (stdout gets just the device path)."""
+    thin = " (thin-provisioned)" if ready.usable < ready.size else ""
+    log = f", log {ready.log}" if ready.log != "-" else ""
+    return (f"{ready.dev_path}: SwornDisk of {format_bytes(ready.size)}, usable capacity "
+            f"{format_bytes(ready.usable)}{thin}; server pid {ready.pid}{log}")
+
+
+# --- del ----------------------------------------------------------------------------------
+
+def _load_state(dev_id: int) -> state.DeviceState:
+    st = state.load(dev_id)
+    if st is not None:
+        return st
+    if device_exists(dev_id):
+        raise CliError(f"/dev/ublkb{dev_id} is not a SwornDisk device (no state in "
+                       f"{state.state_path(dev_id)})", ExitCode.NOT_FOUND)
+    raise CliError(f"no SwornDisk device {dev_id} (no /dev/ublkb{dev_id})", ExitCode.NOT_FOUND)
+
+
+def _wait_unused(st: state.DeviceState, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    while True:
+        users = device_users(st.dev_path)
+        if not users:
+            return
+        if time.monotonic() >= deadline:
+            hint = ("; unmount or close it first" if st.server_alive() else
+                    f"; its server is dead: recover -n {st.dev_id} first, then unmount")
+            waited = f" after waiting {wait:g} s" if wait > 0 else ""
+            raise CliError(f"{st.dev_path} is busy{waited}: {', '.join(users)}{hint}",
+                           ExitCode.BUSY)
+        time.sleep(POLL)
+
+
+def _wait_exit(st: state.DeviceState, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while st.server_alive():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def delete(dev_id: int, *, wait: float = 0.0, timeout: float = 120.0) -> None:
+    """Stop a device cleanly: its server flushes and closes the engine, then deletes it.
+
+    Refuses (or waits up to `wait` seconds) while the device is mounted or open.  A device
+    whose server is dead is stopped and deleted through the control device directly.
+    """
+    require_ublk()
+    require_root()
+    st = _load_state(dev_id)
+    if device_exists(dev_id):
+        _wait_unused(st, wait)
+    if st.server_alive():
+        try:
+            os.kill(st.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not _wait_exit(st, timeout):
+            raise CliError(f"the server of {st.dev_path} (pid {st.pid}) did not stop within "
+                           f"{timeout:g} s (log {st.log}); kill -9 {st.pid}, then "
+                           f"del -n {dev_id} again", ExitCode.FAILED)
+    if device_exists(dev_id):          # server dead (killed) or it failed to delete
+        from ublk_shim import ctrl
+        try:
+            ctrl.stop_device(dev_id)
+        except Exception:              # noqa: BLE001 - may already be stopped
+            pass
+        ctrl.delete_device(dev_id)
+    state.remove(dev_id)
+
+
+def delete_all(*, wait: float, timeout: float, report: Callable[[CliError], None]) -> int:
+    """`del --all`: try every device, report each failure, return the worst exit code."""
+    code = ExitCode.OK
+    for st in state.load_all():
+        try:
+            delete(st.dev_id, wait=wait, timeout=timeout)
+        except CliError as e:
+            report(e)
+            code = max(code, e.code)
+    return int(code)
+
+
+# --- list / stats -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One line of `list`."""
+
+    dev_id: int
+    dev: str
+    pid: int
+    state: str               # "alive" | "dead"
+    data: str
+    meta: str
+    size: int
+    recoverable: bool
+    log: str
+
+
+def list_devices() -> List[DeviceRow]:
+    """Every SwornDisk device with state; stale entries (dead server, no device) are removed."""
+    rows = []
+    for st in state.load_all():
+        alive = st.server_alive()
+        if not alive and not device_exists(st.dev_id):
+            state.remove(st.dev_id)
+            continue
+        rows.append(DeviceRow(st.dev_id, st.dev_path, st.pid, "alive" if alive else "dead",
+                              st.data, st.meta, st.size, st.recoverable, st.log))
+    return rows
+
+
+def format_rows(rows: List[DeviceRow]) -> str:
+    header = ("DEV", "PID", "STATE", "DATA", "META", "SIZE", "RECOVERABLE")
+    lines = [header] + [(r.dev, str(r.pid), r.state, r.data, r.meta, format_bytes(r.size),
+                         "yes" if r.recoverable else "no") for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def stats(dev_id: int, timeout: float = 30.0) -> Dict[str, Any]:
+    """Ask a live server for its engine statistics (SIGUSR1; it writes a JSON file)."""
+    st = _load_state(dev_id)
+    if not st.server_alive():
+        raise CliError(f"the server of {st.dev_path} is not running", ExitCode.NOT_FOUND)
+    path = state.stats_path(dev_id)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.kill(st.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline or not st.server_alive():
+            raise CliError(f"the server of {st.dev_path} did not report statistics within "
+                           f"{timeout:g} s", ExitCode.FAILED)
+        time.sleep(POLL)
+    with open(path) as f:
+        return json.load(f)

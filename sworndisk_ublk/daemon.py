@@ -1,0 +1,388 @@
+"""The SwornDisk ublk server process: start-up, background mode, signals, shutdown.
+
+`add` works like ``ublk add`` of ublksrv: the server runs in the background and `add`
+returns once /dev/ublkbN exists.  The server is a grandchild (fork, setsid, fork) so it
+has no controlling terminal and is not killed with the shell; its stdio goes to a log in
+the state directory.  The grandchild does everything that can fail (opening the engine,
+checking the key, ADD_DEV, START_DEV) so that `add` itself reports those errors and exits
+non-zero: it reads the grandchild's start-up report from a pipe, one line of
+
+    pid <pid>
+    ready <json>           (dev_id, size, usable, pid, log)
+    error <code> <message>
+
+The ublk driver requires the process that opened /dev/ublkcN to be the one that issues
+START_DEV (it records the opener's pid), which is one more reason for the grandchild to do
+it all.  Keys reach the grandchild only through fork-inherited memory.
+
+On SIGTERM/SIGINT, or when the device is stopped from outside, the server stops the
+device, lets the engine flush and close, deletes the device and removes its state file.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from . import state
+from .errors import CliError, ExitCode, to_cli_error
+from .keys import KeySource
+from .table import Table
+from .volume import capacity, open_disk
+
+log = logging.getLogger("sworndisk_ublk.daemon")
+
+DEFAULT_START_TIMEOUT = 600.0     # Python under TCG is slow; a format may take a while
+STOP_WAIT = 60.0                  # how long shutdown waits for the queues to drain
+
+
+def start_timeout() -> float:
+    return float(os.environ.get("SWORNDISK_START_TIMEOUT") or DEFAULT_START_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Everything a server needs besides the key (which is never stored)."""
+
+    table: Table
+    recoverable: bool = False
+    queues: int = 1
+    depth: int = 64
+    recover_dev_id: Optional[int] = None      # set: resume a dead server's device
+
+
+@dataclass(frozen=True)
+class Ready:
+    """What a server reports once its block device exists."""
+
+    dev_id: int
+    pid: int
+    size: int
+    usable: int
+    log: str
+
+    @property
+    def dev_path(self) -> str:
+        return f"/dev/ublkb{self.dev_id}"
+
+
+class Server:
+    """One SwornDisk ublk device and its engine, from start-up to shutdown."""
+
+    def __init__(self, opts: ServerOptions, source: KeySource, log_file: str):
+        self.opts = opts
+        self.source = source
+        self.log_file = log_file
+        self.target: Any = None          # SwornDiskTarget once the engine is open
+        self.ublk: Any = None
+        self.dev_id = -1
+        self._wake = threading.Event()
+        self._stop_requested = False
+        self._stats_requested = False
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def start(self) -> Ready:
+        """Open the engine, create (or recover) the ublk device, record the state."""
+        import ublk_shim          # late: `add` must report a bad table even without the shim
+        from .target import SwornDiskTarget
+        table, opts = self.opts.table, self.opts
+        recovering = opts.recover_dev_id is not None
+        disk = open_disk(table, self.source, format=False if recovering else None)
+        self.source = KeySource(self.source.description)     # drop the secret reference
+        self.target = SwornDiskTarget(disk, size=table.size)
+        try:
+            if recovering:
+                self.dev_id = opts.recover_dev_id
+                # Queue count and depth are the device's own (the kernel may have granted
+                # fewer queues than were asked for), so they are not passed again.
+                self.ublk = ublk_shim.UblkServer.recover(self.target, opts.recover_dev_id)
+            else:
+                self.ublk = ublk_shim.UblkServer(
+                    self.target, dev_id=-1, nr_queues=opts.queues, queue_depth=opts.depth,
+                    recoverable=opts.recoverable)
+                self.dev_id = self.ublk.add()
+                self.ublk.start()
+        except BaseException:
+            # The shim undoes its own half-done work (queues, device); the engine is ours.
+            self.target.close()
+            raise
+        self._adopt_log()
+        cap = capacity(table)
+        state.save(state.DeviceState(
+            dev_id=self.dev_id, pid=os.getpid(), pid_start=state.process_start_time(os.getpid()),
+            table=table.line(), data=table.data_dev, meta=table.meta_dev, size=table.size,
+            recoverable=opts.recoverable, queues=self._granted("nr_queues", opts.queues),
+            depth=self._granted("queue_depth", opts.depth),
+            log=self.log_file))
+        log.info("serving /dev/ublkb%d: %s (%s)", self.dev_id, table.line(), cap.describe())
+        return Ready(self.dev_id, os.getpid(), cap.size, cap.usable, self.log_file)
+
+    def _granted(self, field: str, asked: int) -> int:
+        info = getattr(self.ublk, "info", None)
+        return int(getattr(info, field, asked) or asked)
+
+    def _adopt_log(self) -> None:
+        """Rename the start-up log (named by pid) after the device, now that its number is known."""
+        wanted = state.log_path(self.dev_id)
+        if self.log_file in ("-", wanted):
+            return
+        os.replace(self.log_file, wanted)
+        self.log_file = wanted
+
+    # --- serving ---------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop cleanly; SIGUSR1 dumps engine stats to the state directory."""
+        def stop(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+            self._wake.set()
+
+        def stats(signum: int, frame: Any) -> None:
+            self._stats_requested = True
+            self._wake.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+        signal.signal(signal.SIGUSR1, stats)
+
+    def serve(self) -> None:
+        """Run until a stop signal or until the device is stopped from outside; then shut down.
+
+        The shim's wait() runs in a helper thread so the main thread stays free for
+        signal handlers (Python runs them only in the main thread).
+        """
+        waiter = threading.Thread(target=self._wait_device, name="ublk-wait", daemon=True)
+        waiter.start()
+        while not self._stop_requested and waiter.is_alive():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stats_requested:
+                self._stats_requested = False
+                self.write_stats()
+        reason = "stop requested" if self._stop_requested else "device stopped"
+        log.info("shutting down /dev/ublkb%d: %s", self.dev_id, reason)
+        self.shutdown(waiter)
+
+    def _wait_device(self) -> None:
+        try:
+            self.ublk.wait()
+        except Exception as e:          # noqa: BLE001 - logged; shutdown follows
+            log.error("ublk server failed: %s", e)
+        finally:
+            self._wake.set()
+
+    def shutdown(self, waiter: Optional[threading.Thread] = None) -> None:
+        """Stop the device, flush and close the engine, delete the device, forget the state.
+
+        A device still mounted or held is stopped all the same: the process was asked to
+        terminate, and flushing the engine is the best it can still do (`del` checks for
+        users before it sends SIGTERM).
+        """
+        try:
+            try:
+                self.ublk.stop()
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                log.warning("/dev/ublkb%d is in use (%s); stopping it anyway", self.dev_id, e)
+                self.ublk.stop(force=True)
+        except Exception as e:          # noqa: BLE001 - still close the engine
+            log.error("stopping the device failed: %s", e)
+        if waiter is not None:
+            waiter.join(STOP_WAIT)
+        self.target.close()             # the shim closed it already; idempotent
+        try:
+            self.ublk.delete()
+        except Exception as e:          # noqa: BLE001
+            log.error("deleting the device failed: %s", e)
+        state.remove(self.dev_id, expect_pid=os.getpid())
+        log.info("/dev/ublkb%d deleted", self.dev_id)
+
+    def write_stats(self) -> None:
+        if self.target is None:
+            return
+        path = state.stats_path(self.dev_id)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.target.stats(), f, sort_keys=True, default=str)
+        os.replace(tmp, path)
+
+
+# --- foreground ---------------------------------------------------------------------------
+
+def run_foreground(opts: ServerOptions, source: KeySource,
+                   on_ready: Callable[[Ready], None]) -> None:
+    """Serve in this process until Ctrl-C/SIGTERM (``add --foreground``)."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True,
+                        format="sworndisk-ublk: %(message)s")
+    server = Server(opts, source, log_file="-")
+    server.install_signal_handlers()
+    try:
+        ready = server.start()
+    except Exception as e:             # noqa: BLE001
+        raise to_cli_error(e, opts.table.meta_dev) from None
+    on_ready(ready)
+    server.serve()
+
+
+# --- background ---------------------------------------------------------------------------
+
+def start_background(opts: ServerOptions, source: KeySource) -> Ready:
+    """Fork the server into the background; return when its device exists.
+
+    Raises CliError with the server's own message when start-up fails.
+    """
+    state.ensure_run_dir()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # first child
+        os.close(rfd)
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _daemon_main(opts, source, wfd)        # grandchild: the server
+        finally:
+            os._exit(1)
+    os.close(wfd)
+    os.waitpid(pid, 0)
+    with os.fdopen(rfd, "rb") as pipe:
+        return _await_ready(pipe, opts)
+
+
+class _Startup:
+    """What the parent has learnt from the server's start-up report so far."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.log = ""
+
+    def where(self) -> str:
+        return f"log: {self.log or state.run_dir()}"
+
+
+def _await_ready(pipe: Any, opts: ServerOptions) -> Ready:
+    """Read the server's start-up report; a timeout or Ctrl-C stops the server."""
+    seen = _Startup()
+    try:
+        return _read_report(pipe, opts, seen)
+    except KeyboardInterrupt:
+        if seen.pid:
+            _kill_quietly(seen.pid)
+        raise
+
+
+def _read_report(pipe: Any, opts: ServerOptions, seen: _Startup) -> Ready:
+    deadline = time.monotonic() + start_timeout()
+    buf = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if seen.pid:
+                _kill_quietly(seen.pid)
+            raise CliError(f"the server did not come up within {start_timeout():.0f} s and "
+                           f"was stopped ({seen.where()})", ExitCode.FAILED)
+        if not select.select([pipe], [], [], remaining)[0]:
+            continue
+        chunk = os.read(pipe.fileno(), 65536)
+        if not chunk:
+            raise CliError(f"the server exited during start-up ({seen.where()})",
+                           ExitCode.FAILED)
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            word, _, rest = line.decode("utf-8", "replace").partition(" ")
+            if word == "pid":
+                pid, _, seen.log = rest.partition(" ")
+                seen.pid = int(pid)
+            elif word == "ready":
+                return Ready(**json.loads(rest))
+            elif word == "error":
+                code, _, message = rest.partition(" ")
+                if seen.log and opts.recover_dev_id is None:
+                    _remove_quietly(seen.log)      # the message says it all
+                raise CliError(message, ExitCode(int(code)))
+
+
+def _daemon_main(opts: ServerOptions, source: KeySource, report_fd: int) -> None:
+    """Body of the grandchild; never returns."""
+    code = 1
+    try:
+        os.chdir("/")                 # do not pin the caller's working directory's mount
+        log_file = _redirect_stdio(opts)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True,
+                            format="%(asctime)s [%(process)d] %(levelname)s %(message)s")
+        _report(report_fd, f"pid {os.getpid()} {log_file}")
+        server = Server(opts, source, log_file)
+        server.install_signal_handlers()
+        try:
+            ready = server.start()
+        except Exception as e:        # noqa: BLE001
+            err = to_cli_error(e, opts.table.meta_dev)
+            log.error("start-up failed: %s", err.message)
+            _report(report_fd, f"error {int(err.code)} {err.message}")
+            return
+        _report(report_fd, "ready " + json.dumps(asdict(ready)))
+        os.close(report_fd)
+        report_fd = -1
+        server.serve()
+        code = 0
+    except BaseException:             # noqa: BLE001 - last resort: into the log
+        logging.getLogger("sworndisk_ublk").exception("server failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _redirect_stdio(opts: ServerOptions) -> str:
+    """Point fds 0/1/2 at /dev/null and the log; returns the log path."""
+    if opts.recover_dev_id is not None:
+        path = state.log_path(opts.recover_dev_id)
+    else:   # the device number is not known yet; renamed once it is
+        path = os.path.join(state.run_dir(), f"add-{os.getpid()}.log")
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(null_fd)
+    os.close(log_fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    return path
+
+
+def _report(fd: int, line: str) -> None:
+    """One line to the waiting `add`; if it is gone (Ctrl-C), the server carries on."""
+    if fd < 0:
+        return
+    try:
+        os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8"))
+    except BrokenPipeError:
+        log.warning("the starting command is gone; serving anyway")
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,165 @@
+"""The state directory (/run/sworndisk/, or $SWORNDISK_RUN_DIR): one JSON file per device.
+
+A server writes ``<dev_id>.json`` once its device is live and removes it when it stops
+cleanly, so `list`, `del` and `recover` can find the server's pid, the table and the
+options without talking to it.  The file holds no secrets: the table's key field is
+always 0 and the key source is not recorded.  /run is a tmpfs, so the state goes away
+with a reboot, as the devices do.
+
+A pid alone is not proof of life (pids are reused), so the server's start time from
+/proc/<pid>/stat is stored beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+DEFAULT_RUN_DIR = "/run/sworndisk"
+
+
+def run_dir() -> str:
+    """The state directory; tests point SWORNDISK_RUN_DIR elsewhere."""
+    return os.environ.get("SWORNDISK_RUN_DIR") or DEFAULT_RUN_DIR
+
+
+def ensure_run_dir() -> str:
+    path = run_dir()
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    return path
+
+
+def state_path(dev_id: int) -> str:
+    return os.path.join(run_dir(), f"{dev_id}.json")
+
+
+def log_path(dev_id: int) -> str:
+    return os.path.join(run_dir(), f"{dev_id}.log")
+
+
+def stats_path(dev_id: int) -> str:
+    return os.path.join(run_dir(), f"{dev_id}.stats.json")
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """Start time of `pid` in clock ticks since boot, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19])          # field 22 overall: starttime
+
+
+def process_alive(pid: int, start_time: Optional[int]) -> bool:
+    """True if `pid` is running and is the process that was started at `start_time`."""
+    if pid <= 0:
+        return False
+    now = process_start_time(pid)
+    if now is None:
+        return False
+    if start_time is not None and now != start_time:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            status = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return status != b"Z"
+
+
+@dataclass
+class DeviceState:
+    """What a running (or crashed) server left behind for the other commands."""
+
+    dev_id: int
+    pid: int
+    pid_start: Optional[int]
+    table: str                    # table line, key field 0
+    data: str
+    meta: str
+    size: int                     # logical size in bytes
+    recoverable: bool
+    queues: int
+    depth: int
+    log: str
+    started: float = field(default_factory=time.time)
+
+    @property
+    def dev_path(self) -> str:
+        return f"/dev/ublkb{self.dev_id}"
+
+    def server_alive(self) -> bool:
+        return process_alive(self.pid, self.pid_start)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeviceState":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def save(state: DeviceState) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a file."""
+    directory = ensure_run_dir()
+    fd, tmp = tempfile.mkstemp(prefix=f".{state.dev_id}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(state.to_json())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, state_path(state.dev_id))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load(dev_id: int) -> Optional[DeviceState]:
+    try:
+        with open(state_path(dev_id)) as f:
+            return DeviceState.from_dict(json.load(f))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError):
+        return None             # a corrupt state file is as good as none
+
+
+def load_all() -> List[DeviceState]:
+    try:
+        names = os.listdir(run_dir())
+    except FileNotFoundError:
+        return []
+    states = []
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext == ".json" and stem.isdigit():
+            st = load(int(stem))
+            if st is not None:
+                states.append(st)
+    return sorted(states, key=lambda s: s.dev_id)
+
+
+def remove(dev_id: int, *, expect_pid: Optional[int] = None) -> None:
+    """Remove a device's state (and stats) file; with `expect_pid`, only if that pid owns it.
+
+    The pid check lets an exiting server clean up without racing a newer server that
+    already took over the same device (recover).
+    """
+    if expect_pid is not None:
+        st = load(dev_id)
+        if st is not None and st.pid != expect_pid:
+            return
+    for path in (state_path(dev_id), stats_path(dev_id)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

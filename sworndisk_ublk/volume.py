@@ -1,0 +1,126 @@
+"""Open or format the SwornDisk a table describes: the table's <format> rule and the size checks.
+
+<format> is the Rust version's: ``force`` formats, ``false`` never does, and ``true``
+formats only a meta device that holds no SwornDisk at all.  A meta device that holds one
+which fails to open (wrong key, failed MAC) is never formatted under ``true``: that is
+an attack or a user mistake, and it is reported instead of being "repaired" by wiping.
+
+Everything here runs before the device is exposed, so every size problem is found before
+a single byte is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import CliError, ExitCode, to_cli_error
+from .keys import KeySource, derive_key
+from .table import BLOCK_SIZE, Table, device_size, format_bytes
+
+
+def _engine() -> Any:
+    from sworndisk import SwornDisk
+    return SwornDisk
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Sizes `add` reports: logical (what the kernel sees) and usable (what fits)."""
+
+    size: int            # logical size, bytes
+    usable: int          # live data that fits once the cleaning reserve is set aside, bytes
+    data_size: int       # data device, bytes
+
+    def describe(self) -> str:
+        thin = " (thin-provisioned)" if self.usable < self.size else ""
+        return (f"size {format_bytes(self.size)} ({self.size // BLOCK_SIZE} blocks of 4 KiB), "
+                f"usable capacity {format_bytes(self.usable)}{thin}")
+
+
+def will_format(table: Table) -> bool:
+    """Apply <format>: force -> yes, false -> no, true -> only if there is no SwornDisk."""
+    if table.format == "force":
+        return True
+    if table.format == "false":
+        return False
+    try:
+        return not _engine().probe(table.meta_dev)
+    except Exception as e:             # noqa: BLE001 - reported as a one-line error
+        raise to_cli_error(e, table.meta_dev) from None
+
+
+def capacity(table: Table) -> Capacity:
+    data_size = device_size(table.data_dev)
+    usable = _engine().usable_blocks(data_size) * BLOCK_SIZE
+    return Capacity(table.size, min(usable, table.size), data_size)
+
+
+def check_meta_size(table: Table) -> None:
+    """Refuse a meta device too small for the index of this logical size, naming the minimum."""
+    data_size = device_size(table.data_dev)
+    meta_size = device_size(table.meta_dev)
+    need = _engine().min_meta_size(data_size, table.nr_blocks)
+    if meta_size < need:
+        raise CliError(
+            f"meta device {table.meta_dev} is too small: {meta_size} bytes "
+            f"({format_bytes(meta_size)}); a {format_bytes(table.size)} SwornDisk on a "
+            f"{format_bytes(data_size)} data device needs at least {need} bytes "
+            f"({format_bytes(need)})", ExitCode.USAGE)
+
+
+def _read_salt(table: Table, source: KeySource) -> Optional[bytes]:
+    """The KDF salt from the superblock, when the key is a passphrase."""
+    if not source.is_passphrase:
+        return None
+    engine = _engine()
+    if not hasattr(engine, "read_kdf_salt"):
+        raise CliError("this engine cannot open a disk with a passphrase "
+                       "(SwornDisk.read_kdf_salt is missing): use --key-file", ExitCode.FAILED)
+    salt = engine.read_kdf_salt(table.meta_dev)
+    if salt is None:
+        raise CliError(f"the SwornDisk on {table.meta_dev} was formatted with a key file, "
+                       f"not a passphrase: use --key-file", ExitCode.KEY)
+    return salt
+
+
+def _format(table: Table, source: KeySource) -> Any:
+    check_meta_size(table)
+    kwargs: dict = {"nr_blocks": table.nr_blocks}
+    salt = None
+    if source.is_passphrase:
+        from sworndisk import kdf
+        salt = kdf.new_salt()
+        kwargs["kdf_salt"] = salt
+    try:
+        return _engine().create(table.data_dev, table.meta_dev, derive_key(source, salt),
+                                **kwargs)
+    except TypeError as e:
+        if "kdf_salt" in str(e):
+            raise CliError("this engine cannot store a passphrase salt (SwornDisk.create has "
+                           "no kdf_salt): use --key-file", ExitCode.FAILED) from None
+        raise
+
+
+def _open(table: Table, source: KeySource) -> Any:
+    disk = _engine().open(table.data_dev, table.meta_dev,
+                          derive_key(source, _read_salt(table, source)))
+    if disk.nr_blocks != table.nr_blocks:
+        formatted = disk.nr_blocks * (BLOCK_SIZE // 512)
+        disk.close()
+        raise CliError(f"the table says {table.sectors} sectors but the SwornDisk on "
+                       f"{table.meta_dev} was formatted with {formatted}; use "
+                       f"<sectors> {formatted}", ExitCode.USAGE)
+    return disk
+
+
+def open_disk(table: Table, source: KeySource, *, format: Optional[bool] = None) -> Any:
+    """Format or open the engine for `table`; every failure is a one-line CliError.
+
+    `format` overrides the table's rule (recover passes False: a crashed disk is reopened,
+    never formatted).
+    """
+    formatting = will_format(table) if format is None else format
+    try:
+        return _format(table, source) if formatting else _open(table, source)
+    except Exception as e:             # noqa: BLE001
+        raise to_cli_error(e, table.meta_dev) from None
