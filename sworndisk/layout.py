@@ -123,7 +123,8 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
     checkpoint_blocks = 1 + -(-body // BLOCK_SIZE)
     # Journal: at least 4 MiB and room for 4 MemTables' worth of records between checkpoints.
     per_block = BLOCK_SIZE - 64
-    journal_blocks = max(1024, 4 * -(-config.memtable_records * (rec + 1) // per_block) + 64)
+    journal_blocks = max(1024, 4 * -(-min(config.memtable_records, nr_blocks) * (rec + 1)
+                                      // per_block) + 64)
     # Segment table: one detail block per data segment, twice (out-of-place rewrites).
     segtable_blocks = 2 * data_segments + 16
     start = 2
