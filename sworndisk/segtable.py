@@ -90,13 +90,15 @@ class SegmentTable:
                                      f"with its valid count")
             self.loads += 1
         self.cache[seg] = d
-        self._evict()
+        self._evict(keep=seg)
         return d
 
-    def _evict(self) -> None:
+    def _evict(self, keep: int = -1) -> None:
+        """Drops clean details, oldest first; never `keep`, which the caller is about to
+        change (evicting it would lose the change)."""
         while len(self.cache) > self.cache_limit:
             for seg in self.cache:
-                if seg not in self.dirty:
+                if seg not in self.dirty and seg != keep:
                     del self.cache[seg]
                     break
             else:

@@ -140,10 +140,8 @@ class DataSpace:
             self._set_head(int(after[0] if len(after) else free[0]), threaded=False)
             return
         holes = SEGMENT_BLOCKS - self.table.count - self.seg_busy
-        holes[list(self.excluded)] = 0
-        if 0 <= self.head_seg:
-            holes[self.head_seg] = 0
-        holes[free] = 0        # whole free segments are the reserve, used last
+        holes[list(self.excluded)] = 0      # the head itself may be chosen again: it may
+        holes[free] = 0                     # have holes behind its offset (discards)        # whole free segments are the reserve, used last
         best = int(np.argmax(holes))
         if holes[best] > 0:
             self._set_head(best, threaded=True)
