@@ -1,0 +1,208 @@
+"""Creating the two disks under test on image files, with every device byte counted.
+
+Both disks sit on `sworndisk.device.FileDevice`s (O_DIRECT where the filesystem allows it)
+wrapped in a `CountingDevice`, so the benchmark measures device traffic itself instead of
+trusting a disk's own statistics: that is how write amplification is reported.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from sworndisk.device import BlockDevice, FileDevice, create_image
+
+from .cryptdisk import KEY_BYTES as CRYPT_KEY_BYTES
+from .cryptdisk import CryptDisk
+
+BLOCK_SIZE = 4096
+SEGMENT_BYTES = 4 << 20          # the engine's segment; data images are a whole number of them
+SWORNDISK_KEY_BYTES = 32
+DISK_KINDS = ("sworndisk", "cryptdisk")
+DISPLAY_NAMES = {"sworndisk": "SwornDisk", "cryptdisk": "CryptDisk"}
+
+
+class CountingDevice(BlockDevice):
+    """Passes every call through to `inner` and counts bytes and calls on the way."""
+
+    def __init__(self, inner: BlockDevice):
+        self.inner = inner
+        self.bytes_written = 0
+        self.bytes_read = 0
+        self.writes = 0
+        self.reads = 0
+        self.flushes = 0
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def pread(self, nbytes: int, offset: int) -> bytes:
+        self.reads += 1
+        self.bytes_read += nbytes
+        return self.inner.pread(nbytes, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.writes += 1
+        self.bytes_written += len(data)
+        self.inner.pwrite(data, offset)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.inner.flush()
+
+    def discard(self, offset: int, nbytes: int) -> None:
+        self.inner.discard(offset, nbytes)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass(frozen=True)
+class DeviceCounts:
+    """A snapshot of the counters of all devices under one disk."""
+    bytes_written: int = 0
+    bytes_read: int = 0
+
+    def __sub__(self, other: "DeviceCounts") -> "DeviceCounts":
+        return DeviceCounts(self.bytes_written - other.bytes_written,
+                            self.bytes_read - other.bytes_read)
+
+
+@dataclass
+class BenchDisk:
+    """A disk under test plus the image files and counting devices beneath it."""
+    kind: str
+    disk: object                      # SwornDisk or CryptDisk: same surface
+    devices: Dict[str, CountingDevice]
+    paths: List[str]
+    direct_io: bool
+    sizes: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return DISPLAY_NAMES[self.kind]
+
+    def counts(self) -> DeviceCounts:
+        return DeviceCounts(sum(d.bytes_written for d in self.devices.values()),
+                            sum(d.bytes_read for d in self.devices.values()))
+
+    def stats(self) -> dict:
+        stats = getattr(self.disk, "stats", None)
+        return dict(stats()) if stats else {}
+
+    def close(self, suppress_errors: bool = False) -> None:
+        """Close the disk, then its devices, then delete the images (sparse, possibly GiBs).
+        `suppress_errors`: the disk already failed and its error was recorded; a second one
+        from the closing flush would only hide the results gathered so far."""
+        try:
+            self.disk.close()
+        except Exception:
+            if not suppress_errors:
+                raise
+        finally:
+            for dev in self.devices.values():
+                dev.close()
+            for path in self.paths:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> "BenchDisk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def sworndisk_unavailable_reason() -> Optional[str]:
+    """None if the engine can be imported, else why not (it may not have landed yet)."""
+    try:
+        from sworndisk import SwornDisk  # noqa: F401
+    except Exception as e:  # ImportError, or an engine that fails at import
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def sworndisk_usable_blocks(data_bytes: int) -> int:
+    """The logical size the engine offers on a data device of this size (its own answer
+    when it has `usable_blocks`, else the 80% the benchmark assumes for a cleaning reserve)."""
+    from sworndisk import SwornDisk
+    usable = getattr(SwornDisk, "usable_blocks", None)
+    if usable is not None:
+        return int(usable(data_bytes))
+    return data_bytes * 4 // 5 // BLOCK_SIZE
+
+
+def sworndisk_data_bytes(nr_blocks: int, min_bytes: int = 0) -> int:
+    """The smallest data image (in whole segments, at least `min_bytes`) whose usable
+    capacity holds `nr_blocks` logical blocks."""
+    size = _round_up(max(min_bytes, nr_blocks * BLOCK_SIZE * 6 // 5), SEGMENT_BYTES)
+    while sworndisk_usable_blocks(size) < nr_blocks:
+        size = _round_up(size + max(SEGMENT_BYTES, size // 16), SEGMENT_BYTES)
+    return size
+
+
+def sworndisk_meta_bytes(data_bytes: int, nr_blocks: int) -> int:
+    from sworndisk import SwornDisk
+    min_meta = getattr(SwornDisk, "min_meta_size", None)
+    if min_meta is not None:
+        size = int(min_meta(data_bytes, nr_blocks))
+    else:
+        size = data_bytes // 10 + (64 << 20)
+    return _round_up(size, BLOCK_SIZE)
+
+
+def _open_image(path: str, size: int) -> CountingDevice:
+    create_image(path, size)
+    return CountingDevice(FileDevice(path))
+
+
+def make_sworndisk(workdir: str, nr_blocks: int, data_bytes: int, tag: str = "") -> BenchDisk:
+    """Format a SwornDisk of `nr_blocks` on fresh sparse images of `data_bytes` (+ meta)."""
+    from sworndisk import SwornDisk
+    meta_bytes = sworndisk_meta_bytes(data_bytes, nr_blocks)
+    paths = [os.path.join(workdir, f"sworndisk{tag}-data.img"),
+             os.path.join(workdir, f"sworndisk{tag}-meta.img")]
+    devices: Dict[str, CountingDevice] = {}
+    try:
+        devices["data"] = _open_image(paths[0], data_bytes)
+        devices["meta"] = _open_image(paths[1], meta_bytes)
+        disk = SwornDisk.create(devices["data"], devices["meta"],
+                                os.urandom(SWORNDISK_KEY_BYTES), nr_blocks=nr_blocks, config=None)
+    except BaseException:
+        _discard(devices, paths)
+        raise
+    return BenchDisk("sworndisk", disk, devices, paths, _all_direct(devices),
+                     {"data": data_bytes, "meta": meta_bytes})
+
+
+def make_cryptdisk(workdir: str, nr_blocks: int, tag: str = "") -> BenchDisk:
+    """A CryptDisk of `nr_blocks` on one fresh sparse image of exactly that size."""
+    data_bytes = nr_blocks * BLOCK_SIZE
+    paths = [os.path.join(workdir, f"cryptdisk{tag}.img")]
+    devices: Dict[str, CountingDevice] = {}
+    try:
+        devices["data"] = _open_image(paths[0], data_bytes)
+        disk = CryptDisk(devices["data"], os.urandom(CRYPT_KEY_BYTES), nr_blocks)
+    except BaseException:
+        _discard(devices, paths)
+        raise
+    return BenchDisk("cryptdisk", disk, devices, paths, _all_direct(devices), {"data": data_bytes})
+
+
+def _all_direct(devices: Dict[str, CountingDevice]) -> bool:
+    return all(getattr(d.inner, "direct", False) for d in devices.values())
+
+
+def _discard(devices: Dict[str, CountingDevice], paths: List[str]) -> None:
+    for dev in devices.values():
+        dev.close()
+    for path in paths:
+        if os.path.exists(path):
+            os.unlink(path)

@@ -1,0 +1,189 @@
+"""The I/O patterns, and how one run of a pattern is timed.
+
+Every function here drives anything with the engine's surface (read/write/flush), so
+SwornDisk and CryptDisk run byte-for-byte the same requests in the same order: LBAs come
+from a seeded generator, and every 4 KiB block written starts with its own LBA so that
+reads can check they got the right block back (a benchmark of a disk returning wrong data
+would be worse than none). The checks cost the same on both disks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .disks import BLOCK_SIZE, BenchDisk
+
+WORDS_PER_BLOCK = BLOCK_SIZE // 8
+
+
+class WorkloadError(RuntimeError):
+    """A workload failed part way; `ops_done` says how far it got (e.g. ENOSPC when aging)."""
+
+    def __init__(self, workload: str, ops_done: int, cause: BaseException):
+        super().__init__(f"{workload}: {type(cause).__name__}: {cause} (after {ops_done} ops)")
+        self.workload = workload
+        self.ops_done = ops_done
+        self.cause = cause
+
+
+class VerifyError(AssertionError):
+    """A read returned a block other than the one written at that LBA."""
+
+
+class Payload:
+    """Write buffers of random (incompressible) bytes in which every block starts with its LBA."""
+
+    def __init__(self, max_blocks: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self._words = rng.integers(0, 2**63, size=max_blocks * WORDS_PER_BLOCK, dtype=np.uint64)
+        self._stamps = self._words[::WORDS_PER_BLOCK]   # a view: the first word of each block
+        self._tail = self._words[1:WORDS_PER_BLOCK].tobytes()
+
+    def blocks(self, lba: int, nr_blocks: int) -> bytes:
+        """Fresh immutable bytes (a disk may keep a reference to what it was given)."""
+        if nr_blocks == 1:
+            return lba.to_bytes(8, "little") + self._tail
+        self._stamps[:nr_blocks] = np.arange(lba, lba + nr_blocks, dtype=np.uint64)
+        return self._words[:nr_blocks * WORDS_PER_BLOCK].tobytes()
+
+    @staticmethod
+    def check(lba: int, data: bytes) -> None:
+        nr_blocks = len(data) // BLOCK_SIZE
+        if nr_blocks == 1:
+            ok = int.from_bytes(data[:8], "little") == lba
+        else:
+            stamps = np.frombuffer(data, dtype="<u8")[::WORDS_PER_BLOCK]
+            ok = bool(np.array_equal(stamps, np.arange(lba, lba + nr_blocks, dtype=np.uint64)))
+        if not ok:
+            raise VerifyError(f"read of {nr_blocks} block(s) at LBA {lba} returned other blocks")
+
+
+@dataclass
+class WorkloadResult:
+    """One timed workload on one disk. CPU time is the whole process's (engine threads too)."""
+    name: str
+    ops: int
+    user_bytes: int
+    seconds: float
+    cpu_seconds: float
+    device_bytes_written: int
+    device_bytes_read: int
+    error: Optional[str] = None
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.user_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    @property
+    def iops(self) -> float:
+        return self.ops / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def blocks(self) -> int:
+        return self.user_bytes // BLOCK_SIZE
+
+    @property
+    def cpu_us_per_block(self) -> float:
+        return self.cpu_seconds * 1e6 / self.blocks if self.blocks else 0.0
+
+    @property
+    def write_amplification(self) -> float:
+        """Device bytes written per user byte (meaningful for write workloads)."""
+        return self.device_bytes_written / self.user_bytes if self.user_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(mb_per_s=self.mb_per_s, iops=self.iops,
+                 cpu_us_per_block=self.cpu_us_per_block,
+                 write_amplification=self.write_amplification)
+        return d
+
+
+# (ops, user bytes) done by a workload body
+Body = Callable[[], Tuple[int, int]]
+
+
+def timed(name: str, bench: BenchDisk, body: Body) -> WorkloadResult:
+    """Run `body` once, measuring wall time, process CPU time and device traffic."""
+    before = bench.counts()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    ops, nbytes = body()
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    delta = bench.counts() - before
+    return WorkloadResult(name, ops, nbytes, seconds, cpu, delta.bytes_written, delta.bytes_read)
+
+
+def random_lbas(seed: int, count: int, lo: int, hi: int) -> List[int]:
+    """`count` random LBAs in [lo, hi), the same for every disk given the same seed.
+
+    Like fio's default random map, each pass visits every LBA once in a random order (a
+    fresh permutation per pass): no LBA repeats until all were visited, so a disk cannot
+    look better by absorbing repeated writes to one block in its buffer."""
+    rng, n, chunks = np.random.default_rng(seed), hi - lo, []
+    for start in range(0, count, n):
+        chunks.append(rng.choice(n, size=min(n, count - start), replace=False))
+    return (np.concatenate(chunks) + lo).tolist() if chunks else []
+
+
+def random_write(disk, lbas: Sequence[int], payload: Payload,
+                 flush_every: int = 0, name: str = "randwrite") -> Body:
+    """4 KiB writes at `lbas`, a flush every `flush_every` writes (0: none) and one at the
+    end: the final flush is part of the work, or a write-back disk would look infinitely fast."""
+    def body():
+        done = 0
+        try:
+            for lba in lbas:
+                disk.write(lba, payload.blocks(lba, 1))
+                done += 1
+                if flush_every and done % flush_every == 0:
+                    disk.flush()
+            disk.flush()
+        except Exception as e:
+            raise WorkloadError(name, done, e) from e
+        return done, done * BLOCK_SIZE
+    return body
+
+
+def random_read(disk, lbas: Sequence[int], name: str = "randread") -> Body:
+    """4 KiB reads at `lbas`, each checked against the LBA stamped in it."""
+    def body():
+        for lba in lbas:
+            Payload.check(lba, disk.read(lba, 1))
+        return len(lbas), len(lbas) * BLOCK_SIZE
+    return body
+
+
+def _extents(start: int, nr_blocks: int, request_blocks: int):
+    for lba in range(start, start + nr_blocks, request_blocks):
+        yield lba, min(request_blocks, start + nr_blocks - lba)
+
+
+def sequential_write(disk, start: int, nr_blocks: int, request_blocks: int,
+                     payload: Payload, name: str = "seqwrite") -> Body:
+    """Ascending writes of `request_blocks` each over [start, start+nr_blocks), then flush."""
+    def body():
+        done = 0
+        try:
+            for lba, n in _extents(start, nr_blocks, request_blocks):
+                disk.write(lba, payload.blocks(lba, n))
+                done += 1
+            disk.flush()
+        except Exception as e:
+            raise WorkloadError(name, done, e) from e
+        return done, nr_blocks * BLOCK_SIZE
+    return body
+
+
+def sequential_read(disk, start: int, nr_blocks: int, request_blocks: int,
+                    name: str = "seqread") -> Body:
+    """Ascending reads of `request_blocks` each over [start, start+nr_blocks), checked."""
+    def body():
+        ops = 0
+        for lba, n in _extents(start, nr_blocks, request_blocks):
+            Payload.check(lba, disk.read(lba, n))
+            ops += 1
+        return ops, nr_blocks * BLOCK_SIZE
+    return body
