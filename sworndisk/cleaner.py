@@ -68,6 +68,7 @@ class Cleaner:
         runs = sp.alloc(len(moves))
         i = 0
         new_hbas = []
+        writes = []
         for start, count in runs:
             parts = []
             for j in range(count):
@@ -78,7 +79,8 @@ class Cleaner:
                 disk._stage_write(l, fmt.value(start + j, key, nonce, mac))
                 new_hbas.append(start + j)
                 i += 1
-            disk.data.pwrite(b"".join(parts), start * BLOCK_SIZE)
+            writes.append((b"".join(parts), start * BLOCK_SIZE))
+        disk.data.pwrite_many(writes)
         disk._pending_hbas.extend(new_hbas)
         disk.counters["blocks_moved"] += len(moves)
         disk.counters["cleaning_runs"] += 1

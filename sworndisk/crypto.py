@@ -38,6 +38,16 @@ class _OpenSSLBackend:
         except self._invalid:
             return None
 
+    def encrypt_into(self, key: bytes, nonce: bytes, data, out: bytearray, offset: int) -> bytes:
+        n = len(data)
+        aes = self._aesgcm(key)
+        if hasattr(aes, "encrypt_into"):           # cryptography >= 43
+            aes.encrypt_into(nonce, data, None, memoryview(out)[offset:offset + n + TAG_BYTES])
+            return bytes(out[offset + n:offset + n + TAG_BYTES])
+        ct, tag = self.encrypt(key, nonce, data)
+        out[offset:offset + n] = ct
+        return tag
+
 
 class _PyCryptodomeBackend:
     name = "pycryptodome"
@@ -60,6 +70,11 @@ class _PyCryptodomeBackend:
             return c.decrypt_and_verify(bytes(ct), tag)
         except ValueError:
             return None
+
+    def encrypt_into(self, key: bytes, nonce: bytes, data, out: bytearray, offset: int) -> bytes:
+        ct, tag = self.encrypt(key, nonce, data)
+        out[offset:offset + len(ct)] = ct
+        return tag
 
 
 _BACKENDS = {"cryptography": _OpenSSLBackend, "pycryptodome": _PyCryptodomeBackend}
@@ -91,6 +106,14 @@ def _get():
 def encrypt(key: bytes, nonce: bytes, data, aad: bytes | None = None) -> tuple[bytes, bytes]:
     """Returns (ciphertext, tag); the ciphertext has the plaintext's length."""
     return _get().encrypt(key, nonce, data, aad)
+
+
+def encrypt_block_into(key: bytes, nonce: bytes, data, out: bytearray, offset: int) -> bytes:
+    """Encrypts `data` into out[offset:offset+len(data)] and returns the tag.
+
+    The tag is also written to the 16 bytes after the ciphertext (scratch: the next block's
+    place, overwritten when that block is encrypted), which saves a copy per block."""
+    return _get().encrypt_into(key, nonce, data, out, offset)
 
 
 def decrypt(key: bytes, nonce: bytes, ct, tag: bytes, what: str, aad: bytes | None = None) -> bytes:

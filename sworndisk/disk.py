@@ -67,6 +67,10 @@ class _CountingDevice(BlockDevice):
         self.dev.pwrite(data, offset)
         self.bytes_written += len(data)
 
+    def pwrite_many(self, items: list) -> None:
+        self.dev.pwrite_many(items)
+        self.bytes_written += sum(len(d) for d, _ in items)
+
     def flush(self) -> None:
         self.flushes += 1
         self.dev.flush()
@@ -488,22 +492,23 @@ class SwornDisk:
         runs = self.space.alloc(len(live))
         kb = self.fmt.key_bytes
         material = crypto.random_bytes(len(live) * (kb + crypto.NONCE_BYTES))
-        buf = self._buf
+        src = memoryview(self._buf)
         hbas = []
+        writes = []
         idx = 0
         for start, count in runs:
-            parts = []
+            out = bytearray(count * BLOCK_SIZE + crypto.TAG_BYTES)
             for j in range(count):
                 slot, l = live[idx]
                 m = material[idx * (kb + 12):(idx + 1) * (kb + 12)]
                 key, nonce = m[:kb], m[kb:]
-                ct, tag = crypto.encrypt(key, nonce,
-                                         buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE])
-                parts.append(ct)
+                tag = crypto.encrypt_block_into(
+                    key, nonce, src[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE], out, j * BLOCK_SIZE)
                 self._stage_write(l, self.fmt.value(start + j, key, nonce, tag))
                 hbas.append(start + j)
                 idx += 1
-            self.data.pwrite(b"".join(parts), start * BLOCK_SIZE)
+            writes.append((memoryview(out)[:count * BLOCK_SIZE], start * BLOCK_SIZE))
+        self.data.pwrite_many(writes)
         self.space.seg_stamp[np.unique(np.asarray(hbas) // SEGMENT_BLOCKS)] = self.commit_seq
         self._pending_hbas.extend(hbas)
         self.counters["segments_sealed"] += 1

@@ -43,6 +43,7 @@ class SegmentTable:
         self.dir = np.zeros(nseg, dir_dtype(key_bytes))
         self.dir["hba"] = _NO_BLOCK
         self.count = np.zeros(nseg, np.int32)
+        self.total_valid = 0                  # == count.sum(), kept for the write path
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cache_limit = max(8, cache_segments)
         self.dirty: set[int] = set()
@@ -55,6 +56,7 @@ class SegmentTable:
     def load(self, directory: np.ndarray) -> None:
         self.dir = directory.copy()
         self.count = self.dir["count"].astype(np.int32)
+        self.total_valid = int(self.count.sum())
         self.cache.clear()
         self.dirty.clear()
         self.retiring = []
@@ -115,6 +117,7 @@ class SegmentTable:
         d = self.detail(seg)
         if d[off] == NONE:
             self.count[seg] += 1
+            self.total_valid += 1
         d[off] = lba
         self.dirty.add(seg)
 
@@ -126,6 +129,7 @@ class SegmentTable:
         if d[off] != NONE:
             d[off] = NONE
             self.count[seg] -= 1
+            self.total_valid -= 1
             self.dirty.add(seg)
 
     # ---- checkpoint ----

@@ -31,6 +31,7 @@ class DataSpace:
         self.reserve = reserve_segments
         self.busy: dict[int, np.ndarray] = {}            # seg -> bool per block (sparse)
         self.seg_busy = np.zeros(self.nseg, np.int32)
+        self.total_busy = 0
         self.excluded: set[int] = set()       # segments being cleaned: no allocation there
         self.seg_stamp = np.zeros(self.nseg, np.int64)   # commit seq of the last write (age)
         self.head_seg = -1
@@ -47,6 +48,7 @@ class DataSpace:
     def reset_volatile(self) -> None:
         self.busy.clear()
         self.seg_busy[:] = 0
+        self.total_busy = 0
         self.head_seg, self.head_off = -1, SEGMENT_BLOCKS
 
     # ---- commit-time accounting ----
@@ -67,7 +69,9 @@ class DataSpace:
             if m is None:
                 m = self.busy[seg] = np.zeros(SEGMENT_BLOCKS, bool)
             m[offs] = busy
-            self.seg_busy[seg] = int(m.sum())
+            n = int(m.sum())
+            self.total_busy += n - int(self.seg_busy[seg])
+            self.seg_busy[seg] = n
             if not busy and self.seg_busy[seg] == 0:
                 del self.busy[seg]
 
@@ -88,10 +92,10 @@ class DataSpace:
         return int(self.free_mask().sum())
 
     def valid_blocks(self) -> int:
-        return int(self.table.count.sum())
+        return self.table.total_valid
 
     def free_blocks(self) -> int:
-        return self.nblocks - self.valid_blocks() - int(self.seg_busy.sum())
+        return self.nblocks - self.table.total_valid - self.total_busy
 
     # ---- allocation ----
     def alloc(self, n: int) -> list[tuple[int, int]]:
@@ -154,7 +158,7 @@ class DataSpace:
     def no_space(self) -> NoSpaceError:
         return NoSpaceError(
             f"the data device is full: {self.valid_blocks()} valid and "
-            f"{int(self.seg_busy.sum())} unflushed blocks in {self.nblocks}; "
+            f"{self.total_busy} unflushed blocks in {self.nblocks}; "
             f"discard data or flush more often")
 
     def _set_head(self, seg: int, threaded: bool) -> None:

@@ -47,6 +47,11 @@ class CountingDevice(BlockDevice):
         self.bytes_written += len(data)
         self.inner.pwrite(data, offset)
 
+    def pwrite_many(self, items: list) -> None:
+        self.writes += len(items)
+        self.bytes_written += sum(len(d) for d, _ in items)
+        self.inner.pwrite_many(items)
+
     def flush(self) -> None:
         self.flushes += 1
         self.inner.flush()
