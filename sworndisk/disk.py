@@ -83,6 +83,11 @@ def _is_tomb(value: bytes) -> bool:
     return value[:8] == _TOMB_PREFIX
 
 
+def _hbas(values: list[bytes]) -> np.ndarray:
+    """The HBA field of many record values at once."""
+    return np.frombuffer(b"".join(v[:8] for v in values), "<u8")
+
+
 class SwornDisk:
     block_size = BLOCK_SIZE
 
@@ -541,28 +546,47 @@ class SwornDisk:
         """Applies committed ops to the MemTable and the space accounting.
 
         Deterministic given the committed state, so recovery replays it identically."""
+        i = 0
+        while i < len(ops):
+            if ops[i][0] == "W":
+                j = i
+                while j < len(ops) and ops[j][0] == "W":
+                    j += 1
+                self._apply_writes(ops[i:j])
+                i = j
+            else:
+                self._apply_discard(ops[i][1], ops[i][2])
+                i += 1
+
+    def _apply_writes(self, ops: list) -> None:
+        """A run of write records, in bulk. Same result as one at a time: the last record
+        of an LBA wins; the block its previous committed record named becomes invalid; an
+        earlier record of the same LBA in this run never becomes valid (the blocks of this
+        run were busy, so they are disjoint from every previously valid block)."""
         mt = self.index.memtable
-        space = self.space
-        hba_of = self.fmt.hba_of
-        misses = [op[1] for op in ops if op[0] == "W" and mt.get(op[1]) is None]
+        latest = {l: v for _, l, v in ops}
+        misses = [l for l in latest if mt.get(l) is None]
         in_bits = self.index.lookup_bits(misses)
-        for op in ops:
-            if op[0] == "W":
-                _, l, v = op
-                old = mt.get(l)
-                if old is None:
-                    old = in_bits.get(l)
-                if old is not None and not _is_tomb(old):
-                    space.invalidate(hba_of(old))
-                mt.put(l, v)
-                space.validate(hba_of(v), l)
-            elif op[0] == "D":
-                _, lo, n = op
-                for w in range(lo, lo + n, _DISCARD_WINDOW):
-                    for l, old in self.index.range(w, min(lo + n, w + _DISCARD_WINDOW)).items():
-                        if not _is_tomb(old):
-                            space.invalidate(hba_of(old))
-                            mt.put(l, self._tomb)
+        old_hbas = []
+        for l in latest:
+            old = mt.get(l)
+            if old is None:
+                old = in_bits.get(l)
+            if old is not None and old[:8] != _TOMB_PREFIX:
+                old_hbas.append(old)
+        new = self.fmt.array(list(latest), list(latest.values()))
+        self.segtable.invalidate_many(_hbas(old_hbas))
+        self.segtable.validate_many(new["hba"], new["lba"])
+        mt.update(latest)
+
+    def _apply_discard(self, lo: int, n: int) -> None:
+        mt = self.index.memtable
+        hba_of = self.fmt.hba_of
+        for w in range(lo, lo + n, _DISCARD_WINDOW):
+            for l, old in self.index.range(w, min(lo + n, w + _DISCARD_WINDOW)).items():
+                if not _is_tomb(old):
+                    self.space.invalidate(hba_of(old))
+                    mt.put(l, self._tomb)
 
     def _checkpoint(self) -> None:
         retired = self.index.compact()

@@ -30,6 +30,11 @@ class MemTable:
             self._sorted = None
         self.map[lba] = value
 
+    def update(self, records: dict[int, bytes]) -> None:
+        if self._sorted is not None and not self.map.keys() >= records.keys():
+            self._sorted = None
+        self.map.update(records)
+
     def range(self, lo: int, hi: int) -> list[tuple[int, bytes]]:
         """(lba, value) with lo <= lba < hi, ascending."""
         if hi - lo <= 64:

@@ -132,6 +132,41 @@ class SegmentTable:
             self.total_valid -= 1
             self.dirty.add(seg)
 
+    def validate_many(self, hbas: np.ndarray, lbas: np.ndarray) -> None:
+        """validate() for many blocks, one segment at a time."""
+        for seg, offs, sel in self._by_segment(hbas):
+            d = self.detail(seg)
+            added = int((d[offs] == NONE).sum())
+            d[offs] = lbas[sel]
+            self.count[seg] += added
+            self.total_valid += added
+            self.dirty.add(seg)
+
+    def invalidate_many(self, hbas: np.ndarray) -> None:
+        for seg, offs, _ in self._by_segment(hbas):
+            offs = np.unique(offs)
+            d = self.detail(seg)
+            removed = int((d[offs] != NONE).sum())
+            if removed:
+                d[offs] = NONE
+                self.count[seg] -= removed
+                self.total_valid -= removed
+                self.dirty.add(seg)
+
+    def _by_segment(self, hbas: np.ndarray):
+        """(segment, offsets, selection) groups of an HBA array, checked against the device."""
+        if len(hbas) == 0:
+            return
+        hbas = np.asarray(hbas, np.int64)
+        if hbas.min() < 0 or hbas.max() >= self.nseg * SEGMENT_BLOCKS:
+            raise IntegrityError("an index record points outside the data device")
+        segs = hbas // SEGMENT_BLOCKS
+        order = np.argsort(segs, kind="stable")
+        segs_sorted = segs[order]
+        cuts = np.flatnonzero(np.diff(segs_sorted)) + 1
+        for sel in np.split(order, cuts):
+            yield int(segs[sel[0]]), hbas[sel] % SEGMENT_BLOCKS, sel
+
     # ---- checkpoint ----
     def write_dirty(self) -> int:
         """Writes dirty details out of place; the blocks they replace retire until the
