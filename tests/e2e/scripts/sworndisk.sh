@@ -155,7 +155,8 @@ N=$(devnum "$DEV")
 mount "$DEV" "$MNT" || fail "mount"
 head -c 2M /dev/urandom > "$MNT/flushed"; sync
 FLUSHED=$(sha256sum < "$MNT/flushed")
-( set -e; for i in $(seq 16); do head -c 512k /dev/urandom > "$MNT/w$i"; sync; done ) &
+# Paced, so that the writer is still mid-stream when the server is killed however fast it is.
+( set -e; for i in $(seq 16); do head -c 512k /dev/urandom > "$MNT/w$i"; sync; sleep 0.5; done ) &
 WRITER=$!
 for i in $(seq 150); do [ -e "$MNT/w3" ] && break; sleep 0.2; done
 PID=$(server_pid "$N")
