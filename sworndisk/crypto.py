@@ -20,6 +20,8 @@ TAG_BYTES = 16
 
 
 class _Backend:
+    """What both backends share: sealing a run of blocks through encrypt_into."""
+
     def seal_blocks(self, material, kb, src, slots, out, tags, first) -> None:
         step = kb + NONCE_BYTES
         srcv, tagv = memoryview(src), memoryview(tags)
@@ -136,132 +138,6 @@ def _get():
 def encrypt(key: bytes, nonce: bytes, data, aad: bytes | None = None) -> tuple[bytes, bytes]:
     """Returns (ciphertext, tag); the ciphertext has the plaintext's length."""
     return _get().encrypt(key, nonce, data, aad)
-
-
-def seal_blocks(self, material, kb, src, slots, out, tags, first) -> None:
-        step = kb + NONCE_BYTES
-        srcv, tagv = memoryview(src), memoryview(tags)
-        for j, slot in enumerate(slots):
-            m = (first + j) * step
-            o = j * 4096
-            tag = self.encrypt_into(material[m:m + kb], material[m + kb:m + step],
-                                    srcv[slot * 4096:(slot + 1) * 4096], out, o)
-            tagv[(first + j) * TAG_BYTES:(first + j + 1) * TAG_BYTES] = tag
-
-
-class _OpenSSLBackend(_Backend):
-    name = "cryptography"
-
-    def __init__(self):
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-        self._aesgcm = AESGCM
-        self._invalid = InvalidTag
-
-    def encrypt(self, key: bytes, nonce: bytes, data, aad: bytes | None = None):
-        out = self._aesgcm(key).encrypt(nonce, data, aad)
-        return out[:-TAG_BYTES], out[-TAG_BYTES:]
-
-    def decrypt(self, key: bytes, nonce: bytes, ct, tag: bytes, aad: bytes | None = None):
-        try:
-            return self._aesgcm(key).decrypt(nonce, bytes(ct) + tag, aad)
-        except self._invalid:
-            return None
-
-    def seal_blocks(self, material, kb, src, slots, out, tags, first) -> None:
-        aesgcm = self._aesgcm
-        if not hasattr(aesgcm, "encrypt_into"):
-            return super().seal_blocks(material, kb, src, slots, out, tags, first)
-        step = kb + NONCE_BYTES
-        srcv, outv, tagv = memoryview(src), memoryview(out), memoryview(tags)
-        m = first * step
-        t = first * TAG_BYTES
-        o = 0
-        for slot in slots:
-            s0 = slot * 4096
-            aesgcm(material[m:m + kb]).encrypt_into(material[m + kb:m + step],
-                                                    srcv[s0:s0 + 4096], None, outv[o:o + 4112])
-            tagv[t:t + TAG_BYTES] = outv[o + 4096:o + 4112]
-            m += step
-            t += TAG_BYTES
-            o += 4096
-
-    def encrypt_into(self, key: bytes, nonce: bytes, data, out: bytearray, offset: int) -> bytes:
-        n = len(data)
-        aes = self._aesgcm(key)
-        if hasattr(aes, "encrypt_into"):           # cryptography >= 43
-            aes.encrypt_into(nonce, data, None, memoryview(out)[offset:offset + n + TAG_BYTES])
-            return bytes(out[offset + n:offset + n + TAG_BYTES])
-        ct, tag = self.encrypt(key, nonce, data)
-        out[offset:offset + n] = ct
-        return tag
-
-
-class _PyCryptodomeBackend(_Backend):
-    name = "pycryptodome"
-
-    def __init__(self):
-        from Crypto.Cipher import AES
-        self._aes = AES
-
-    def encrypt(self, key: bytes, nonce: bytes, data, aad: bytes | None = None):
-        c = self._aes.new(key, self._aes.MODE_GCM, nonce=nonce)
-        if aad:
-            c.update(aad)
-        return c.encrypt_and_digest(bytes(data))
-
-    def decrypt(self, key: bytes, nonce: bytes, ct, tag: bytes, aad: bytes | None = None):
-        c = self._aes.new(key, self._aes.MODE_GCM, nonce=nonce)
-        if aad:
-            c.update(aad)
-        try:
-            return c.decrypt_and_verify(bytes(ct), tag)
-        except ValueError:
-            return None
-
-    def encrypt_into(self, key: bytes, nonce: bytes, data, out: bytearray, offset: int) -> bytes:
-        ct, tag = self.encrypt(key, nonce, data)
-        out[offset:offset + len(ct)] = ct
-        return tag
-
-
-_BACKENDS = {"cryptography": _OpenSSLBackend, "pycryptodome": _PyCryptodomeBackend}
-_backend = None
-
-
-def set_backend(name: str) -> None:
-    """Select the AEAD implementation for this process (the on-disk format is the same)."""
-    global _backend
-    if name not in _BACKENDS:
-        raise InvalidArgument(f"unknown AEAD backend {name!r}; choose one of {sorted(_BACKENDS)}")
-    try:
-        _backend = _BACKENDS[name]()
-    except ImportError:
-        raise InvalidArgument(f"AEAD backend {name!r} is not installed "
-                              f"(pip install 'sworndisk[{name}]')") from None
-
-
-def backend_name() -> str:
-    return _get().name
-
-
-def _get():
-    if _backend is None:
-        set_backend(os.environ.get("SWORNDISK_AEAD", "cryptography"))
-    return _backend
-
-
-def encrypt(key: bytes, nonce: bytes, data, aad: bytes | None = None) -> tuple[bytes, bytes]:
-    """Returns (ciphertext, tag); the ciphertext has the plaintext's length."""
-    return _get().encrypt(key, nonce, data, aad)
-
-
-def encrypt_block_into(key: bytes, nonce: bytes, data, out: bytearray, offset: int) -> bytes:
-    """Encrypts `data` into out[offset:offset+len(data)] and returns the tag.
-
-    The tag is also written to the 16 bytes after the ciphertext (scratch: the next block's
-    place, overwritten when that block is encrypted), which saves a copy per block."""
-    return _get().encrypt_into(key, nonce, data, out, offset)
 
 
 def seal_blocks(material: bytes, key_bytes: int, src: bytearray, slots: list[int],
