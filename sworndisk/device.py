@@ -95,6 +95,45 @@ def _check_range(dev: BlockDevice, nbytes: int, offset: int) -> None:
             f"I/O [{offset}, {offset + nbytes}) is outside the device (size {dev.size} bytes)")
 
 
+class CountingDevice(BlockDevice):
+    """Passes every call through to `inner` and counts calls and bytes on the way: how the
+    engine and the benchmark measure device traffic (write amplification)."""
+
+    def __init__(self, inner: BlockDevice):
+        self.inner = inner
+        self.bytes_written = self.bytes_read = 0
+        self.writes = self.reads = self.flushes = 0
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def pread(self, nbytes: int, offset: int) -> bytes:
+        self.reads += 1
+        self.bytes_read += nbytes
+        return self.inner.pread(nbytes, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.inner.pwrite(data, offset)
+        self.writes += 1
+        self.bytes_written += len(data)
+
+    def pwrite_many(self, items: list) -> None:
+        self.inner.pwrite_many(items)
+        self.writes += len(items)
+        self.bytes_written += sum(len(d) for d, _ in items)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.inner.flush()
+
+    def discard(self, offset: int, nbytes: int) -> None:
+        self.inner.discard(offset, nbytes)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class _AlignedBuffers(threading.local):
     """One page-aligned bounce buffer per thread, grown on demand (O_DIRECT needs alignment)."""
 
@@ -286,4 +325,5 @@ def create_image(path: str, size: int) -> None:
             f.truncate(size)
 
 
-__all__ = ["BlockDevice", "FileDevice", "MemoryDevice", "as_device", "create_image"]
+__all__ = ["BlockDevice", "CountingDevice", "FileDevice", "MemoryDevice", "as_device",
+           "create_image"]

@@ -30,7 +30,7 @@ from .bit import NodeStore
 from .checkpoint import Pack, read_pack
 from .cleaner import Cleaner
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS, Config
-from .device import BlockDevice, as_device
+from .device import BlockDevice, CountingDevice, as_device
 from .errors import (DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument,
                      NoSpaceError)
 from .journal import Journal, decode_ops, encode_ops
@@ -44,39 +44,6 @@ from .superblock import Superblock
 Dev = Union[str, BlockDevice]
 _TOMB_PREFIX = b"\xff" * 8
 _DISCARD_WINDOW = 1 << 16
-
-
-class _CountingDevice(BlockDevice):
-    """Forwards to a BlockDevice's public methods and counts the bytes written."""
-
-    def __init__(self, dev: BlockDevice):
-        self.dev = dev
-        self.bytes_written = 0
-        self.bytes_read = 0
-        self.flushes = 0
-
-    @property
-    def size(self) -> int:
-        return self.dev.size
-
-    def pread(self, nbytes: int, offset: int) -> bytes:
-        self.bytes_read += nbytes
-        return self.dev.pread(nbytes, offset)
-
-    def pwrite(self, data, offset: int) -> None:
-        self.dev.pwrite(data, offset)
-        self.bytes_written += len(data)
-
-    def pwrite_many(self, items: list) -> None:
-        self.dev.pwrite_many(items)
-        self.bytes_written += sum(len(d) for d, _ in items)
-
-    def flush(self) -> None:
-        self.flushes += 1
-        self.dev.flush()
-
-    def discard(self, offset: int, nbytes: int) -> None:
-        self.dev.discard(offset, nbytes)
 
 
 def _is_tomb(value: bytes) -> bool:
@@ -95,8 +62,8 @@ class SwornDisk:
     def __init__(self, data: BlockDevice, meta: BlockDevice, root: bytes, sb: Superblock,
                  owned: list[BlockDevice]):
         self._owned = owned
-        self.data = _CountingDevice(data)
-        self.meta = _CountingDevice(meta)
+        self.data = CountingDevice(data)     # close() is never called on these: the
+        self.meta = CountingDevice(meta)     # caller owns devices it passed in
         self.sb = sb
         self.layout: Layout = sb.layout
         self.config: Config = sb.config

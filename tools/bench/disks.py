@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from sworndisk.device import BlockDevice, FileDevice, create_image
+from sworndisk.device import CountingDevice, FileDevice, create_image
 
 from .cryptdisk import KEY_BYTES as CRYPT_KEY_BYTES
 from .cryptdisk import CryptDisk
@@ -20,47 +20,6 @@ SEGMENT_BYTES = 4 << 20          # the engine's segment; data images are a whole
 SWORNDISK_KEY_BYTES = 32
 DISK_KINDS = ("sworndisk", "cryptdisk")
 DISPLAY_NAMES = {"sworndisk": "SwornDisk", "cryptdisk": "CryptDisk"}
-
-
-class CountingDevice(BlockDevice):
-    """Passes every call through to `inner` and counts bytes and calls on the way."""
-
-    def __init__(self, inner: BlockDevice):
-        self.inner = inner
-        self.bytes_written = 0
-        self.bytes_read = 0
-        self.writes = 0
-        self.reads = 0
-        self.flushes = 0
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    def pread(self, nbytes: int, offset: int) -> bytes:
-        self.reads += 1
-        self.bytes_read += nbytes
-        return self.inner.pread(nbytes, offset)
-
-    def pwrite(self, data, offset: int) -> None:
-        self.writes += 1
-        self.bytes_written += len(data)
-        self.inner.pwrite(data, offset)
-
-    def pwrite_many(self, items: list) -> None:
-        self.writes += len(items)
-        self.bytes_written += sum(len(d) for d, _ in items)
-        self.inner.pwrite_many(items)
-
-    def flush(self) -> None:
-        self.flushes += 1
-        self.inner.flush()
-
-    def discard(self, offset: int, nbytes: int) -> None:
-        self.inner.discard(offset, nbytes)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass(frozen=True)
