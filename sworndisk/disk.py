@@ -315,6 +315,7 @@ class SwornDisk:
             j = k
 
     def write(self, lba: int, data) -> None:
+        """Buffers the blocks; `data` (any buffer) is copied before this returns."""
         self._check_usable()
         n, rem = divmod(len(data), BLOCK_SIZE)
         if rem or n == 0:

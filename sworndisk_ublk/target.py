@@ -109,9 +109,9 @@ class SwornDiskTarget(Target):
         return req.length
 
     def _write(self, req: Request, buf: memoryview, lba: int, nr_blocks: int) -> int:
-        # Copy: the shim reuses `buf` for the next request while the engine may keep the
-        # data buffered until its next commit.
-        self.disk.write(lba, bytes(buf[:req.length]))
+        # No copy here: write() copies into the engine's segment buffer before it returns,
+        # so the shim may reuse `buf` for the next request at once.
+        self.disk.write(lba, buf[:req.length])
         if req.fua:
             self.disk.flush()
         return req.length

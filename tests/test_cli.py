@@ -434,7 +434,7 @@ class FakeDisk:
 
     def write(self, lba, data):
         self._call("write", lba, len(data))
-        assert isinstance(data, bytes)          # a copy, not the shim's buffer
+        data = bytes(data)      # like the engine: copied during the call (the shim reuses buf)
         for i in range(len(data) // 4096):
             self.blocks[lba + i] = data[i * 4096:(i + 1) * 4096]
 
