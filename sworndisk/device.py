@@ -182,6 +182,9 @@ class FileDevice(BlockDevice):
         else:
             self._size = os.fstat(fd).st_size
         self._bufs = _AlignedBuffers()
+        self._ring = False                  # io_uring for pwrite_many, created on first use
+        self._ring_lock = threading.Lock()
+        self._inflight = None               # the batch pwrite_many left in flight
         if self.direct and not self._probe_direct():
             os.close(self.fd)
             self.fd = os.open(self.path, flags)
@@ -205,6 +208,7 @@ class FileDevice(BlockDevice):
 
     def pread(self, nbytes: int, offset: int) -> bytes:
         _check_range(self, nbytes, offset)
+        self._drain()
         if not self.direct:
             data = os.pread(self.fd, nbytes, offset)
         else:
@@ -216,8 +220,12 @@ class FileDevice(BlockDevice):
         return data
 
     def pwrite(self, data, offset: int) -> None:
+        _check_range(self, len(data), offset)
+        self._drain()
+        self._pwrite_now(data, offset)
+
+    def _pwrite_now(self, data, offset: int) -> None:
         nbytes = len(data)
-        _check_range(self, nbytes, offset)
         if self.direct:
             buf = self._bufs.get(nbytes)
             mv = memoryview(buf)[:nbytes]
@@ -229,22 +237,29 @@ class FileDevice(BlockDevice):
             raise OSError(errno.EIO, f"{self.path}: short write at {offset} ({n}/{nbytes})")
 
     def flush(self) -> None:
+        self._drain()
         os.fdatasync(self.fd)
 
     def pwrite_many(self, items: list) -> None:
-        """Scattered writes as one io_uring batch: with O_DIRECT each is a device round trip,
-        and threaded logging writes many short runs per segment."""
-        ring = self._uring() if (self.direct and len(items) > 2
-                                 and type(self).pwrite is FileDevice.pwrite) else None
+        """Writes as io_uring batches. With O_DIRECT each write is a device round trip:
+        threaded logging writes many short runs per segment, and a whole segment write can
+        overlap the encryption of the next one. So the last batch is left in flight: every
+        other method of this device (pread, pwrite, flush, discard, close, and the next
+        pwrite_many) first waits for it and checks its results, which keeps flush() a
+        barrier for every write issued before it."""
+        ring = self._uring() if (self.direct and type(self).pwrite is FileDevice.pwrite) else None
         if ring is None:
             return super().pwrite_many(items)
         for data, offset in items:
             _check_range(self, len(data), offset)
         with self._ring_lock:
+            self._drain_locked()
             for i in range(0, len(items), _RING_BATCH):
-                self._ring_batch(ring, items[i:i + _RING_BATCH])
+                self._submit_locked(ring, items[i:i + _RING_BATCH])
+                if i + _RING_BATCH < len(items):
+                    self._drain_locked()
 
-    def _ring_batch(self, ring, items: list) -> None:
+    def _submit_locked(self, ring, items: list) -> None:
         import ctypes
         total = sum(len(d) for d, _ in items)
         buf = self._bufs.get(total)
@@ -257,30 +272,43 @@ class FileDevice(BlockDevice):
                 ring.prep(_IORING_OP_WRITE, fd=self.fd, off=offset, addr=base + pos,
                           length=len(data), user_data=i)
                 pos += len(data)
-            done = 0
-            while done < len(items):
-                for user_data, res, _flags in ring.submit_and_wait(len(items) - done):
-                    data, offset = items[user_data]
-                    if res != len(data):          # error or short write: redo it plainly
-                        self.pwrite(data, offset)
-                    done += 1
         finally:
-            del anchor
+            del anchor              # the buffer itself stays alive in self._bufs
+        self._inflight = items
+        while ring.pending:
+            ring.submit()
+
+    def _drain(self) -> None:
+        if self._inflight is not None:
+            with self._ring_lock:
+                self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        items = self._inflight
+        if items is None:
+            return
+        self._inflight = None
+        failed, done = [], 0
+        while done < len(items):
+            for user_data, res, _flags in self._ring.submit_and_wait(len(items) - done):
+                if res != len(items[user_data][0]):
+                    failed.append(user_data)
+                done += 1
+        for i in failed:                        # error or short write: redo it plainly,
+            self._pwrite_now(*items[i])         # so a real error is raised here
 
     def _uring(self):
-        ring = getattr(self, "_ring", False)
-        if ring is False:
+        if self._ring is False:
             try:
                 from ublk_shim.uring import Ring
-                ring = Ring(_RING_BATCH)
+                self._ring = Ring(_RING_BATCH)
             except (ImportError, OSError):
-                ring = None
-            self._ring = ring
-            self._ring_lock = threading.Lock()
-        return ring
+                self._ring = None
+        return self._ring
 
     def discard(self, offset: int, nbytes: int) -> None:
         _check_range(self, nbytes, offset)
+        self._drain()
         try:
             if self.is_blockdev:
                 fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("QQ", offset, nbytes))
@@ -290,9 +318,10 @@ class FileDevice(BlockDevice):
             pass  # discard is a hint
 
     def close(self) -> None:
-        ring = getattr(self, "_ring", None)
-        if ring:
-            ring.close()
+        if self.fd >= 0:
+            self._drain()
+        if self._ring:
+            self._ring.close()
             self._ring = None
         if self.fd >= 0:
             os.close(self.fd)

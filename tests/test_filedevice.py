@@ -202,3 +202,24 @@ def test_sworndisk_on_files_under_space_pressure(tmp_path):
     disk = SwornDisk.open(data_p, meta_p, KEY16)
     verify_disk(disk, model, "file-backed, under pressure", lbas=range(nr))
     disk.close()
+
+
+def test_pwrite_many_in_flight_batch_is_ordered_before_every_other_call(tmp_path):
+    """pwrite_many may leave its last batch in flight: pread, flush and close must wait for
+    it, so that flush() stays a barrier for every write issued before it."""
+    from sworndisk import FileDevice
+    from sworndisk.device import create_image
+    path = str(tmp_path / "img")
+    create_image(path, 8 << 20)
+    dev = FileDevice(path)
+    blocks = [os.urandom(3 * 4096) for _ in range(5)]
+    dev.pwrite_many([(b, i * 7 * 4096) for i, b in enumerate(blocks)])
+    assert dev.pread(3 * 4096, 2 * 7 * 4096) == blocks[2]        # read after in-flight write
+    dev.pwrite_many([(blocks[0], 4096)])
+    dev.flush()
+    dev.pwrite_many([(blocks[1], 1 << 20)])
+    dev.close()                                                  # close waits too
+    dev = FileDevice(path)
+    assert dev.pread(3 * 4096, 4096) == blocks[0]
+    assert dev.pread(3 * 4096, 1 << 20) == blocks[1]
+    dev.close()
