@@ -99,9 +99,13 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
         nr_blocks = usable_blocks(data_size, config)
     if not isinstance(nr_blocks, int) or nr_blocks <= 0:
         raise InvalidArgument(f"nr_blocks must be a positive integer (got {nr_blocks!r})")
-    if nr_blocks > data_blocks:
+    # Thin provisioning: the logical size may be the data device's whole size (the Rust
+    # manual's 30 GB table on a 30 GB device), including a tail smaller than a segment
+    # that holds no data; writes get ENOSPC only when live data no longer fits.
+    device_blocks = data_size // BLOCK_SIZE
+    if nr_blocks > device_blocks:
         raise InvalidArgument(
-            f"nr_blocks {nr_blocks} exceeds the data device's {data_blocks} blocks; "
+            f"nr_blocks {nr_blocks} exceeds the data device's {device_blocks} blocks; "
             f"the logical size may be at most the data device size")
     if nr_blocks > MAX_LOGICAL_BLOCKS:
         raise InvalidArgument(f"nr_blocks may be at most {MAX_LOGICAL_BLOCKS} (16 TiB)")
@@ -109,7 +113,7 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
     rec = 28 + 8 + 8 + config.cipher_key_bytes
     fanout = leaf_capacity(rec)
     # Checkpoint slot: header block + body (BIT catalog, segment directory, chunk map, scalars).
-    live = min(nr_blocks, data_blocks)
+    live = min(nr_blocks, data_blocks)     # index records can only name data blocks
     leaves = -(-live // fanout)
     index_chunks_needed = -(-(leaves + leaves // (fanout - 1) + 2) // INDEX_CHUNK_BLOCKS)
     # A BIT holds at most one record per LBA: small disks need less than a full MemTable.

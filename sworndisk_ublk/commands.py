@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -69,6 +70,8 @@ def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverab
         on_ready: Callable[[Ready], None]) -> None:
     """Parse and check everything, ask for the key, then start the server."""
     table = resolve_devices(parse_table(table_text))
+    if table.rounding_note:
+        print(f"sworndisk-ublk: note: {table.rounding_note}", file=sys.stderr)
     require_ublk()
     require_root()
     _require_devices_free(table)

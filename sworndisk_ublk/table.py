@@ -6,7 +6,8 @@ its manual's examples carry over.  Two things differ on purpose:
 * ``<key>`` must be ``0``: a key in a table ends up on a command line (visible to every
   user through ``ps`` and in shell history) or in a state file.  The key comes from
   ``--key-file`` or a passphrase prompt instead.
-* ``<sectors>`` must be a multiple of 8, because the device has 4 KiB logical blocks.
+* ``<sectors>`` is rounded down to a multiple of 8, because the device has 4 KiB logical
+  blocks (the Rust manual's ``58593750`` gives a device of 58593744 sectors); `add` says so.
 
 Error messages never quote the table text: it might hold a key.
 """
@@ -24,6 +25,7 @@ BLOCK_SIZE = 4096
 SECTORS_PER_BLOCK = BLOCK_SIZE // SECTOR_SIZE
 TARGET_NAME = "sworndisk"
 FORMATS = ("force", "true", "false")
+BLOCK_SIZE_BYTES = 4096
 FIELDS = "<start> <sectors> sworndisk <data_dev> <meta_dev> <key> <format>"
 
 KEY_IN_TABLE_MESSAGE = (
@@ -51,8 +53,16 @@ class Table:
 
     @property
     def size(self) -> int:
-        """Logical size in bytes."""
-        return self.sectors * SECTOR_SIZE
+        """Logical size in bytes: whole 4 KiB blocks."""
+        return self.nr_blocks * BLOCK_SIZE_BYTES
+
+    @property
+    def rounding_note(self) -> str:
+        """Empty, or a note that <sectors> was rounded down to whole 4 KiB blocks."""
+        if self.sectors % SECTORS_PER_BLOCK == 0:
+            return ""
+        return (f"<sectors> {self.sectors} is not a multiple of {SECTORS_PER_BLOCK}; the device "
+                f"has {self.nr_blocks * SECTORS_PER_BLOCK} sectors (whole 4 KiB blocks)")
 
     @property
     def nr_blocks(self) -> int:
@@ -107,11 +117,9 @@ def parse_table(text: str) -> Table:
     sectors = _parse_int(sectors_w, "<sectors>")
     if sectors <= 0:
         raise TableError(f"bad table: <sectors> must be positive, got {sectors}")
-    if sectors % SECTORS_PER_BLOCK:
-        rounded = sectors - sectors % SECTORS_PER_BLOCK
-        hint = f"; use {rounded}" if rounded else ""
-        raise TableError(f"bad table: <sectors> must be a multiple of {SECTORS_PER_BLOCK} "
-                         f"(the device has 4 KiB blocks), got {sectors}{hint}")
+    if sectors < SECTORS_PER_BLOCK:
+        raise TableError(f"bad table: <sectors> must be at least {SECTORS_PER_BLOCK} "
+                         f"(one 4 KiB block), got {sectors}")
     if key != "0":
         raise TableError(KEY_IN_TABLE_MESSAGE)
     if fmt not in FORMATS:

@@ -91,14 +91,7 @@ def _format(table: Table, source: KeySource) -> Any:
         from sworndisk import kdf
         salt = kdf.new_salt()
         kwargs["kdf_salt"] = salt
-    try:
-        return _engine().create(table.data_dev, table.meta_dev, derive_key(source, salt),
-                                **kwargs)
-    except TypeError as e:
-        if "kdf_salt" in str(e):
-            raise CliError("this engine cannot store a passphrase salt (SwornDisk.create has "
-                           "no kdf_salt): use --key-file", ExitCode.FAILED) from None
-        raise
+    return _engine().create(table.data_dev, table.meta_dev, derive_key(source, salt), **kwargs)
 
 
 def _open(table: Table, source: KeySource) -> Any:

@@ -95,10 +95,15 @@ def test_bad_tables(text, words):
     assert words in e.value.message and e.value.code == ExitCode.USAGE
 
 
-def test_sectors_must_be_whole_blocks_and_a_fix_is_suggested():
+def test_sectors_round_down_to_whole_blocks_as_in_the_rust_manual():
+    # The Rust manual's table (30 GB = 58593750 sectors) must work as written.
+    t = tbl.parse_table("0 58593750 sworndisk /dev/loop0 /dev/loop1 0 force")
+    assert t.nr_blocks == 58593744 // 8 and t.size == 58593744 * 512
+    assert "58593744" in t.rounding_note
+    assert tbl.parse_table("0 58593744 sworndisk a b 0 force").rounding_note == ""
     with pytest.raises(CliError) as e:
-        tbl.parse_table("0 58593750 sworndisk /dev/loop0 /dev/loop1 0 force")
-    assert "multiple of 8" in e.value.message and "use 58593744" in e.value.message
+        tbl.parse_table("0 7 sworndisk /dev/loop0 /dev/loop1 0 force")
+    assert "at least 8" in e.value.message
 
 
 def test_key_in_table_is_refused_without_echoing_it():
