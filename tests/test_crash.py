@@ -138,6 +138,22 @@ def matching_states(disk, states: list[Model], ctx: str, rng=None, lbas=None) ->
     return sorted(alive)
 
 
+def rerun_with_crash(ctrl, images, data, meta, ops, base_model: Model, k: int, rng,
+                     keep: str) -> tuple[Outcome, bool]:
+    """Reruns `ops` from the saved images with a crash armed at device operation k (or, if
+    the program finishes first, right after it); returns the outcome and whether the crash
+    hit mid-program. The devices are revived, ready for recovery."""
+    ctrl.load(images)
+    disk = SwornDisk.open(data, meta, KEY16)
+    ctrl.arm(k, rng, keep)
+    out = run_program(disk, ops, base_model)
+    midway = ctrl.crashed
+    if not midway:
+        ctrl.crash(rng, keep)
+    ctrl.revive()
+    return out, midway
+
+
 def open_after_crash(data, meta, ctx: str):
     try:
         return SwornDisk.open(data, meta, KEY16)
@@ -272,14 +288,11 @@ def test_crash_at_every_device_op(group):
         for k in list(range(total)) + [total + 5]:
             rng = random.Random(pseed * 100003 + k)
             keep = modes[(k + pseed) % len(modes)] if (k + pseed) % 3 else "random"
-            ctrl.load(images)
-            disk = SwornDisk.open(data, meta, KEY16)
-            ctrl.arm(k, rng, keep)
-            out = run_program(disk, ops, base_model)
-            if not ctrl.crashed:
-                # the program finished before op k: crash now, with nothing in flight
+            out, midway = rerun_with_crash(ctrl, images, data, meta, ops, base_model, k, rng,
+                                           keep)
+            if not midway:
+                # the program finished before op k: crashed after it, with nothing in flight
                 assert out.failed_at is None, f"k={k}: op {out.failed_at} failed: {out.error!r}"
-                ctrl.crash(rng, keep)
             else:
                 assert out.failed_at is not None, \
                     (f"program {pseed} k={k}: the devices crashed but every disk call "
@@ -291,7 +304,6 @@ def test_crash_at_every_device_op(group):
                    f"failed_op={out.failed_at}:"
                    f"{ops[out.failed_at][0] if out.failed_at is not None else '-'}"
                    f" [{ctrl.crash_info}]")
-            ctrl.revive()
             disk2 = open_after_crash(data, meta, ctx)
             matching_states(disk2, out.allowed(), ctx, rng)
             if k % 4 == 0:
@@ -373,15 +385,9 @@ def test_crash_during_cleaning(seed):
     for k in list(range(0, total, step)) + [total + 3]:
         rng = random.Random(seed * 1009 + k)
         keep = CrashController.KEEP_MODES[k % len(CrashController.KEEP_MODES)]
-        ctrl.load(images)
-        disk = SwornDisk.open(data, meta, KEY16)
-        ctrl.arm(k, rng, keep)
-        out = run_program(disk, ops, base_model)
-        if not ctrl.crashed:
-            ctrl.crash(rng, keep)
+        out, _ = rerun_with_crash(ctrl, images, data, meta, ops, base_model, k, rng, keep)
         ctx = (f"cleaning seed={seed} k={k}/{total} keep={keep} failed_op={out.failed_at} "
                f"[{ctrl.crash_info}]")
-        ctrl.revive()
         d = open_after_crash(data, meta, ctx)
         # segment 0 (cleaned: LBAs 0..1023), everything the program wrote, and a sample
         lbas = set(range(0, 1100)) | set(rng.sample(range(PNR), 300))
@@ -430,15 +436,9 @@ def test_crash_big_epoch(seed):
     for k in list(range(total)) + [total + 1]:
         krng = random.Random(seed * 31 + k)
         keep = CrashController.KEEP_MODES[(k + seed) % len(CrashController.KEEP_MODES)]
-        ctrl.load(images)
-        disk = SwornDisk.open(data, meta, KEY16)
-        ctrl.arm(k, krng, keep)
-        out = run_program(disk, ops, base_model)
-        if not ctrl.crashed:
-            ctrl.crash(krng, keep)
+        out, _ = rerun_with_crash(ctrl, images, data, meta, ops, base_model, k, krng, keep)
         ctx = (f"big epoch seed={seed} k={k}/{total} keep={keep} failed_op={out.failed_at} "
                f"[{ctrl.crash_info}]")
-        ctrl.revive()
         d = open_after_crash(data, meta, ctx)
         matching_states(d, out.allowed(), ctx, krng,
                         lbas=touched | set(krng.sample(range(3000), 200)))
@@ -493,15 +493,9 @@ def test_crash_during_background_cleaning(seed):
     for k in list(range(total)) + [total + 1]:
         krng = random.Random(seed * 97 + k)
         keep = CrashController.KEEP_MODES[k % len(CrashController.KEEP_MODES)]
-        ctrl.load(images)
-        disk = SwornDisk.open(data, meta, KEY16)
-        ctrl.arm(k, krng, keep)
-        out = run_program(disk, ops, base_model)
-        if not ctrl.crashed:
-            ctrl.crash(krng, keep)
+        out, _ = rerun_with_crash(ctrl, images, data, meta, ops, base_model, k, krng, keep)
         ctx = (f"background cleaning seed={seed} k={k}/{total} keep={keep} "
                f"failed_op={out.failed_at} [{ctrl.crash_info}]")
-        ctrl.revive()
         d = open_after_crash(data, meta, ctx)
         matching_states(d, out.allowed(), ctx, krng, lbas=lbas)
 
