@@ -630,15 +630,22 @@ def test_thin_disk_works_then_enospc_keeps_flushed_data():
     shown.discard(0, THIN_NR // 4)
     disk2.flush()
     assert_exact(disk2, shown, "thin: discard after ENOSPC")
-    for a in range(0, THIN_NR // 8, 256):
-        ver += 1
-        disk2.write(a, blocks(a, 256, ver))
-        shown.write(a, 256, ver)
-        disk2.flush()
+    ver = _write_flushed_runs(disk2, shown, 0, THIN_NR // 8, ver)
     assert_exact(disk2, shown, "thin: writes after ENOSPC + discard")
     disk2 = reopen(disk2, data, meta)
     check_reads(disk2, shown, "thin: final reopen")
     disk2.close()
+
+
+def _write_flushed_runs(disk, shown, lo: int, hi: int, ver: int) -> int:
+    """Writes [lo, hi) in 256-block runs, each a new version and flushed; returns the last
+    version used."""
+    for a in range(lo, hi, 256):
+        ver += 1
+        disk.write(a, blocks(a, 256, ver))
+        shown.write(a, 256, ver)
+        disk.flush()
+    return ver
 
 
 def test_enospc_leaves_no_space_leaked():
@@ -662,11 +669,7 @@ def test_enospc_leaves_no_space_leaked():
         pytest.fail(f"flush of discards after ENOSPC (in {where}) raised NoSpaceError: {e}")
     assert_exact(disk, shown, f"after ENOSPC in {where}, discard and flush")
     check_reads(disk, shown, "after ENOSPC + discard")
-    for a in range(THIN_NR // 2, THIN_NR // 2 + THIN_NR // 8, 256):
-        ver += 1
-        disk.write(a, blocks(a, 256, ver))
-        shown.write(a, 256, ver)
-        disk.flush()
+    ver = _write_flushed_runs(disk, shown, THIN_NR // 2, THIN_NR // 2 + THIN_NR // 8, ver)
     assert_exact(disk, shown, "writes after ENOSPC recovery")
     disk = reopen(disk, data, meta)
     check_reads(disk, shown, "reopen after ENOSPC recovery")
