@@ -347,6 +347,24 @@ def as_device(dev, what: str) -> BlockDevice:
     raise InvalidArgument(f"{what} must be a path or a BlockDevice, not {type(dev).__name__}")
 
 
+def open_pair(data, meta) -> tuple[BlockDevice, BlockDevice, list[BlockDevice]]:
+    """The data and meta devices of one disk, as (data, meta, owned): `owned` are the
+    ones opened here from paths, which the caller must close."""
+    owned: list[BlockDevice] = []
+    devs: list[BlockDevice] = []
+    try:
+        for dev, what in ((data, "data"), (meta, "meta")):
+            d = as_device(dev, f"the {what} device")
+            if d is not dev:
+                owned.append(d)
+            devs.append(d)
+    except BaseException:
+        for d in owned:
+            d.close()
+        raise
+    return devs[0], devs[1], owned
+
+
 def create_image(path: str, size: int) -> None:
     """Create (or extend) a sparse regular file of `size` bytes."""
     with open(path, "ab") as f:
@@ -355,4 +373,4 @@ def create_image(path: str, size: int) -> None:
 
 
 __all__ = ["BlockDevice", "CountingDevice", "FileDevice", "MemoryDevice", "as_device",
-           "create_image"]
+           "create_image", "open_pair"]

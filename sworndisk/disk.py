@@ -30,7 +30,7 @@ from .bit import NodeStore
 from .checkpoint import Pack, read_pack
 from .cleaner import Cleaner
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS, Config
-from .device import BlockDevice, CountingDevice, as_device
+from .device import BlockDevice, CountingDevice, as_device, open_pair
 from .errors import (DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument,
                      NoSpaceError)
 from .journal import Journal, decode_ops, encode_ops
@@ -108,7 +108,7 @@ class SwornDisk:
         """Formats the two devices and returns the open, empty disk."""
         root = crypto.check_root_key(key)
         config = (config or Config()).validate()
-        d, m, owned = cls._devices(data, meta)
+        d, m, owned = open_pair(data, meta)
         try:
             layout = plan(d.size, nr_blocks, config)
             extra = (m.size // BLOCK_SIZE - layout.meta_blocks) // INDEX_CHUNK_BLOCKS
@@ -130,7 +130,7 @@ class SwornDisk:
     def open(cls, data: Dev, meta: Dev, key) -> "SwornDisk":
         """Opens a disk, recovering to the last completed flush after a crash."""
         root = crypto.check_root_key(key)
-        d, m, owned = cls._devices(data, meta)
+        d, m, owned = open_pair(data, meta)
         try:
             if m.size < 2 * BLOCK_SIZE:
                 raise DeviceTooSmall(f"meta device is {m.size} bytes; too small for a SwornDisk")
@@ -147,17 +147,6 @@ class SwornDisk:
             for dev in owned:
                 dev.close()
             raise
-
-    @staticmethod
-    def _devices(data: Dev, meta: Dev):
-        owned = []
-        devs = []
-        for dev, what in ((data, "data"), (meta, "meta")):
-            d = as_device(dev, f"the {what} device")
-            if d is not dev:
-                owned.append(d)
-            devs.append(d)
-        return devs[0], devs[1], owned
 
     # ------------------------------------------------------------------ static helpers
     @staticmethod
@@ -193,6 +182,11 @@ class SwornDisk:
     @staticmethod
     def usable_blocks(data_size: int, config: Config | None = None) -> int:
         return usable_blocks(data_size, config)
+
+    def subkey(self, label: str) -> bytes:
+        """A 32-byte key for `label`, derived from this disk's key: for front ends that
+        keep their own authenticated state bound to this disk (never the disk's own keys)."""
+        return crypto.derive(self._disk_key, "frontend:" + label)
 
     # ------------------------------------------------------------------ format / recovery
     def _format(self, root: bytes) -> None:
