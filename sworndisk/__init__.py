@@ -8,11 +8,13 @@
 from .config import BLOCK_SIZE, Config
 from .device import BlockDevice, FileDevice, MemoryDevice
 from .errors import (DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument,
-                     NoSpaceError, NotFormattedError, SwornDiskError, WrongKeyError)
+                     MetadataFullError, NoSpaceError, NotFormattedError, SwornDiskError,
+                     WrongKeyError)
 
 __all__ = [
     "SwornDisk", "Config", "BLOCK_SIZE", "BlockDevice", "FileDevice", "MemoryDevice",
     "SwornDiskError", "IntegrityError", "WrongKeyError", "NoSpaceError", "NotFormattedError",
+    "MetadataFullError",
     "DiskClosedError", "InvalidArgument", "DeviceTooSmall",
 ]
 

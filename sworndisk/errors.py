@@ -37,6 +37,13 @@ class NoSpaceError(SwornDiskError, OSError):
         return self.strerror
 
 
+class MetadataFullError(SwornDiskError):
+    """An internal region of the meta device (journal, index, segment table, checkpoint
+    slot) ran out. Never a user's "disk full": the layout sizes these regions for the
+    worst case, so this means a sizing defect or a damaged layout; the disk stops (it
+    latches as failed) and reopening recovers to the last flush."""
+
+
 class NotFormattedError(SwornDiskError):
     """The meta device holds no SwornDisk at all (no superblock magic)."""
 
