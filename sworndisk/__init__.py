@@ -7,15 +7,15 @@
 """
 from .config import BLOCK_SIZE, Config
 from .device import BlockDevice, FileDevice, MemoryDevice
-from .errors import (DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument,
-                     MetadataFullError, NoSpaceError, NotFormattedError, SwornDiskError,
-                     WrongKeyError)
+from .errors import (DeviceBusyError, DeviceTooSmall, DiskClosedError, IntegrityError,
+                     InvalidArgument, MetadataFullError, NoSpaceError, NotFormattedError,
+                     SwornDiskError, WrongKeyError)
 
 __all__ = [
     "SwornDisk", "Config", "BLOCK_SIZE", "BlockDevice", "FileDevice", "MemoryDevice",
     "SwornDiskError", "IntegrityError", "WrongKeyError", "NoSpaceError", "NotFormattedError",
     "MetadataFullError",
-    "DiskClosedError", "InvalidArgument", "DeviceTooSmall",
+    "DiskClosedError", "DeviceBusyError", "InvalidArgument", "DeviceTooSmall",
 ]
 
 

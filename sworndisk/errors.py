@@ -1,8 +1,8 @@
 """The exceptions of the public API.
 
-Everything the engine raises on purpose derives from SwornDiskError; the two that
-correspond to an errno at the block layer (EIO, ENOSPC) are also OSErrors so that a
-front end can turn them into a request result without a lookup table.
+Everything the engine raises on purpose derives from SwornDiskError; those that
+correspond to an errno (EIO, ENOSPC, EBUSY) are also OSErrors so that a front end can
+turn them into a request result or an exit status without a lookup table.
 """
 import errno
 
@@ -42,6 +42,20 @@ class MetadataFullError(SwornDiskError):
     slot) ran out. Never a user's "disk full": the layout sizes these regions for the
     worst case, so this means a sizing defect or a damaged layout; the disk stops (it
     latches as failed) and reopening recovers to the last flush."""
+
+
+class DeviceBusyError(SwornDiskError, OSError):
+    """A data or meta device is owned by someone else: another open SwornDisk (any path to
+    the same file), a mounted file system or another exclusive user of a block device. Two
+    writers on one disk destroy it, so the engine refuses; the message names the device
+    and, where it could be found, the holder."""
+
+    def __init__(self, message: str):
+        SwornDiskError.__init__(self, message)
+        OSError.__init__(self, errno.EBUSY, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 class NotFormattedError(SwornDiskError):
