@@ -1,8 +1,15 @@
-"""Block devices the engine stores onto.
+"""Block devices the engine stores onto, and who owns them.
 
 The engine performs all of its device I/O through the public methods of BlockDevice
 (pread, pwrite, flush, discard, size), so a subclass that overrides just those sees
 every byte: that is how the crash and tamper tests interpose.
+
+A disk has one owner at a time: two writers on the same images destroy it. `open_pair`
+locks both devices (`BlockDevice.lock`) before the engine reads or writes them, and the
+lock lives as long as the device stays open: a regular file gets an OFD write lock, which
+belongs to the open file and so meets every other path to the same inode (symlinks, hard
+links) and dies with the process; a block device gets an O_EXCL claim, which a mounted
+file system or a device-mapper holder already has.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import struct
 import threading
 
 from .errors import InvalidArgument
+from .holders import busy_error
 
 _BLKGETSIZE64 = 0x80081272
 _BLKDISCARD = 0x1277
@@ -23,6 +31,12 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _ALIGN = 4096
 _IORING_OP_WRITE = 23
 _RING_BATCH = 256
+_LOCK_BUSY = (errno.EAGAIN, errno.EACCES)
+
+
+def _flock(kind: int) -> bytes:
+    """A struct flock for the whole file (l_pid is 0, as OFD locks require)."""
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
 
 
 class BlockDevice:
@@ -53,6 +67,11 @@ class BlockDevice:
 
     def close(self) -> None:
         """Release OS resources; the default does nothing."""
+
+    def lock(self, what: str) -> None:
+        """Own the device until close(), or raise DeviceBusyError naming `what` (e.g.
+        'data device') and the holder. The default has nothing to lock: a device in
+        memory, or a wrapper the caller owns outright."""
 
     def __enter__(self):
         return self
@@ -130,6 +149,9 @@ class CountingDevice(BlockDevice):
     def discard(self, offset: int, nbytes: int) -> None:
         self.inner.discard(offset, nbytes)
 
+    def lock(self, what: str) -> None:
+        self.inner.lock(what)
+
     def close(self) -> None:
         self.inner.close()
 
@@ -177,6 +199,9 @@ class FileDevice(BlockDevice):
         if fd < 0:
             fd = os.open(self.path, flags)
         self.fd = fd
+        self.readonly = readonly
+        self._claim = -1                    # block device: the O_EXCL descriptor of lock()
+        self._locked = False
         if self.is_blockdev:
             self._size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
         else:
@@ -205,6 +230,37 @@ class FileDevice(BlockDevice):
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def identity(self) -> tuple:
+        """What the path names: ('blk', rdev) or ('file', st_dev, st_ino), so that two
+        paths (a symlink, a hard link) to one device compare equal."""
+        st = os.fstat(self.fd)
+        return ("blk", st.st_rdev) if self.is_blockdev else ("file", st.st_dev, st.st_ino)
+
+    def lock(self, what: str) -> None:
+        """Own the device until close(): an OFD lock on this open file (a write lock, or a
+        read lock for a read-only device), or an O_EXCL claim on a block device. Never
+        waits: a device someone else owns raises DeviceBusyError at once. Idempotent."""
+        if self._locked:
+            return
+        if self.is_blockdev:
+            try:        # the same device node, reopened through this descriptor
+                self._claim = os.open(f"/proc/self/fd/{self.fd}",
+                                      os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                raise busy_error(self.path, what) from None
+        else:
+            kind = fcntl.F_RDLCK if self.readonly else fcntl.F_WRLCK
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(kind))
+            except OSError as e:
+                if e.errno not in _LOCK_BUSY:
+                    raise
+                raise busy_error(self.path, what) from None
+        self._locked = True
 
     def pread(self, nbytes: int, offset: int) -> bytes:
         _check_range(self, nbytes, offset)
@@ -323,9 +379,13 @@ class FileDevice(BlockDevice):
         if self._ring:
             self._ring.close()
             self._ring = None
+        if self._claim >= 0:
+            os.close(self._claim)
+            self._claim = -1
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)           # releases the OFD lock with the open file
             self.fd = -1
+        self._locked = False
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -348,8 +408,11 @@ def as_device(dev, what: str) -> BlockDevice:
 
 
 def open_pair(data, meta) -> tuple[BlockDevice, BlockDevice, list[BlockDevice]]:
-    """The data and meta devices of one disk, as (data, meta, owned): `owned` are the
-    ones opened here from paths, which the caller must close."""
+    """The data and meta devices of one disk, as (data, meta, owned), both locked
+    (BlockDevice.lock) before anything is read or written: a DeviceBusyError here means
+    another owner, and nothing was touched. `owned` are the devices opened here from
+    paths; closing them (SwornDisk.close, or process death) releases their locks. A
+    device passed in stays locked until its caller closes it."""
     owned: list[BlockDevice] = []
     devs: list[BlockDevice] = []
     try:
@@ -358,11 +421,40 @@ def open_pair(data, meta) -> tuple[BlockDevice, BlockDevice, list[BlockDevice]]:
             if d is not dev:
                 owned.append(d)
             devs.append(d)
+        d, m = devs
+        if isinstance(d, FileDevice) and isinstance(m, FileDevice) and d.identity == m.identity:
+            raise InvalidArgument(f"data and meta devices must differ ({d.path} and {m.path} "
+                                  f"are the same {'device' if d.is_blockdev else 'file'})")
+        for dev, what in ((d, "data"), (m, "meta")):
+            dev.lock(f"{what} device")
     except BaseException:
         for d in owned:
             d.close()
         raise
     return devs[0], devs[1], owned
+
+
+def check_unowned(path: str, what: str) -> None:
+    """Raise DeviceBusyError if the device at `path` is owned now (by an open SwornDisk,
+    a mount, ...), so a front end can refuse before it asks questions or forks. Only a
+    hint: the owner may change right after; `open_pair` is the check that counts. A
+    regular file is tested without being locked (F_OFD_GETLK); a block device is claimed
+    with O_EXCL for a moment."""
+    if stat.S_ISBLK(os.stat(path).st_mode):
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            raise busy_error(path, what) from None
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        held = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK))
+    finally:
+        os.close(fd)
+    if struct.unpack("hhqqi4x", held)[0] != fcntl.F_UNLCK:
+        raise busy_error(path, what)
 
 
 def create_image(path: str, size: int) -> None:
@@ -373,4 +465,4 @@ def create_image(path: str, size: int) -> None:
 
 
 __all__ = ["BlockDevice", "CountingDevice", "FileDevice", "MemoryDevice", "as_device",
-           "create_image", "open_pair"]
+           "check_unowned", "create_image", "open_pair"]

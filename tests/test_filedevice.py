@@ -117,16 +117,25 @@ def test_sworndisk_on_file_paths(tmp_path):
     assert not SwornDisk.probe(data_p)
     disk = SwornDisk.open(data_p, meta_p, KEY16)
     verify_disk(disk, model, "file-backed reopen", lbas=range(2048))
-    # flushed-but-not-closed data survives a process-style abandonment
+    disk.close()
+    # flushed-but-not-closed data survives the death of the process that wrote it (whose
+    # lock on the images dies with it)
     buf = make_blocks(rng, 5, 2, 10**6)
-    disk.write(5, buf)
     model.write(5, buf)
-    disk.flush()
-    abandoned = disk
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            writer = SwornDisk.open(data_p, meta_p, KEY16)
+            writer.write(5, buf)
+            writer.flush()
+            code = 0
+        finally:
+            os._exit(code)                  # no close(): a process that dies
+    assert os.waitpid(pid, 0)[1] == 0, "the writer process failed"
     disk = SwornDisk.open(data_p, meta_p, KEY16)
     verify_disk(disk, model, "file-backed recovery", lbas=range(0, 2048, 3))
     disk.close()
-    del abandoned
 
 
 def test_sworndisk_on_filedevice_objects(tmp_path, direct):
