@@ -105,7 +105,6 @@ echo "OK external del"
 
 # ---- stop/del never hang: refused while mounted, bounded wait while held open -------------
 start fs loop "$DISK"
-modprobe ext4 2>/dev/null || true
 mkfs.ext4 -q -F "$DEV" >/dev/null 2>&1 || fail "mkfs"
 mkdir -p "$WORK/mnt"
 mount "$DEV" "$WORK/mnt" || fail "mount"
