@@ -1,52 +1,140 @@
 #!/bin/sh
-# fio on the three ublk targets in one boot: null (the shim alone), loop (shim + O_DIRECT
-# file I/O) and sworndisk (shim + engine), so the figures share one kernel and one machine.
+# fio on every ublk target and on dm-crypt, at depth 1 and 16, in one boot: null (the shim
+# alone), loop (shim + O_DIRECT file I/O), sworndisk (shim + engine) and, where the kernel
+# can load dm_crypt, dm-crypt (aes-xts-plain64, 4 KiB sectors) as the kernel baseline.
+# TCG distorts absolute figures, so the script reports ratios taken within this one boot.
 #
-#   tools/vm/run --disk 256M --disk 256M --disk 128M -- sh tools/fio/compare.sh
+#   tools/vm/run --disk 256M --disk 256M --disk 128M --disk 256M -- sh tools/fio/compare.sh
 #
-# /dev/vdb backs the loop target; /dev/vdc and /dev/vdd are SwornDisk's data and meta.
-# Prints one "TABLE <target> <job> <IOPS> <MiB/s>" line per job, then a table.
-set -eu
+# Disks: /dev/vdb backs loop, /dev/vdc and /dev/vdd are SwornDisk's data and meta, /dev/vde
+# is under dm-crypt. Environment: COMPARE_TARGETS (default "null loop sworndisk dmcrypt"),
+# COMPARE_DEPTHS ("1 16"), FIO_RUNTIME (seconds per job, 4), FIO_SIZE (region, 64m).
+#
+# Prints "TABLE <target> <job> <depth> <IOPS> <MiB/s>" per job as it runs, then three tables:
+# IOPS, each target / dm-crypt, and each target's depth-16 / depth-1. A target that cannot
+# be set up prints "FAILED <target>: <why>"; the others still run and the exit status is 1.
+set -u
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
+TARGETS=${COMPARE_TARGETS:-null loop sworndisk dmcrypt}
+DEPTHS=${COMPARE_DEPTHS:-1 16}
 RUNTIME=${FIO_RUNTIME:-4}
+SIZE=${FIO_SIZE:-64m}
 WORK=$(mktemp -d)
 OUT=$WORK/table
 : >"$OUT"
+STATUS=0
 [ -e /dev/ublk-control ] || modprobe ublk_drv
 
-jobs() {   # jobs TARGET DEV
-    for spec in "randwrite 4k" "randread 4k" "write 1m" "read 1m"; do
-        set -- "$1" "$2" $spec
-        fio --name="$3-$4" --filename="$2" --direct=1 --ioengine=libaio --iodepth=16 \
-            --rw="$3" --bs="$4" --size=64m --runtime="$RUNTIME" --time_based \
-            --output-format=terse --terse-version=3 >"$WORK/fio.out"
-        # terse v3: field 8 read IOPS, 7 read KiB/s; 49 write IOPS, 48 write KiB/s
-        awk -F';' -v t="$1" -v j="$3-$4" '{ r = ($8 > 0) ? $8 : $49; b = ($7 > 0) ? $7 : $48;
-            printf "TABLE %s %s %d %.1f\n", t, j, r, b / 1024 }' "$WORK/fio.out" | tee -a "$OUT"
-        set -- "$1" "$2"
+failed() { echo "FAILED $*"; STATUS=1; }
+
+fio_job() {   # fio_job TARGET DEV RW BS DEPTH: one measured job, appended to $OUT
+    fio --name="$3-$4" --filename="$2" --direct=1 --ioengine=libaio --iodepth="$5" \
+        --rw="$3" --bs="$4" --size="$SIZE" --runtime="$RUNTIME" --time_based \
+        --randrepeat=1 --output-format=terse --terse-version=3 >"$WORK/fio.out" 2>&1 \
+        || { cat "$WORK/fio.out"; return 1; }
+    # terse v3: field 8 read IOPS, 7 read KiB/s; 49 write IOPS, 48 write KiB/s
+    awk -F';' -v t="$1" -v j="$3-$4" -v d="$5" '{ r = ($8 > 0) ? $8 : $49;
+        b = ($7 > 0) ? $7 : $48; printf "TABLE %s %s %s %d %.1f\n", t, j, d, r, b / 1024 }' \
+        "$WORK/fio.out" | tee -a "$OUT"
+}
+
+jobs() {      # jobs TARGET DEV: prefill the region (reads then read written blocks), measure
+    fio --name=prefill --filename="$2" --direct=1 --ioengine=libaio --iodepth=16 --rw=write \
+        --bs=1m --size="$SIZE" --end_fsync=1 >"$WORK/fio.out" 2>&1 \
+        || { cat "$WORK/fio.out"; return 1; }
+    for depth in $DEPTHS; do
+        for spec in "randwrite 4k" "randread 4k" "write 1m" "read 1m"; do
+            # shellcheck disable=SC2086
+            fio_job "$1" "$2" $spec "$depth" || return 1
+        done
     done
 }
 
-serve() {  # serve NAME ARGS...: background shim runner, waits for its device
+serve() {     # serve NAME ARGS...: background `python -m ublk_shim ARGS`; sets PID and DEV
     name=$1; shift
     $PY -m ublk_shim "$@" >"$WORK/$name.out" 2>&1 &
     PID=$!
-    until grep -q '^/dev/ublkb' "$WORK/$name.out"; do sleep 0.2; done
+    i=0
+    until grep -q '^/dev/ublkb' "$WORK/$name.out"; do
+        kill -0 $PID 2>/dev/null || { cat "$WORK/$name.out"; return 1; }
+        i=$((i + 1)); [ $i -lt 300 ] || return 1
+        sleep 0.2
+    done
     DEV=$(head -n 1 "$WORK/$name.out")
 }
 
-echo "kernel $(uname -r)"
-serve null null --size 256M; jobs null "$DEV"; kill -TERM $PID; wait $PID
-serve loop loop /dev/vdb;     jobs loop "$DEV"; kill -TERM $PID; wait $PID
+unserve() {   # unserve NAME: SIGTERM the server, show its stats line (batch sizes)
+    kill -TERM $PID; wait $PID
+    grep 'stats:' "$WORK/$1.out" | sed "s/^/$1 /"
+}
 
-head -c 32 /dev/urandom >"$WORK/key"
-SECTORS=$($PY -c 'from sworndisk import SwornDisk; print(SwornDisk.usable_blocks(256 << 20) * 8)')
-DEV=$(.venv/bin/sworndisk-ublk add --key-file "$WORK/key" "0 $SECTORS sworndisk /dev/vdc /dev/vdd 0 force")
-jobs sworndisk "$DEV"
-.venv/bin/sworndisk-ublk del --all
+run_null() { serve null null --size 256M && { jobs null "$DEV"; r=$?; unserve null; return $r; }; }
+run_loop() { serve loop loop /dev/vdb && { jobs loop "$DEV"; r=$?; unserve loop; return $r; }; }
 
-echo
-echo "target     job            IOPS    MiB/s"
-awk '{ printf "%-10s %-12s %7d %8.1f\n", $2, $3, $4, $5 }' "$OUT"
+run_sworndisk() {
+    head -c 32 /dev/urandom >"$WORK/key"
+    sectors=$($PY -c 'import sys; from sworndisk import SwornDisk
+print(SwornDisk.usable_blocks(int(sys.argv[1])) * 8)' "$(blockdev --getsize64 /dev/vdc)") \
+        || return 1
+    DEV=$(.venv/bin/sworndisk-ublk add --key-file "$WORK/key" \
+          "0 $sectors sworndisk /dev/vdc /dev/vdd 0 force") || return 1
+    jobs sworndisk "$DEV"; r=$?
+    .venv/bin/sworndisk-ublk del --all
+    return $r
+}
+
+run_dmcrypt() {
+    modprobe dm_crypt 2>"$WORK/modprobe.err" \
+        || { echo "SKIP dmcrypt: cannot load dm_crypt: $(cat "$WORK/modprobe.err")"; return 0; }
+    key=$(head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    echo "0 $(blockdev --getsz /dev/vde) crypt aes-xts-plain64 $key 0 /dev/vde 0 1 sector_size:4096" \
+        | dmsetup --noudevsync create sdcompare || return 1
+    DEV=/dev/dm-$(dmsetup info -c --noheadings -o minor sdcompare | tr -d ' ')
+    jobs dmcrypt "$DEV"; r=$?
+    dmsetup --noudevsync remove sdcompare
+    return $r
+}
+
+echo "kernel $(uname -r), $(nproc) CPUs, depths $DEPTHS, ${RUNTIME}s per job, region $SIZE"
+for target in $TARGETS; do
+    "run_$target" || failed "$target"
+done
+
+# The tables: IOPS; target / dmcrypt at the same job and depth; depth N / depth 1.
+awk -v targets="$TARGETS" '
+    { iops[$2, $3, $4] = $5; if (!(($3, $4) in seen)) { seen[$3, $4] = 1; rows[++n] = $3 " " $4 } }
+    function header(title) {
+        printf "\n%s\n%-13s %5s", title, "job", "depth"
+        for (i = 1; i <= nt; i++) printf " %10s", t[i]
+        printf "\n"
+    }
+    END {
+        nt = split(targets, t, " ")
+        header("IOPS")
+        for (r = 1; r <= n; r++) {
+            split(rows[r], k, " "); printf "%-13s %5s", k[1], k[2]
+            for (i = 1; i <= nt; i++) printf " %10s", ((t[i], k[1], k[2]) in iops) ? iops[t[i], k[1], k[2]] : "-"
+            printf "\n"
+        }
+        header("target / dmcrypt (same job and depth)")
+        for (r = 1; r <= n; r++) {
+            split(rows[r], k, " "); printf "%-13s %5s", k[1], k[2]; base = iops["dmcrypt", k[1], k[2]]
+            for (i = 1; i <= nt; i++) {
+                v = iops[t[i], k[1], k[2]]
+                if (base > 0 && v != "") printf " %10.3f", v / base; else printf " %10s", "-"
+            }
+            printf "\n"
+        }
+        header("depth N / depth 1 (same target and job)")
+        for (r = 1; r <= n; r++) {
+            split(rows[r], k, " "); if (k[2] == 1) continue; printf "%-13s %5s", k[1], k[2]
+            for (i = 1; i <= nt; i++) {
+                v = iops[t[i], k[1], k[2]]; one = iops[t[i], k[1], 1]
+                if (one > 0 && v != "") printf " %10.2f", v / one; else printf " %10s", "-"
+            }
+            printf "\n"
+        }
+    }' "$OUT"
 rm -rf "$WORK"
+exit $STATUS
