@@ -7,8 +7,9 @@
 #   tools/vm/run --disk 256M --disk 256M --disk 128M --disk 256M -- sh tools/fio/compare.sh
 #
 # Disks: /dev/vdb backs loop, /dev/vdc and /dev/vdd are SwornDisk's data and meta, /dev/vde
-# is under dm-crypt. Environment: COMPARE_TARGETS (default "null loop sworndisk dmcrypt"),
-# COMPARE_DEPTHS ("1 16"), FIO_RUNTIME (seconds per job, 4), FIO_SIZE (region, 64m).
+# is under dm-crypt. Environment (set it in the guest: `-- env FIO_RUNTIME=8 sh ...`):
+# COMPARE_TARGETS (default "null loop sworndisk dmcrypt"), COMPARE_DEPTHS ("1 16"),
+# FIO_RUNTIME (seconds per job, 4), FIO_SIZE (region, 64m).
 #
 # Prints "TABLE <target> <job> <depth> <IOPS> <MiB/s>" per job as it runs, then three tables:
 # IOPS, each target / dm-crypt, and each target's depth-16 / depth-1. A target that cannot
