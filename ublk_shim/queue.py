@@ -7,9 +7,10 @@ io_uring's single-issuer rule holds and nothing is shared but the target):
               one page-aligned buffer of max_io_bytes per tag
     arm       FETCH_REQ for every tag, all in one io_uring_enter; then `ready` is set
     serve     loop: one io_uring_enter submits every COMMIT_AND_FETCH_REQ prepared for the
-              previous batch and waits for the next completions; each completion with
-              res 0 carries a request in the tag's descriptor -> target.handle -> prepare
-              COMMIT_AND_FETCH_REQ(result). No completion within idle_interval -> target.idle()
+              previous batch and waits for the next completions; the completions with res 0
+              carry requests in their tags' descriptors -> one target.handle_batch for all
+              of them -> prepare a COMMIT_AND_FETCH_REQ(result) each. No completion within
+              idle_interval -> target.idle()
     wind down every tag completes with UBLK_IO_RES_ABORT (-ENODEV) once the device is
               stopped (or the queue is torn down): the loop ends when no tag is armed
     teardown  close the ring (the kernel cancels whatever is still armed), unmap, free
@@ -18,29 +19,21 @@ user_data of a FETCH/COMMIT SQE is the tag.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import mmap
 import signal
 import threading
-from typing import Callable, List, Optional
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from . import sys as uapi
-from .target import (OP_FLUSH, OP_DISCARD, OP_READ, OP_WRITE, OP_WRITE_ZEROES, Request,
-                     Target)
-from .uring import Ring, open_ring
+from .target import (OP_FLUSH, OP_DISCARD, OP_READ, OP_WRITE, OP_WRITE_ZEROES, Outcome,
+                     Request, Target, buffer_address)
+from .uring import TASKRUN_FLAG_SETS, Ring, open_ring
 
 log = logging.getLogger("ublk_shim")
 
-_RING_FLAG_SETS = (
-    # Task work (request delivery) runs only when the thread enters the kernel to wait:
-    # exactly our loop. Fall back for kernels without DEFER_TASKRUN (< 6.1).
-    uapi.IORING_SETUP_COOP_TASKRUN | uapi.IORING_SETUP_SINGLE_ISSUER
-    | uapi.IORING_SETUP_DEFER_TASKRUN,
-    uapi.IORING_SETUP_COOP_TASKRUN,
-    0,
-)
 _DATA_OPS = (OP_READ, OP_WRITE)
 _KNOWN_OPS = frozenset((OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES))
 _EMPTY = memoryview(b"")
@@ -65,6 +58,17 @@ def request_result(op: int, ret: Optional[int], length: int) -> int:
     return min(ret, length) if op in _DATA_OPS else 0
 
 
+def outcome_result(req: Request, outcome: Outcome) -> int:
+    """The COMMIT result for one entry of handle_batch's answer: an exception fails the
+    request alone (OSError with its errno, anything else with EIO, logged)."""
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, OSError):
+            return -(outcome.errno or errno.EIO)
+        log.error("ublk: target failed on %s", req, exc_info=outcome)
+        return -errno.EIO
+    return request_result(req.op, outcome, req.length)
+
+
 class Queue:
     """Queue `q_id` of device `dev_id`; start() runs it on its own thread."""
 
@@ -76,6 +80,9 @@ class Queue:
         self.depth = depth
         self.max_io_bytes = max_io_bytes
         self.target = target
+        # Targets that do not derive from Target (duck typing) get the default: one by one.
+        self._target_batch = getattr(target, "handle_batch", None) or partial(
+            Target.handle_batch, target)
         self.idle_interval = idle_interval
         self.fetch_op = uapi.io_opcode(uapi.UBLK_IO_FETCH_REQ, legacy=not ioctl_encode)
         self.commit_op = uapi.io_opcode(uapi.UBLK_IO_COMMIT_AND_FETCH_REQ,
@@ -84,6 +91,8 @@ class Queue:
         self.error: Optional[BaseException] = None
         self.counts: List[int] = [0] * (max(_KNOWN_OPS) + 1)   # served requests by op
         self.failed = 0                        # requests answered with an error
+        self.batches = 0                       # handle_batch calls
+        self.max_batch = 0                     # the most requests handed over at once
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._ring: Optional[Ring] = None
@@ -138,15 +147,16 @@ class Queue:
             self._teardown()
 
     def _setup(self) -> None:
-        self._ring = open_ring(self.depth, _RING_FLAG_SETS)
+        self._ring = open_ring(self.depth, TASKRUN_FLAG_SETS)
         self._descs = mmap.mmap(self.char_fd, uapi.queue_desc_size(self.depth),
                                 flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
                                 offset=uapi.queue_desc_offset(self.q_id))
-        # One anonymous mapping: page aligned, each tag's slice a multiple of pages.
+        self._map_buffers()
+
+    def _map_buffers(self) -> None:
+        """One anonymous mapping: page aligned, each tag's slice a multiple of pages."""
         self._bufmap = mmap.mmap(-1, self.depth * self.max_io_bytes)
-        anchor = ctypes.c_char.from_buffer(self._bufmap)
-        base = ctypes.addressof(anchor)
-        del anchor                        # only the address is needed; drop the export
+        base = buffer_address(self._bufmap)
         whole = memoryview(self._bufmap)
         size = self.max_io_bytes
         self._bufs = [whole[t * size:(t + 1) * size] for t in range(self.depth)]
@@ -179,49 +189,86 @@ class Queue:
                 if idle is not None and not ring.pending:
                     self._call_idle(idle)
                 continue
+            tags = []
             for tag, res, _flags in cqes:
                 if res == uapi.UBLK_IO_RES_OK:
-                    self._prep_io_cmd(self.commit_op, tag, self._handle(tag))
+                    tags.append(tag)
                 elif res == uapi.UBLK_IO_RES_ABORT:
                     armed -= 1            # the device is going away: this tag is retired
                 else:
                     armed -= 1
                     log.error("ublk %d queue %d tag %d: io command failed: %s", self.dev_id,
                               self.q_id, tag, errno.errorcode.get(-res, res))
+            if tags:
+                # Committed together by the next io_uring_enter, which also waits for more.
+                for tag, result in zip(tags, self.serve_batch(tags)):
+                    self._prep_io_cmd(self.commit_op, tag, result)
         # Only abort() leaves commits unsent; the ring's teardown cancels their tags.
 
-    def _handle(self, tag: int) -> int:
-        op_flags, nr_sectors, start_sector, _ = uapi.IO_DESC.unpack_from(
-            self._descs, tag * uapi.UBLK_DESC_SIZE)
-        op = op_flags & uapi.UBLK_IO_OP_MASK
-        length = nr_sectors << uapi.SECTOR_SHIFT
-        if op not in _KNOWN_OPS:
-            self.failed += 1
-            return -errno.EOPNOTSUPP
-        if op in _DATA_OPS:
-            if length > self.max_io_bytes:
+    def serve_batch(self, tags: Sequence[int]) -> List[int]:
+        """Serve the requests now in the descriptors of `tags` with one target.handle_batch;
+        returns their COMMIT results, in the order of `tags`.
+
+        Requests the target must not see (unknown op, longer than the buffer) are answered
+        here. Every tag gets a result whatever the target does: the kernel would wait
+        forever for one left unanswered.
+        """
+        results = [0] * len(tags)
+        batch: List[Tuple[Request, memoryview]] = []
+        slots: List[int] = []                  # batch entry -> index in tags
+        for i, tag in enumerate(tags):
+            op_flags, nr_sectors, start_sector, _ = uapi.IO_DESC.unpack_from(
+                self._descs, tag * uapi.UBLK_DESC_SIZE)
+            op = op_flags & uapi.UBLK_IO_OP_MASK
+            length = nr_sectors << uapi.SECTOR_SHIFT
+            if op not in _KNOWN_OPS:
+                results[i] = -errno.EOPNOTSUPP
                 self.failed += 1
-                return -errno.EIO
-            buf = self._bufs[tag][:length]
-        else:
-            buf = _EMPTY
-        req = Request(op, start_sector << uapi.SECTOR_SHIFT, length,
-                      bool(op_flags & uapi.UBLK_IO_F_FUA), tag, self.q_id,
-                      op_flags & ~uapi.UBLK_IO_OP_MASK)
+                continue
+            if op in _DATA_OPS:
+                if length > self.max_io_bytes:
+                    results[i] = -errno.EIO
+                    self.failed += 1
+                    continue
+                buf = self._bufs[tag][:length]
+            else:
+                buf = _EMPTY
+            batch.append((Request(op, start_sector << uapi.SECTOR_SHIFT, length,
+                                  bool(op_flags & uapi.UBLK_IO_F_FUA), tag, self.q_id,
+                                  op_flags & ~uapi.UBLK_IO_OP_MASK), buf))
+            slots.append(i)
+        if not batch:
+            return results
+        self.batches += 1
+        self.max_batch = max(self.max_batch, len(batch))
         try:
-            res = request_result(op, self.target.handle(req, buf), length)
-        except OSError as e:
-            res = -(e.errno or errno.EIO)
-        except Exception:
-            log.exception("ublk %d: target failed on %s", self.dev_id, req)
-            res = -errno.EIO
+            outcomes = self._handle_batch(batch)
         finally:
-            if buf is not _EMPTY:
-                _release(buf)
-        self.counts[op] += 1
-        if res < 0:
-            self.failed += 1
-        return res
+            for _, buf in batch:
+                if buf is not _EMPTY:
+                    _release(buf)
+        for (req, _), i, outcome in zip(batch, slots, outcomes):
+            res = results[i] = outcome_result(req, outcome)
+            self.counts[req.op] += 1
+            if res < 0:
+                self.failed += 1
+        return results
+
+    def _handle_batch(self, batch: List[Tuple[Request, memoryview]]) -> Sequence[Outcome]:
+        """target.handle_batch, answering the whole batch with an error if it fails as a whole
+        (raises, or answers with the wrong number of results)."""
+        try:
+            outcomes = self._target_batch(batch)
+            if len(outcomes) == len(batch):
+                return outcomes
+            log.error("ublk %d: handle_batch answered %d requests with %d results",
+                      self.dev_id, len(batch), len(outcomes))
+            return [-errno.EIO] * len(batch)
+        except OSError as e:
+            return [e] * len(batch)
+        except Exception:
+            log.exception("ublk %d: target failed on a batch of %d", self.dev_id, len(batch))
+            return [-errno.EIO] * len(batch)
 
     def _call_idle(self, idle: Callable[[], None]) -> None:
         try:

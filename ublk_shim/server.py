@@ -91,13 +91,17 @@ class UblkServer:
         return self._state
 
     def stats(self) -> Dict[str, int]:
-        """Requests served so far, by op, summed over queues; 'failed' counts error results."""
+        """Requests served so far, by op, summed over queues; 'failed' counts error results,
+        'batches' the target.handle_batch calls and 'max_batch' the largest batch (> 1 shows
+        that requests at depth are served together)."""
         out = {name: 0 for name in OP_NAMES.values()}
-        out["failed"] = 0
+        out.update(failed=0, batches=0, max_batch=0)
         for q in self._queues:
             for op, name in OP_NAMES.items():
                 out[name] += q.counts[op]
             out["failed"] += q.failed
+            out["batches"] += q.batches
+            out["max_batch"] = max(out["max_batch"], q.max_batch)
         return out
 
     # ---- lifecycle -----------------------------------------------------------------------

@@ -5,13 +5,16 @@ A target is the device-mapper idea (ctr / dtr / map) in Python:
     open()              ctr: acquire resources; `size` must be known afterwards
     close()             dtr: release them, after the device stopped
     handle(req, buf)    map: perform one request, return bytes done / 0 / -errno
+    handle_batch(batch) map for every request one io_uring_enter delivered; the default
+                        calls handle() for each in order
     idle()              optional: background work, called by an idle queue thread
 
-`handle` runs on the queue threads, concurrently when there are several queues, and must
-not keep `buf` after it returns (the memory is the request's kernel-visible buffer and is
-reused for the tag's next request). A handler that raises OSError fails the request with
-that errno; any other exception fails it with EIO (and is logged): a target bug must never
-leave a request unanswered, because the kernel would wait for it forever.
+`handle` and `handle_batch` run on the queue threads, concurrently when there are several
+queues, and must not keep `buf` after they return (the memory is the request's
+kernel-visible buffer and is reused for the tag's next request). A handler that raises
+OSError fails the request with that errno; any other exception fails it with EIO (and is
+logged): a target bug must never leave a request unanswered, because the kernel would wait
+for it forever.
 """
 from __future__ import annotations
 
@@ -22,10 +25,15 @@ import mmap
 import os
 import stat
 import struct
+import logging
 import threading
 from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 from . import sys as uapi
+from .uring import TASKRUN_FLAG_SETS, Ring, open_ring
+
+log = logging.getLogger("ublk_shim")
 
 OP_READ = uapi.UBLK_IO_OP_READ
 OP_WRITE = uapi.UBLK_IO_OP_WRITE
@@ -36,6 +44,10 @@ OP_NAMES = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush", OP_DISCARD: "
             OP_WRITE_ZEROES: "write_zeroes"}
 
 BLOCK_SIZE = 4096
+
+# What handle_batch answers per request: like handle's return value (None = all done, bytes
+# done, or -errno), or the exception that request alone raised.
+Outcome = Union[int, None, BaseException]
 
 
 @dataclass
@@ -77,6 +89,23 @@ class Target:
     def handle(self, req: Request, buf: memoryview) -> int:
         raise NotImplementedError
 
+    def handle_batch(self, batch: Sequence[Tuple[Request, memoryview]]) -> List[Outcome]:
+        """Serve every request one io_uring_enter delivered; one outcome per request, in order.
+
+        The requests were all in flight at once, so the kernel expects no order among them;
+        a FLUSH must cover the writes completed (answered) before it, i.e. those of earlier
+        batches. The default serves them one by one with handle(), so that an exception
+        fails only its own request. Override it to overlap the requests' I/O or to share
+        work between them; the queue commits all the results with one io_uring_enter.
+        """
+        out: List[Outcome] = []
+        for req, buf in batch:
+            try:
+                out.append(self.handle(req, buf))
+            except Exception as e:          # the queue turns it into -errno (and logs it)
+                out.append(e)
+        return out
+
 
 class NullTarget(Target):
     """Reads return zeros, writes are discarded: measures the shim and the kernel alone."""
@@ -99,6 +128,14 @@ class NullTarget(Target):
         if req.op == OP_READ:
             buf[:] = memoryview(self._zero_bytes(req.length))[:req.length]
         return req.length if req.op in (OP_READ, OP_WRITE) else 0
+
+
+def buffer_address(buf) -> int:
+    """The address of a writable buffer's first byte (for an SQE), holding no export."""
+    anchor = ctypes.c_char.from_buffer(buf)
+    address = ctypes.addressof(anchor)
+    del anchor                      # releases the export, so the buffer can be released
+    return address
 
 
 _BLKGETSIZE64 = 0x80081272
@@ -124,13 +161,22 @@ class LoopTarget(Target):
     FLUSH is fdatasync, FUA writes use RWF_DSYNC, DISCARD is BLKDISCARD or a punched hole,
     WRITE_ZEROES is BLKZEROOUT or a zeroed range. The size is the backing size rounded down
     to 4 KiB. Stateless apart from the fd, so safe for any number of queues.
+
+    The READs and WRITEs of a batch go to the backing store together, through an io_uring of
+    the queue thread's own, so it sees the device's queue depth; a FLUSH, DISCARD or
+    WRITE_ZEROES in the batch waits for the data requests before it and is done alone.
     """
+
+    RING_ENTRIES = 64       # backing I/O in flight per queue thread; larger batches in chunks
 
     def __init__(self, path: str, *, direct: bool = True):
         self.path = os.fspath(path)
         self.direct = direct
         self.fd = -1
         self.is_blockdev = False
+        self._local = threading.local()      # .ring: this thread's ring, None if unavailable
+        self._rings: List[Ring] = []
+        self._rings_lock = threading.Lock()
 
     def open(self) -> None:
         st = os.stat(self.path)
@@ -160,9 +206,75 @@ class LoopTarget(Target):
             raise OSError(errno.EINVAL, f"{self.path}: smaller than one {BLOCK_SIZE}-byte block")
 
     def close(self) -> None:
+        """After the queue threads ended: their rings, then the backing fd."""
+        with self._rings_lock:
+            rings, self._rings = self._rings, []
+        for ring in rings:
+            ring.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def handle_batch(self, batch: Sequence[Tuple[Request, memoryview]]) -> List[Outcome]:
+        """Runs of READ/WRITE are submitted together; other ops are done alone, in order."""
+        out: List[Outcome] = [None] * len(batch)
+        run: List[int] = []                  # indices of the current READ/WRITE run
+        for i, (req, buf) in enumerate(batch):
+            if req.op == OP_READ or req.op == OP_WRITE:
+                run.append(i)
+                continue
+            self._data_run(batch, run, out)
+            run = []
+            out[i] = self._handle_one(req, buf)
+        self._data_run(batch, run, out)
+        return out
+
+    def _handle_one(self, req: Request, buf: memoryview) -> Outcome:
+        try:
+            return self.handle(req, buf)
+        except Exception as e:
+            return e
+
+    def _data_run(self, batch: Sequence[Tuple[Request, memoryview]], run: List[int],
+                  out: List[Outcome]) -> None:
+        """READs and WRITEs in flight together, RING_ENTRIES at a time; res is bytes or
+        -errno. A lone one (depth 1) is a plain preadv/pwritev: one syscall either way."""
+        ring = self._ring() if len(run) > 1 else None
+        if ring is None:
+            for i in run:
+                out[i] = self._handle_one(*batch[i])
+            return
+        for start in range(0, len(run), ring.sq_entries):
+            chunk = run[start:start + ring.sq_entries]
+            for i in chunk:
+                req, buf = batch[i]
+                write = req.op == OP_WRITE
+                ring.prep(uapi.IORING_OP_WRITE if write else uapi.IORING_OP_READ, fd=self.fd,
+                          off=req.offset, addr=buffer_address(buf), length=req.length,
+                          op_flags=os.RWF_DSYNC if write and req.fua else 0, user_data=i)
+            left = len(chunk)
+            while left:
+                ring.submit(wait_nr=left)
+                for i, res, _flags in ring.reap():
+                    out[i] = res
+                    left -= 1
+
+    def _ring(self) -> Optional[Ring]:
+        """This queue thread's ring, made on first use (io_uring's single issuer); None where
+        io_uring is unavailable (then requests are done one by one)."""
+        ring = getattr(self._local, "ring", False)
+        if ring is False:
+            try:
+                ring = open_ring(self.RING_ENTRIES, TASKRUN_FLAG_SETS)
+            except OSError as e:
+                log.warning("loop %s: no io_uring (%s): serving one request at a time",
+                            self.path, e)
+                ring = None
+            else:
+                with self._rings_lock:
+                    self._rings.append(ring)
+            self._local.ring = ring
+        return ring
 
     def handle(self, req: Request, buf: memoryview) -> int:
         op = req.op

@@ -30,6 +30,16 @@ from typing import Iterable, List, Optional, Tuple
 from . import sys as uapi
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+
+# For a ring that one thread uses and always waits on (open_ring tries them in order): task
+# work (completions) runs only when that thread enters the kernel to wait. Fallbacks for
+# kernels without DEFER_TASKRUN (< 6.1) or COOP_TASKRUN (< 5.19).
+TASKRUN_FLAG_SETS = (
+    uapi.IORING_SETUP_COOP_TASKRUN | uapi.IORING_SETUP_SINGLE_ISSUER
+    | uapi.IORING_SETUP_DEFER_TASKRUN,
+    uapi.IORING_SETUP_COOP_TASKRUN,
+    0,
+)
 _U32 = 0xFFFFFFFF
 
 Cqe = Tuple[int, int, int]     # (user_data, res, flags)

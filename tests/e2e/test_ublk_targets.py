@@ -1,9 +1,10 @@
 """End to end: the ublk shim's null and loop targets on a real ublk driver, in the test VM.
 
 One VM boot runs tests/e2e/scripts/targets.sh (see there for the steps): device parameters,
-fio throughput and verify jobs on null and loop, FLUSH / DISCARD / WRITE_ZEROES reaching the
-target, external delete, refusal while mounted, bounded delete while held open, and
-recovery of a recoverable device after kill -9 of its server. About 1.5 minutes under TCG.
+fio throughput and verify jobs on null and loop (at depth, so requests reach the target in
+batches), FLUSH / DISCARD / WRITE_ZEROES reaching the target, external delete, refusal while
+mounted, bounded delete while held open, and recovery of a recoverable device after kill -9
+of its server. About 1.5 minutes under TCG.
 """
 import re
 import subprocess
@@ -53,10 +54,23 @@ def test_fio_figures_reported(vm_output):
         assert float(m.group(2)) > 0
 
 
-def test_loop_target_saw_flush_discard_write_zeroes(vm_output):
-    _, out = vm_output
+def server_stats(out, index):
+    """The stats line of the index-th server the script ran (0 null, 1 loop), as ints."""
     stats = re.findall(r"^ublk \d+ stats: (.*)$", out, re.MULTILINE)
-    assert stats, "no stats lines"
-    loop = dict(kv.split("=") for kv in stats[1].split())    # second server: loop
-    assert int(loop["flush"]) > 0 and int(loop["discard"]) > 0
-    assert int(loop["write_zeroes"]) > 0 and int(loop["failed"]) == 0
+    assert len(stats) > index, "no stats line"
+    return {k: int(v) for k, v in (kv.split("=") for kv in stats[index].split())}
+
+
+def test_loop_target_saw_flush_discard_write_zeroes(vm_output):
+    loop = server_stats(vm_output[1], 1)
+    assert loop["flush"] > 0 and loop["discard"] > 0
+    assert loop["write_zeroes"] > 0 and loop["failed"] == 0
+
+
+def test_requests_at_depth_are_served_in_batches(vm_output):
+    """fio at depth 16/32 (with crc32c verify on loop): the target got many requests per call."""
+    for index in (0, 1):                                    # null, loop
+        s = server_stats(vm_output[1], index)
+        served = sum(s[op] for op in ("read", "write", "flush", "discard", "write_zeroes"))
+        assert s["max_batch"] > 1, s
+        assert 0 < s["batches"] < served, s

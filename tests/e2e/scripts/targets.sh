@@ -74,7 +74,7 @@ echo "OK null io"
 finish null
 echo "OK null deleted"
 
-# ---- loop target on a virtio disk, two queues: write + verify, flush, discard -------------
+# ---- loop target on a virtio disk, two queues: write + verify at depth, flush, discard -----
 start loop loop --queues 2 "$DISK"
 fio_run loop-verify-4k --rw=randwrite --bs=4k --size=16M --iodepth=16 --fsync=32 \
     --verify=crc32c --do_verify=1 --verify_fatal=1
@@ -93,6 +93,9 @@ for op in flush discard write_zeroes; do
     grep -Eq " $op=[1-9]" "$WORK/loop.stats" || fail "loop target saw no $op"
 done
 grep -q " failed=0" "$WORK/loop.stats" || fail "loop target failed requests"
+# fio kept 16 requests in flight: the queues must have handed the target several at once.
+grep -Eq " max_batch=([2-9]|[1-9][0-9]+)( |$)" "$WORK/loop.stats" \
+    || fail "loop target never got more than one request per batch at depth 16"
 echo "OK loop deleted"
 
 # ---- a second add/delete cycle, deleted from another process ------------------------------
