@@ -32,9 +32,9 @@ from .cleaner import Cleaner
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS, Config
 from .device import BlockDevice, CountingDevice, as_device, open_pair
 from .errors import (DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument,
-                     NoSpaceError)
+                     MetadataFullError, NoSpaceError, WrongKeyError)
 from .journal import Journal, decode_ops, encode_ops
-from .layout import INDEX_CHUNK_BLOCKS, Layout, plan, usable_blocks
+from .layout import INDEX_CHUNK_BLOCKS, Layout, fit_config, plan, usable_blocks
 from .lsm import LsmIndex
 from .records import RecordFormat
 from .segtable import SegmentTable, dir_dtype
@@ -78,7 +78,8 @@ class SwornDisk:
                                      self.layout.segtable_blocks,
                                      self.config.node_cache_bytes // 4 // BLOCK_SIZE)
         self.space = DataSpace(self.segtable, self.layout.reserve_segments)
-        self.index = LsmIndex(self.fmt, self.store, self.config, self.ispace.alloc,
+        self.index = LsmIndex(self.fmt, self.store, self.config,
+                              min(self.nr_blocks, self.layout.data_blocks), self.ispace.alloc,
                               lambda c: self.layout.index_start + c * INDEX_CHUNK_BLOCKS)
         self.journal = Journal(self.meta, self._disk_key, self.layout.journal_start,
                                self.layout.journal_blocks)
@@ -94,11 +95,12 @@ class SwornDisk:
         self._unflushed = 0
         self.commit_seq = 0
         self.pack_seq = 0
+        self._pack_slot = 0        # the slot holding the trusted pack; the next goes to the other
         self._closed = False
         self._failed: BaseException | None = None
         self.counters = dict(user_blocks_written=0, user_blocks_read=0, blocks_discarded=0,
                              commits=0, checkpoints=0, recovered_txns=0, segments_sealed=0,
-                             cleaning_runs=0, blocks_moved=0)
+                             cleaning_runs=0, blocks_moved=0, cleaning_unverified_blocks=0)
         self._user_blocks_at_open = 0
         self.cleaner = Cleaner(self)
 
@@ -117,7 +119,8 @@ class SwornDisk:
                     f"meta device is {m.size} bytes; this disk needs at least "
                     f"{layout.meta_blocks * BLOCK_SIZE} bytes ({_mib(layout.meta_blocks)})")
             layout = Layout(**dict(layout.to_dict(), index_chunks=layout.index_chunks + extra))
-            sb = Superblock(Superblock.new_uuid(), layout, config, kdf_salt)
+            sb = Superblock(Superblock.new_uuid(), layout, fit_config(config, layout.nr_blocks),
+                            kdf_salt)
             disk = cls(d, m, root, sb, owned)
             disk._format(root)
             return disk
@@ -163,16 +166,49 @@ class SwornDisk:
 
     @staticmethod
     def read_kdf_salt(meta: Dev) -> bytes | None:
+        """The KDF salt of the first superblock copy that has one (see passphrase_key)."""
+        salts = SwornDisk.read_kdf_salts(meta)
+        return salts[0] if salts else None
+
+    @staticmethod
+    def read_kdf_salts(meta: Dev) -> list[bytes]:
+        """Every distinct KDF salt the superblock copies hold, copy 0's first."""
         m = as_device(meta, "the meta device")
         try:
+            salts: list[bytes] = []
             for i in (0, 1):
                 salt = sbmod.read_salt(m.pread(BLOCK_SIZE, i * BLOCK_SIZE))
-                if salt:
-                    return salt
-            return None
+                if salt and salt not in salts:
+                    salts.append(salt)
+            return salts
         finally:
             if m is not meta:
                 m.close()
+
+    @staticmethod
+    def passphrase_key(meta: Dev, passphrase: bytes | str) -> bytes:
+        """The root key a passphrase gives for this disk. Tries the salt of every
+        superblock copy and keeps the key whose key check verifies, so one damaged salt
+        does not read as a wrong passphrase. WrongKeyError if none verifies."""
+        from . import kdf
+        m = as_device(meta, "the meta device")
+        try:
+            copies = [m.pread(BLOCK_SIZE, i * BLOCK_SIZE) for i in (0, 1)]
+        finally:
+            if m is not meta:
+                m.close()
+        salts = []
+        for blk in copies:
+            salt = sbmod.read_salt(blk)
+            if salt and salt not in salts:
+                salts.append(salt)
+        if not salts:
+            raise WrongKeyError("this disk has no passphrase (it was formatted with a key file)")
+        for salt in salts:
+            key = kdf.derive_key(passphrase, salt)
+            if sbmod.key_verifies(copies, key):
+                return key
+        raise WrongKeyError("the passphrase does not match this disk")
 
     @staticmethod
     def min_meta_size(data_size: int, nr_blocks: int | None = None,
@@ -200,13 +236,13 @@ class SwornDisk:
         self._checkpoint()
 
     def _recover(self) -> None:
-        packs = [read_pack(self.meta, self._disk_key, self.layout.checkpoint_slot(s),
-                           self.layout.checkpoint_blocks, dir_dtype(self.config.cipher_key_bytes))
-                 for s in (0, 1)]
-        packs = sorted((p for p in packs if p is not None), key=lambda p: -p.seq)
+        packs = [(read_pack(self.meta, self._disk_key, self.layout.checkpoint_slot(s),
+                            self.layout.checkpoint_blocks, dir_dtype(self.config.cipher_key_bytes)),
+                  s) for s in (0, 1)]
+        packs = sorted(((p, s) for p, s in packs if p is not None), key=lambda ps: -ps[0].seq)
         if not packs:
             raise IntegrityError("no checkpoint pack verifies: the meta device is damaged or tampered")
-        pack = packs[0]
+        pack, self._pack_slot = packs[0]
         self._load_pack(pack)
         txns = self.journal.scan(pack.anchor_seq, pack.anchor_prev_mac)
         first = next(txns, None)
@@ -309,15 +345,28 @@ class SwornDisk:
             j = k
 
     def write(self, lba: int, data) -> None:
-        """Buffers the blocks; `data` (any buffer) is copied before this returns."""
+        """Buffers the blocks; `data` (any buffer) is copied before this returns.
+
+        Commits early, before buffering what would not fit, when the unflushed writes
+        would exhaust free space or exceed the autocommit budget: a crash then leaves the
+        disk as at that commit, a prefix of the write history (see docs/cleaning.md)."""
         self._check_usable()
         n, rem = divmod(len(data), BLOCK_SIZE)
         if rem or n == 0:
             raise InvalidArgument(f"write length must be a positive multiple of {BLOCK_SIZE} "
                                   f"bytes (got {len(data)})")
         self._check_range(lba, n)
-        self._ensure_room(lba, n)
         mv = memoryview(data).cast("B")
+        done = 0
+        while done < n:
+            k = self._make_room(lba + done, n - done)
+            self._buffer(lba + done, mv[done * BLOCK_SIZE:(done + k) * BLOCK_SIZE])
+            done += k
+        self.counters["user_blocks_written"] += n
+
+    def _buffer(self, lba: int, mv: memoryview) -> None:
+        """Copies whole blocks into the segment buffer (room was made by _make_room)."""
+        n = len(mv) // BLOCK_SIZE
         buf, bmap, blbas = self._buf, self._buf_map, self._buf_lbas
         if len(blbas) + n <= SEGMENT_BLOCKS and (not bmap or not any(
                 l in bmap for l in range(lba, lba + n))):
@@ -326,48 +375,94 @@ class SwornDisk:
             buf[first * BLOCK_SIZE:(first + n) * BLOCK_SIZE] = mv
             blbas.extend(range(lba, lba + n))
             bmap.update(zip(range(lba, lba + n), range(first, first + n)))
-            n_done = n
         else:
-            n_done = 0
-        for i in range(n_done, n):
-            l = lba + i
-            slot = bmap.get(l)
-            if slot is None:
-                if len(blbas) == SEGMENT_BLOCKS:
-                    self._guarded(self._seal)
-                slot = len(blbas)
-                blbas.append(l)
-                bmap[l] = slot
-            buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = mv[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
-        self.counters["user_blocks_written"] += n
-        self._unflushed += n * BLOCK_SIZE
-        if self._unflushed >= self.config.autocommit_bytes:
-            self._guarded(self._commit)
+            for i in range(n):
+                l = lba + i
+                slot = bmap.get(l)
+                if slot is None:
+                    if len(blbas) == SEGMENT_BLOCKS:
+                        self._guarded(self._seal)
+                    slot = len(blbas)
+                    blbas.append(l)
+                    bmap[l] = slot
+                buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = \
+                    mv[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
+        self._unflushed += n
+
+    def _make_room(self, lba: int, n: int) -> int:
+        """How many of blocks [lba, lba+n) may be buffered now (at least one), committing
+        first if they do not all fit. NoSpaceError, with nothing of the write buffered,
+        when even then the blocks it adds to the live data do not fit: possible on a thin
+        disk alone (docs/cleaning.md). A write larger than the free space that does fit
+        (an overwrite) goes in pieces, each committed to free the blocks it replaces."""
+        k = self._room(lba, n)
+        if k == n:
+            return n
+        self._guarded(self._commit)
+        k = self._room(lba, n)
+        if k < n and (k == 0 or self._growth(lba, n) > self.space.free_blocks()):
+            raise self.space.no_space()
+        return k
+
+    def _growth(self, lba: int, n: int) -> int:
+        """Blocks that [lba, lba+n) adds to the live data (LBAs not mapped now); called
+        with nothing unflushed."""
+        mapped = self.index.get_many_exact(list(range(lba, lba + n)))
+        return n - sum(1 for v in mapped.values() if not _is_tomb(v))
+
+    def _room(self, lba: int, n: int) -> int:
+        """The longest prefix of [lba, lba+n) that fits both the autocommit budget and the
+        free blocks left once every buffered block is sealed."""
+        n = min(n, self._budget - self._unflushed)
+        free = self.space.free_blocks() - len(self._buf_map)
+        if n <= free or n <= 0:
+            return max(n, 0)
+        bmap, new = self._buf_map, 0
+        for i in range(n):
+            if lba + i not in bmap:
+                new += 1
+                if new > free:
+                    return i
+        return n
+
+    @property
+    def _budget(self) -> int:
+        """Unflushed blocks (written or discarded) one commit may carry: bounds the
+        MemTable's growth per commit, which sizes level 0 (layout.max_bit_records)."""
+        return self.config.autocommit_bytes // BLOCK_SIZE
 
     def discard(self, lba: int, nr_blocks: int) -> None:
+        """Unmaps blocks. A large range goes in several commits (each at most the
+        autocommit budget of blocks), since every mapped block becomes a tombstone."""
         self._check_usable()
         self._check_range(lba, nr_blocks)
-        hi = lba + nr_blocks
+        end = lba + nr_blocks
+        while lba < end:
+            if self._unflushed >= self._budget:
+                self._guarded(self._commit)
+            hi = min(end, lba + self._budget - self._unflushed)
+            self._stage_discard(lba, hi)
+            lba = hi
+        self.counters["blocks_discarded"] += nr_blocks
+
+    def _stage_discard(self, lba: int, hi: int) -> None:
         for table in (self._buf_map, self._pending):
-            keys = range(lba, hi) if nr_blocks <= len(table) else list(table)
+            keys = range(lba, hi) if hi - lba <= len(table) else list(table)
             for l in keys:
                 if lba <= l < hi and l in table:
                     if table is self._buf_map:
                         self._buf_lbas[self._buf_map.pop(l)] = None
                     else:
                         self._pending[l] = self._tomb
-        self._ops.append(("D", lba, nr_blocks))
+        self._ops.append(("D", lba, hi - lba))
         self._pending_discards.append((lba, hi))
-        self.counters["blocks_discarded"] += nr_blocks
-        self._unflushed += BLOCK_SIZE
-        if self._unflushed >= self.config.autocommit_bytes:
-            self._guarded(self._commit)
+        self._unflushed += hi - lba
 
     def flush(self) -> None:
         self._check_usable()
         self._guarded(self._commit)
         if self.space.free_segments() <= self.layout.reserve_segments + 1:
-            self._guarded(lambda: self._clean_and_commit(greedy=True))
+            self._clean_and_commit(greedy=True)
 
     def background_step(self) -> bool:
         """One bounded unit of background work (one segment's cleaning); True if it did any.
@@ -378,22 +473,20 @@ class SwornDisk:
             return False
         if self.space.free_segments() >= self.layout.reserve_segments + 4:
             return False
-        moved = []
-        self._guarded(lambda: moved.append(self._clean_and_commit(greedy=False)))
-        return bool(moved and moved[0])
+        return self._clean_and_commit(greedy=False)
 
     def _clean_and_commit(self, greedy: bool) -> bool:
+        """Cleans one victim and commits its moves; False if there was nothing worth
+        cleaning or no room to move into (threaded logging carries on)."""
         victim = self.cleaner.pick_victim(greedy)
         if victim is None:
             return False
         try:
-            self.cleaner.clean(victim)
-            self._commit()
-        except NoSpaceError:
-            return False          # no room to move into: threaded logging carries on
+            moved = self._guarded_value(lambda: self.cleaner.clean(victim))
+            self._guarded(self._commit)
         finally:
             self.space.excluded.discard(victim)
-        return True
+        return moved is not None
 
     def close(self) -> None:
         if self._closed:
@@ -430,23 +523,17 @@ class SwornDisk:
                                   f"(0..{self.nr_blocks - 1})")
 
     def _guarded(self, fn) -> None:
-        """Runs a state-changing step; a device failure midway makes the disk unusable
-        (the on-disk state is consistent; the in-memory one may not be)."""
+        self._guarded_value(fn)
+
+    def _guarded_value(self, fn):
+        """Runs a state-changing step; any failure midway (device error, an internal
+        region full, a bug) makes the disk unusable: the on-disk state is consistent,
+        the in-memory one may not be. Reopening recovers to the last commit."""
         try:
-            fn()
-        except (NoSpaceError, InvalidArgument):
-            raise
+            return fn()
         except BaseException as e:
             self._failed = e
             raise
-
-    def _ensure_room(self, lba: int, n: int) -> None:
-        """ENOSPC before buffering, so that a buffered block can always be sealed (and a
-        full disk can still flush the discards that make room)."""
-        bmap = self._buf_map
-        new = n if not bmap else sum(1 for l in range(lba, lba + n) if l not in bmap)
-        if new + len(bmap) > self.space.free_blocks():
-            raise self.space.no_space()
 
     def _superseded(self, lba: int) -> bool:
         """True if something newer than the committed value of lba is buffered or pending."""
@@ -569,8 +656,8 @@ class SwornDisk:
         retired = self.index.compact()
         self.ispace.retire(retired)
         self.segtable.write_dirty()
-        self.pack_seq += 1
-        pack = Pack(self.pack_seq, self.journal.head_seq, self.journal.last_mac,
+        seq = self.pack_seq + 1
+        pack = Pack(seq, self.journal.head_seq, self.journal.last_mac,
                     meta={"commit_seq": self.commit_seq, "bits": self.index.catalog(),
                           "next_bit_id": self.index.next_bit_id, "counters": self.counters,
                           "journal_blocks_written": self.journal.blocks_written,
@@ -580,12 +667,16 @@ class SwornDisk:
                     segdir=self.segtable.directory(), ichunks=self.ispace.state)
         slot_bytes, mac = pack.encode(self._disk_key)
         if len(slot_bytes) > self.layout.checkpoint_blocks * BLOCK_SIZE:
-            raise NoSpaceError("the checkpoint pack outgrew its slot; use a larger meta device")
-        anchor = self.pack_seq, self.journal.head_seq
-        self.journal.append(encode_ops(self.fmt, [("K", self.pack_seq, mac)]))
-        self.meta.pwrite(slot_bytes, self.layout.checkpoint_slot(self.pack_seq % 2) * BLOCK_SIZE)
+            raise MetadataFullError(f"checkpoint pack {seq} outgrew its slot")
+        anchor = self.journal.head_seq
+        self.journal.append(encode_ops(self.fmt, [("K", seq, mac)]))
+        # Never over the trusted pack, whichever slot it was found in: until this one is
+        # durable, the trusted one is what recovery needs.
+        slot = 1 - self._pack_slot
+        self.meta.pwrite(slot_bytes, self.layout.checkpoint_slot(slot) * BLOCK_SIZE)
         self.meta.flush()
-        self.journal.anchor_seq = anchor[1]
+        self.pack_seq, self._pack_slot = seq, slot
+        self.journal.anchor_seq = anchor
         self.ispace.release_retired()
         self.segtable.release_retired()
         self.counters["checkpoints"] += 1

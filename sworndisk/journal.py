@@ -18,7 +18,7 @@ from typing import Iterator
 from . import crypto
 from .config import BLOCK_SIZE
 from .device import BlockDevice
-from .errors import IntegrityError, NoSpaceError
+from .errors import IntegrityError, MetadataFullError
 from .records import RecordFormat
 
 BLOCK_MAGIC = b"SDJB"
@@ -74,7 +74,7 @@ class Journal:
         """Writes one transaction and flushes the meta device; returns its first seq."""
         n = self.blocks_for(len(payload))
         if self.used() + n > self.nblocks:
-            raise NoSpaceError("the journal is full; the meta device is too small for this load")
+            raise MetadataFullError("the journal region is full before a checkpoint was due")
         first = self.head_seq
         blocks = []
         mac = self.last_mac

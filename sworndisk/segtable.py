@@ -21,7 +21,7 @@ import numpy as np
 from . import crypto
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS
 from .device import BlockDevice
-from .errors import IntegrityError, NoSpaceError
+from .errors import IntegrityError, MetadataFullError
 
 NONE = np.uint32(0xFFFF_FFFF)
 _NO_BLOCK = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
@@ -181,7 +181,7 @@ class SegmentTable:
             else:
                 blk = next(free, None)
                 if blk is None:
-                    raise NoSpaceError("the segment table region is full (meta device too small)")
+                    raise MetadataFullError("the segment table region is full")
                 self.region_used[blk] = True
                 blk += self.region_start
                 key = crypto.random_bytes(self.key_bytes)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import SEGMENT_BLOCKS
-from .errors import NoSpaceError
+from .errors import MetadataFullError, NoSpaceError
 from .segtable import NONE, SegmentTable
 
 CHUNK_FREE, CHUNK_USED, CHUNK_RETIRING = 0, 1, 2
@@ -205,7 +205,7 @@ class IndexSpace:
     def alloc(self) -> int:
         free = np.flatnonzero(self.state == CHUNK_FREE)
         if len(free) == 0:
-            raise NoSpaceError("the meta device's index region is full; use a larger meta device")
+            raise MetadataFullError("the index region is full")
         c = int(free[0])
         self.state[c] = CHUNK_USED
         return c

@@ -400,58 +400,76 @@ def test_device_read_error_surfaces():
     d.close()
 
 
-@pytest.mark.parametrize("fail_at", range(0, 8))
-def test_device_write_error_during_flush(fail_at):
-    """A write error in the middle of flush: flush raises, the disk refuses to continue
-    (or never acknowledges a flush it could not make durable), and a reopen shows the
-    state before or after that flush -- nothing else."""
-    rng = random.Random(fail_at)
+def _flush_scenario(seed: int, n_pre: int, n_post: int, size: int):
+    """A disk on fault-injecting devices with one flushed state (`pre`) and unflushed
+    writes on top of it (`post`); returns (disk, {"data": dev, "meta": dev}, inner
+    devices, pre, post)."""
+    rng = random.Random(seed)
     cfg = Config(memtable_records=16, level_ratio=2)
-    inner_data = MemoryDevice(DATA)
-    inner_meta = MemoryDevice(meta_size_for(DATA, NR, cfg))
-    fdata, fmeta = FaultyDevice(inner_data), FaultyDevice(inner_meta)
-    disk = SwornDisk.create(fdata, fmeta, KEY16, nr_blocks=NR, config=cfg)
+    inner = (MemoryDevice(DATA), MemoryDevice(meta_size_for(DATA, NR, cfg)))
+    faulty = {"data": FaultyDevice(inner[0]), "meta": FaultyDevice(inner[1])}
+    disk = SwornDisk.create(faulty["data"], faulty["meta"], KEY16, nr_blocks=NR, config=cfg)
     pre = Model(NR)
-    for i in range(10):
-        buf = make_blocks(rng, i * 3, 3, i)
-        disk.write(i * 3, buf)
-        pre.write(i * 3, buf)
+    for i in range(n_pre):
+        buf = make_blocks(rng, i * size, size, i)
+        disk.write(i * size, buf)
+        pre.write(i * size, buf)
     disk.flush()
     post = pre.copy()
-    for i in range(12):
-        buf = make_blocks(rng, 100 + i * 2, 2, 50 + i)
-        disk.write(100 + i * 2, buf)
-        post.write(100 + i * 2, buf)
-    # the k-th write across both devices fails
-    dev = fdata if fail_at % 2 == 0 else fmeta
-    dev.fail_write_after(fail_at // 2)
+    for i in range(n_post):
+        buf = make_blocks(rng, 100 + i * size, size, 50 + i)
+        disk.write(100 + i * size, buf)
+        post.write(100 + i * size, buf)
+    return disk, faulty, inner, pre, post
+
+
+def _ops_in_flush(scenario: dict, dev_name: str, counter: str) -> int:
+    """How many writes (or flushes) `dev_name` sees during the scenario's flush."""
+    disk, faulty, *_ = _flush_scenario(**scenario)
+    setattr(faulty[dev_name], counter, 0)
+    disk.flush()
+    return getattr(faulty[dev_name], counter)
+
+
+def _flush_with_fault(scenario: dict, dev_name: str, k: int, inject: str) -> None:
+    """The scenario's flush with the k-th device write (or flush) failing: the flush
+    raises, the fault fired, and a reopen shows the state before or after the flush. The
+    failed instance must not claim durability it cannot have checked: if a retry of the
+    flush succeeds once the fault is cleared, everything must really be durable."""
+    disk, faulty, inner, pre, post = _flush_scenario(**scenario)
+    getattr(faulty[dev_name], inject)(k)
+    with pytest.raises((OSError, SwornDiskError)):
+        disk.flush()
+    assert faulty[dev_name].failures == 1, f"{dev_name} {inject}({k}) never fired"
+    for dev in faulty.values():
+        dev.clear()
     try:
         disk.flush()
-        flushed = True
-    except (OSError, SwornDiskError):
-        flushed = False
-    if not flushed:
-        assert dev.failures == 1
-        fdata.clear()
-        fmeta.clear()
-        # the failed instance must not now claim durability it cannot have checked
-        try:
-            disk.flush()
-            later_ok = True
-        except (OSError, SwornDiskError):
-            later_ok = False
-        if later_ok:
-            allowed = [post]          # it re-did the flush: must really be durable
-        else:
-            allowed = [pre, post]
-    else:
-        assert dev.failures == 0, "flush succeeded although a device write failed"
         allowed = [post]
-    d = SwornDisk.open(inner_data, inner_meta, KEY16)
-    ok = [s for s in allowed if all(d.read(l, 1) == s.get(l) for l in
-                                    set(pre.blocks) | set(post.blocks))]
-    assert ok, f"fail_at={fail_at} flushed={flushed}: state is neither pre- nor post-flush"
+    except (OSError, SwornDiskError):
+        allowed = [pre, post]
+    d = SwornDisk.open(inner[0], inner[1], KEY16)
+    lbas = set(pre.blocks) | set(post.blocks)
+    ok = [s for s in allowed if all(d.read(l, 1) == s.get(l) for l in lbas)]
+    assert ok, f"{dev_name} {inject}({k}): state is neither pre- nor post-flush"
     d.close()
+
+
+def _fail_each(scenario: dict, dev_name: str, counter: str, inject: str) -> None:
+    """Runs the scenario once per device write (or flush) its flush makes, failing that one."""
+    n = _ops_in_flush(scenario, dev_name, counter)
+    assert n >= 1, f"a flush made no {counter} on the {dev_name} device"
+    for k in range(n):
+        _flush_with_fault(scenario, dev_name, k, inject)
+
+
+WRITE_SCENARIO = dict(seed=7, n_pre=10, n_post=12, size=2)
+
+
+@pytest.mark.parametrize("dev_name", ["data", "meta"])
+def test_device_write_error_during_flush(dev_name):
+    """Every write a flush makes to the device, in turn, fails."""
+    _fail_each(WRITE_SCENARIO, dev_name, "writes", "fail_write_after")
 
 
 def test_swapped_devices():
@@ -465,46 +483,10 @@ def test_swapped_devices():
     d.close()
 
 
-@pytest.mark.parametrize("fail_at", range(0, 6))
-def test_device_flush_error(fail_at):
-    """The device's flush (the durability barrier) fails: the disk flush raises, and the
-    disk never later reports success for data that may not be durable."""
-    rng = random.Random(100 + fail_at)
-    cfg = Config(memtable_records=16, level_ratio=2)
-    inner_data = MemoryDevice(DATA)
-    inner_meta = MemoryDevice(meta_size_for(DATA, NR, cfg))
-    fdata, fmeta = FaultyDevice(inner_data), FaultyDevice(inner_meta)
-    disk = SwornDisk.create(fdata, fmeta, KEY16, nr_blocks=NR, config=cfg)
-    pre = Model(NR)
-    for i in range(8):
-        buf = make_blocks(rng, i * 4, 4, i)
-        disk.write(i * 4, buf)
-        pre.write(i * 4, buf)
-    disk.flush()
-    post = pre.copy()
-    for i in range(20):
-        buf = make_blocks(rng, 64 + i, 1, 100 + i)
-        disk.write(64 + i, buf)
-        post.write(64 + i, buf)
-    dev = fdata if fail_at % 2 == 0 else fmeta
-    dev.fail_flush_after(fail_at // 2)
-    try:
-        disk.flush()
-        failed = False
-    except (OSError, SwornDiskError):
-        failed = True
-    assert failed == (dev.failures == 1), \
-        f"fail_at={fail_at}: device flush failures={dev.failures} but disk flush failed={failed}"
-    allowed = [post]
-    if failed:
-        # a retry may only succeed if it really made everything durable
-        try:
-            disk.flush()
-        except (OSError, SwornDiskError):
-            allowed = [pre, post]
-    d = SwornDisk.open(inner_data, inner_meta, KEY16)
-    lbas = set(pre.blocks) | set(post.blocks)
-    ok = [s for s in allowed
-          if all(d.read(l, 1) == s.get(l) for l in lbas)]
-    assert ok, f"fail_at={fail_at} failed={failed}: state is neither pre- nor post-flush"
-    d.close()
+FLUSH_SCENARIO = dict(seed=100, n_pre=8, n_post=20, size=1)
+
+
+@pytest.mark.parametrize("dev_name", ["data", "meta"])
+def test_device_flush_error(dev_name):
+    """Every device flush (the durability barrier) a disk flush makes, in turn, fails."""
+    _fail_each(FLUSH_SCENARIO, dev_name, "flushes", "fail_flush_after")
