@@ -10,7 +10,7 @@ recorded in the superblock, so `open` never recomputes them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS, Config
 from .errors import DeviceTooSmall, InvalidArgument
@@ -23,6 +23,66 @@ MAX_BITS = 64                  # BIT catalog entries per checkpoint (levels x ra
 def leaf_capacity(record_size: int) -> int:
     from .bit import NODE_HEADER
     return (BLOCK_SIZE - NODE_HEADER.size) // record_size
+
+
+MIN_MEMTABLE = 1024            # records: the smallest MemTable fit_config chooses
+
+
+def fit_config(config: Config, nr_blocks: int) -> Config:
+    """The Config a disk of `nr_blocks` is formatted with: the MemTable shrinks to 1/64 of
+    the logical size (at least MIN_MEMTABLE records), because level 0 holds up to
+    level_ratio + 1 MemTables' worth of BITs and on a small disk that, not the live index,
+    would set the meta device's size. Recorded in the superblock like every Config."""
+    mem = min(config.memtable_records, max(MIN_MEMTABLE, nr_blocks // 64))
+    return replace(config, memtable_records=mem)
+
+
+def max_bit_records(live: int, config: Config) -> int:
+    """Records in one level-0 BIT: a MemTable is compacted at the first commit that fills
+    it, so it holds at most memtable_records plus one autocommit's records."""
+    return min(live, config.memtable_records + config.autocommit_bytes // BLOCK_SIZE)
+
+
+def level_caps(live: int, config: Config) -> list[int]:
+    """Record limits of levels 1..d-1 (a level spills into the next beyond its limit);
+    level d, the bottom, is unlimited and holds at most `live` records.
+
+    Sized from the bottom up (each level level_ratio times the one above it, the bottom
+    `live`) rather than from the MemTable down, so the upper levels together stay near
+    1/(ratio-1) of the live index whatever the disk size (RocksDB's dynamic level bytes)."""
+    depth = 1
+    while config.memtable_records * config.level_ratio ** depth < live:
+        depth += 1
+    return [max(config.memtable_records, live // config.level_ratio ** (depth - i))
+            for i in range(1, depth)]
+
+
+def level0_records(live: int, config: Config) -> int:
+    """Records level 0 may hold: it spills once it has more than level_ratio BITs or
+    level_ratio MemTables' worth of records, one merge per checkpoint, so while deeper
+    merges are pending it may gain one more BIT per level."""
+    pending = len(level_caps(live, config)) + 1
+    bit = max_bit_records(live, config)
+    return min(config.level_ratio * config.memtable_records + pending * bit,
+               (config.level_ratio + pending) * bit)
+
+
+def index_chunks_needed(live: int, config: Config, record_size: int) -> int:
+    """Index chunks at the worst moment, a checkpoint that merges into the bottom level.
+
+    Live then: level 0, every upper level (at most its limit plus one merge's inflow),
+    the old bottom (`live` records) and the new one being built (`live`). A checkpoint
+    does at most one merge, so the inputs it retires, freed once the pack is durable,
+    are the ones counted here, never a whole cascade's."""
+    caps = level_caps(live, config)
+    l0 = level0_records(live, config)
+    records = l0 + sum(min(live, cap + l0) for cap in caps) + 2 * live
+    bits = config.level_ratio + 2 * len(caps) + 4
+    fanout = leaf_capacity(record_size)
+    nodes = -(-records // fanout)
+    nodes += nodes // (fanout - 1) + 2 * bits        # interior nodes and roots
+    # Each BIT rounds up to whole chunks; slack for the allocator.
+    return -(-nodes // INDEX_CHUNK_BLOCKS) + bits + 8
 
 
 def auto_reserve_segments(data_segments: int) -> int:
@@ -110,25 +170,21 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
     if nr_blocks > MAX_LOGICAL_BLOCKS:
         raise InvalidArgument(f"nr_blocks may be at most {MAX_LOGICAL_BLOCKS} (16 TiB)")
 
+    config = fit_config(config, nr_blocks)
     rec = 28 + 8 + 8 + config.cipher_key_bytes
-    fanout = leaf_capacity(rec)
-    # Checkpoint slot: header block + body (BIT catalog, segment directory, chunk map, scalars).
     live = min(nr_blocks, data_blocks)     # index records can only name data blocks
-    leaves = -(-live // fanout)
-    index_chunks_needed = -(-(leaves + leaves // (fanout - 1) + 2) // INDEX_CHUNK_BLOCKS)
-    # A BIT holds at most one record per LBA: small disks need less than a full MemTable.
-    mem_leaves = -(-min(config.memtable_records, nr_blocks) // fanout)
-    l0_chunks = (config.level_ratio + 2) * (-(-(mem_leaves + 2) // INDEX_CHUNK_BLOCKS) + 1)
-    # Live index, a full copy during the largest major compaction, L0, and slack.
-    index_chunks = 2 * index_chunks_needed + 2 * l0_chunks + 8
+    index_chunks = index_chunks_needed(live, config, rec)
     dir_entry = 8 + config.cipher_key_bytes + 12 + 16 + 2
-    body = (4096 + MAX_BITS * (256 + 8 * index_chunks) + dir_entry * data_segments
+    # Checkpoint body: scalars, the BIT catalog (each index chunk is named by at most one
+    # BIT, as a JSON number), the segment directory, the chunk state map.
+    body = (4096 + MAX_BITS * 256 + 12 * index_chunks + dir_entry * data_segments
             + index_chunks + 4096)
     checkpoint_blocks = 1 + -(-body // BLOCK_SIZE)
-    # Journal: at least 4 MiB and room for 4 MemTables' worth of records between checkpoints.
-    per_block = BLOCK_SIZE - 64
-    journal_blocks = max(1024, 4 * -(-min(config.memtable_records, nr_blocks) * (rec + 1)
-                                      // per_block) + 64)
+    # Journal: a checkpoint is due when the MemTable fills or the journal is half used;
+    # sized so that the MemTable fills first, and at least 4 MiB (the largest transaction,
+    # an autocommit's records, is a quarter of that).
+    journal_blocks = max(1024, 2 * -(-max_bit_records(live, config) * (rec + 1)
+                                      // (BLOCK_SIZE - 64)) + 64)
     # Segment table: one detail block per data segment, twice (out-of-place rewrites).
     segtable_blocks = 2 * data_segments + 16
     start = 2

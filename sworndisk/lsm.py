@@ -1,11 +1,14 @@
 """The disk-oriented secure LSM-tree: the committed MemTable over levels of BITs.
 
-Level 0 holds up to `level_ratio` BITs, newest first, each a former MemTable (minor
-compaction). When L0 overflows, all of L0 and L1 merge into one new L1 BIT; level i >= 1
-holds a single BIT and merges into level i+1 when it exceeds memtable_records *
-level_ratio**i records (major compaction). The newest record of an LBA wins; tombstones
-drop out when the merge writes the deepest level. Merges stream leaf by leaf, so memory
-stays bounded by a few leaves per input whatever the disk size.
+Level 0 holds BITs, newest first, each a former MemTable (minor compaction). When L0 has
+more than `level_ratio` BITs or `level_ratio` MemTables' worth of records, all of L0 and
+L1 merge into one new L1 BIT; level i >= 1 holds a single BIT and merges into level i+1
+when it exceeds its limit (layout.level_caps: sized from the bottom, which holds the
+whole live index). A compaction does at most one merge, the shallowest due, so that the
+inputs it retires are freed by the very next checkpoint and index space never has to
+hold a whole cascade (layout.index_chunks_needed). The newest record of an LBA wins;
+tombstones drop out when the merge writes the deepest level. Merges stream leaf by leaf,
+so memory stays bounded by a few leaves per input whatever the disk size.
 """
 from __future__ import annotations
 
@@ -15,18 +18,19 @@ import numpy as np
 
 from .bit import Bit, BitBuilder, BitMeta, NodeStore
 from .config import Config
-from .layout import INDEX_CHUNK_BLOCKS
+from .layout import INDEX_CHUNK_BLOCKS, level_caps
 from .memtable import MemTable
 from .records import TOMBSTONE_HBA, RecordFormat
 
 
 
 class LsmIndex:
-    def __init__(self, fmt: RecordFormat, store: NodeStore, config: Config,
+    def __init__(self, fmt: RecordFormat, store: NodeStore, config: Config, live: int,
                  alloc_chunk: Callable[[], int], chunk_block: Callable[[int], int]):
         self.fmt = fmt
         self.store = store
         self.config = config
+        self.caps = level_caps(live, config)      # limits of levels 1..; the last is bottom
         self.alloc_chunk = alloc_chunk
         self.chunk_block = chunk_block
         self.memtable = MemTable(fmt)
@@ -156,11 +160,9 @@ class LsmIndex:
                 self.levels[0].insert(0, bit)
             self.memtable.clear()
             self.minor_compactions += 1
-        lvl = 0
-        while lvl < len(self.levels):
-            if self._overfull(lvl):
-                retired += self._merge_down(lvl)
-            lvl += 1
+        due = next((lvl for lvl in range(len(self.levels)) if self._overfull(lvl)), None)
+        if due is not None:
+            retired += self._merge_down(due)
         while self.levels and not self.levels[-1]:
             self.levels.pop()
         return retired
@@ -168,9 +170,10 @@ class LsmIndex:
     def _overfull(self, lvl: int) -> bool:
         level = self.levels[lvl]
         if lvl == 0:
-            return len(level) > self.config.level_ratio
-        limit = self.config.memtable_records * self.config.level_ratio ** lvl
-        return bool(level) and level[0].meta.count > limit
+            return (len(level) > self.config.level_ratio
+                    or sum(b.meta.count for b in level)
+                    > self.config.level_ratio * self.config.memtable_records)
+        return lvl <= len(self.caps) and bool(level) and level[0].meta.count > self.caps[lvl - 1]
 
     def _merge_down(self, lvl: int) -> list[int]:
         if lvl + 1 == len(self.levels):
@@ -188,9 +191,6 @@ class LsmIndex:
         self.levels[lvl + 1] = [new] if new is not None else []
         self.major_compactions += 1
         return retired
-
-    def node_count(self) -> int:
-        return sum(len(b.meta.chunks) for b in self.bits()) * INDEX_CHUNK_BLOCKS
 
 
 def merge_streams(streams: list) -> "iter[np.ndarray]":
