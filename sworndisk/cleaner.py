@@ -2,10 +2,13 @@
 
 A victim's still-valid blocks are found through the DST bitmap, their LBAs through the
 RIT, and each is confirmed against the index (the RIT is only a hint: a block moves only
-if the committed index still maps its LBA to it, and nothing newer is pending). The
-ciphertext moves as is, with its key, nonce and MAC: no decryption, no new key material,
-and a replay of the old copy at the old place stays useless because no record points
-there any more. The moves are ordinary uncommitted write records; the victim frees itself
+if the committed index still maps its LBA to it, and nothing newer is pending). Each is
+verified (decrypted with its record's key) before it moves: a block tampered with while
+the disk was online would otherwise be copied, and its place reused, turning one bad
+block into permanent loss. One that fails stays where it is, keeps its segment from
+being cleaned, and is reported (log and stats). The ciphertext moves as is, with its
+key, nonce and MAC: no new key material, and a replay of the old copy at the old place
+stays useless because no record points there any more. The moves are ordinary uncommitted write records; the victim frees itself
 when they commit, by the commit-time invalidation that every overwrite uses.
 
 Policy (see docs/cleaning.md): threaded logging (filling holes of used segments) absorbs
@@ -15,24 +18,30 @@ reserve, cost-benefit (age x free / valid) otherwise. Work per step is one segme
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
+from . import crypto
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS
 from .errors import IntegrityError
 from .segtable import NONE
+
+log = logging.getLogger("sworndisk.cleaner")
 
 
 class Cleaner:
     def __init__(self, disk, max_util: float = 0.35):
         self.disk = disk
         self.max_util = max_util
+        self.quarantined: set[int] = set()    # segments holding a block that failed to verify
 
     def pick_victim(self, greedy: bool) -> int | None:
         sp = self.disk.space
         used = (sp.seg_valid > 0) & (sp.seg_busy == 0)
         if 0 <= sp.head_seg:
             used[sp.head_seg] = False
-        for s in sp.excluded:
+        for s in sp.excluded | self.quarantined:
             used[s] = False
         cand = np.flatnonzero(used & (sp.seg_valid <= int(self.max_util * SEGMENT_BLOCKS)))
         if len(cand) == 0:
@@ -43,8 +52,9 @@ class Cleaner:
         age = (self.disk.commit_seq - sp.seg_stamp[cand] + 1).astype(float)
         return int(cand[np.argmax((1 - u) * age / (1 + u))])
 
-    def clean(self, victim: int) -> int:
-        """Moves the victim's valid blocks (uncommitted); returns how many moved."""
+    def clean(self, victim: int) -> int | None:
+        """Moves the victim's valid blocks (uncommitted); returns how many moved, or None
+        if there is no room outside the victim to move them into (nothing staged)."""
         disk, sp, fmt = self.disk, self.disk.space, self.disk.fmt
         base = victim * SEGMENT_BLOCKS
         seg_lbas = sp.segment_lbas(victim)
@@ -64,7 +74,13 @@ class Cleaner:
             moves.append((h, l, v))
         if not moves:
             return 0
+        holes = SEGMENT_BLOCKS - int(sp.seg_valid[victim]) - int(sp.seg_busy[victim])
+        if len(moves) > sp.free_blocks() - len(disk._buf_map) - holes:
+            return None
         raw = disk.data.pread(SEGMENT_BLOCKS * BLOCK_SIZE, base * BLOCK_SIZE)
+        moves = self._verified(victim, raw, moves)
+        if not moves:
+            return 0
         runs = sp.alloc(len(moves))
         i = 0
         new_hbas = []
@@ -85,3 +101,21 @@ class Cleaner:
         disk.counters["blocks_moved"] += len(moves)
         disk.counters["cleaning_runs"] += 1
         return len(moves)
+
+    def _verified(self, victim: int, raw: bytes, moves: list) -> list:
+        """The moves whose ciphertext authenticates under its record; the others are
+        reported and left in place (their LBA reads as IntegrityError, as before)."""
+        fmt, base, good = self.disk.fmt, victim * SEGMENT_BLOCKS, []
+        for h, l, v in moves:
+            _, key, nonce, mac = fmt.split(v)
+            off = (h - base) * BLOCK_SIZE
+            try:
+                crypto.decrypt(key, nonce, raw[off:off + BLOCK_SIZE], mac, f"data block {h}")
+            except IntegrityError:
+                log.warning("cleaning: data block %d (LBA %d) fails to verify; not moved, "
+                            "segment %d will not be cleaned", h, l, victim)
+                self.disk.counters["cleaning_unverified_blocks"] += 1
+                self.quarantined.add(victim)
+                continue
+            good.append((h, l, v))
+        return good

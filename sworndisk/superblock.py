@@ -77,6 +77,16 @@ def read_salt(blk: bytes) -> bytes | None:
     return salt if flags & FLAG_KDF else None
 
 
+def key_verifies(copies: list[bytes], root: bytes) -> bool:
+    """True if the key check of some superblock copy accepts `root`."""
+    for blk in copies:
+        if has_magic(blk):
+            _, _, _, disk_uuid, _, check, _, _ = _HDR.unpack_from(blk)
+            if hmac.compare_digest(check, key_check(root, disk_uuid)):
+                return True
+    return False
+
+
 def decode(copies: list[bytes], root: bytes) -> Superblock:
     """Verifies the first copy that authenticates; the other copy is a spare."""
     if not any(has_magic(b) for b in copies):
