@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the device (I/O waits) if the server dies; see recover")
     a.add_argument("--queues", type=_positive, default=1, metavar="N", help="default 1")
     a.add_argument("--depth", type=_positive, default=64, metavar="N", help="default 64")
+    a.add_argument("--yes", action="store_true",
+                   help="with <format> force: overwrite a meta device that already holds a "
+                        "SwornDisk without asking (needed where there is no terminal to "
+                        "type YES on)")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
 
     d = sub.add_parser("del", help="stop and delete devices (engine flushed and closed)")
@@ -114,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         commands.add(commands.read_table_text(args.table, sys.stdin),
                      key_file=args.key_file, foreground=args.foreground,
                      recoverable=args.recoverable, queues=args.queues, depth=args.depth,
-                     stdin_free=args.table != ["-"], on_ready=_ready_printer(args.json))
+                     stdin_free=args.table != ["-"], on_ready=_ready_printer(args.json),
+                     yes=args.yes)
     elif args.command == "recover":
         commands.recover(args.dev_id, key_file=args.key_file, foreground=args.foreground,
                          on_ready=_ready_printer(args.json))

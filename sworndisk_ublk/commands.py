@@ -16,10 +16,10 @@ from typing import Any, Callable, Dict, List, Optional
 from . import state
 from .busy import device_users
 from .daemon import Ready, ServerOptions, run_foreground, start_background
-from .errors import DRIVER_MISSING_MESSAGE, NOT_ROOT_MESSAGE, CliError, ExitCode
+from .errors import DRIVER_MISSING_MESSAGE, NOT_ROOT_MESSAGE, CliError, ExitCode, to_cli_error
 from .keys import get_key_source
-from .table import Table, format_bytes, parse_table, resolve_devices
-from .volume import check_meta_size, will_format
+from .table import Table, format_bytes, parse_table, resolve_devices, same_device
+from .volume import check_meta_size, confirm_overwrite, will_format
 
 CONTROL_DEVICE = "/dev/ublk-control"
 POLL = 0.2
@@ -45,12 +45,27 @@ def device_exists(dev_id: int) -> bool:
 
 
 def _require_devices_free(table: Table) -> None:
-    """Refuse devices another SwornDisk uses, or block devices that are mounted or open."""
+    """Refuse, before asking anything, devices that have an owner: an open SwornDisk (the
+    engine's lock, whatever path it was opened by), a device whose server died and that
+    waits for `recover`, or a block device that is mounted or open. The server's own open
+    is the check that counts (two racing adds both get here); this one fails early."""
+    from sworndisk.device import check_unowned
+    from sworndisk.errors import DeviceBusyError
     for role, path in (("data", table.data_dev), ("meta", table.meta_dev)):
+        try:
+            check_unowned(path, f"{role} device")
+        except DeviceBusyError as e:
+            raise to_cli_error(e) from None
         for st in state.load_all():
-            if path in (st.data, st.meta) and (st.server_alive() or device_exists(st.dev_id)):
-                raise CliError(f"{role} device {path} is already used by {st.dev_path}",
-                               ExitCode.BUSY)
+            if not any(same_device(path, p) for p in (st.data, st.meta)):
+                continue
+            if st.server_alive():
+                raise CliError(f"{role} device {path} is used by {st.dev_path} (server pid "
+                               f"{st.pid})", ExitCode.BUSY)
+            if device_exists(st.dev_id):
+                raise CliError(f"{role} device {path} belongs to {st.dev_path}, whose server "
+                               f"died: recover -n {st.dev_id} to resume it, or del -n "
+                               f"{st.dev_id} to drop it, first", ExitCode.BUSY)
         users = device_users(path)
         if users:
             raise CliError(f"{role} device {path} is busy: {', '.join(users)}", ExitCode.BUSY)
@@ -67,8 +82,9 @@ def read_table_text(words: List[str], stdin: Any) -> str:
 
 def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverable: bool,
         queues: int, depth: int, stdin_free: bool,
-        on_ready: Callable[[Ready], None]) -> None:
-    """Parse and check everything, ask for the key, then start the server."""
+        on_ready: Callable[[Ready], None], yes: bool = False) -> None:
+    """Parse and check everything, confirm the overwrite of an existing SwornDisk (unless
+    `yes`), ask for the key, then start the server."""
     table = resolve_devices(parse_table(table_text))
     if table.rounding_note:
         print(f"sworndisk-ublk: note: {table.rounding_note}", file=sys.stderr)
@@ -78,6 +94,7 @@ def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverab
     formatting = will_format(table)
     if formatting:
         check_meta_size(table)
+        confirm_overwrite(table, assume_yes=yes)
     source = get_key_source(key_file, table.meta_dev, new=formatting, stdin_free=stdin_free)
     opts = ServerOptions(table=table, recoverable=recoverable, queues=queues, depth=depth)
     _launch(opts, source, foreground, on_ready)

@@ -50,6 +50,8 @@ def to_cli_error(exc: BaseException, meta: str = "the meta device") -> CliError:
     if isinstance(exc, CliError):
         return exc
     import sworndisk.errors as se
+    if isinstance(exc, se.DeviceBusyError):       # names the device and its holder
+        return CliError(str(exc), ExitCode.BUSY)
     if isinstance(exc, se.WrongKeyError):
         return CliError(f"wrong key for the SwornDisk on {meta} (or its superblock was "
                         f"tampered with)", ExitCode.KEY)

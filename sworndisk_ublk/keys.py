@@ -15,12 +15,12 @@ lives in the SwornDisk superblock, so the same passphrase opens the disk again.
 from __future__ import annotations
 
 import getpass
-import os
 import string
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import terminal
 from .errors import CliError, ExitCode
 
 RAW_KEY_SIZES = (16, 32)
@@ -78,12 +78,7 @@ def load_key_file(path: str) -> KeySource:
 
 
 def _terminal_available() -> bool:
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+    return terminal.available()
 
 
 def _read_terminal(prompt: str, confirm: bool) -> bytes:

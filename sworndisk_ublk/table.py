@@ -155,6 +155,14 @@ def _identity(st: os.stat_result) -> tuple:
     return ("blk", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
 
 
+def same_device(a: str, b: str) -> bool:
+    """True if both paths name one device or file (through symlinks or hard links)."""
+    try:
+        return _identity(os.stat(a)) == _identity(os.stat(b))
+    except OSError:
+        return False
+
+
 def resolve_devices(table: Table) -> Table:
     """Check that both devices exist, differ and are usable; return absolute paths.
 

@@ -4,6 +4,7 @@
 formats only a meta device that holds no SwornDisk at all.  A meta device that holds one
 which fails to open (wrong key, failed MAC) is never formatted under ``true``: that is
 an attack or a user mistake, and it is reported instead of being "repaired" by wiping.
+``force`` on a meta device that holds a SwornDisk asks first, as cryptsetup does.
 
 Everything here runs before the device is exposed, so every size problem is found before
 a single byte is written.
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import terminal
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource, derive_key
 from .table import BLOCK_SIZE, Table, device_size, format_bytes
@@ -37,16 +39,42 @@ class Capacity:
                 f"usable capacity {format_bytes(self.usable)}{thin}")
 
 
+def holds_sworndisk(meta: str) -> bool:
+    """True if the meta device carries a SwornDisk superblock (it is only read)."""
+    try:
+        return _engine().probe(meta)
+    except Exception as e:             # noqa: BLE001 - reported as a one-line error
+        raise to_cli_error(e, meta) from None
+
+
 def will_format(table: Table) -> bool:
     """Apply <format>: force -> yes, false -> no, true -> only if there is no SwornDisk."""
     if table.format == "force":
         return True
     if table.format == "false":
         return False
-    try:
-        return not _engine().probe(table.meta_dev)
-    except Exception as e:             # noqa: BLE001 - reported as a one-line error
-        raise to_cli_error(e, table.meta_dev) from None
+    return not holds_sworndisk(table.meta_dev)
+
+
+OVERWRITE_QUESTION = (
+    "\nWARNING!\n========\nThis will overwrite the SwornDisk on {meta} irrevocably: "
+    "everything stored on it is lost.\n\nAre you sure? (Type 'yes' in capital letters): ")
+
+
+def confirm_overwrite(table: Table, *, assume_yes: bool) -> None:
+    """`force` on a meta device that already holds a SwornDisk destroys that disk: go on
+    only if the user types YES on the terminal, as cryptsetup asks, or gave --yes. With
+    no terminal and no --yes, refuse. A blank meta device needs no question."""
+    if table.format != "force" or assume_yes or not holds_sworndisk(table.meta_dev):
+        return
+    answer = terminal.ask(OVERWRITE_QUESTION.format(meta=table.meta_dev))
+    if answer is None:
+        raise CliError(f"{table.meta_dev} holds a SwornDisk, which <format> force would "
+                       f"destroy, and there is no terminal to confirm on: add --yes to "
+                       f"overwrite it, or use <format> false to open it", ExitCode.USAGE)
+    if answer != "YES":
+        raise CliError(f"not confirmed (YES was not typed): the SwornDisk on "
+                       f"{table.meta_dev} was left as it was", ExitCode.FAILED)
 
 
 def capacity(table: Table) -> Capacity:

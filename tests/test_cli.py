@@ -10,13 +10,21 @@ import errno
 import io
 import json
 import os
+import pty
+import select
+import signal
+import sys
 import threading
+import time
+import traceback
 import types
 
 import pytest
 
 from sworndisk_ublk import cli, commands, keys, state, table as tbl
 from sworndisk_ublk.errors import CliError, ExitCode
+
+from .owner_process import digest, mark_of, own, path_forms
 
 KEY_HEX = "00112233445566778899aabbccddeeff"
 SECRET = "deadbeefdeadbeefdeadbeefdeadbeef"
@@ -597,3 +605,237 @@ def test_daemon_reports_shim_errors(capsys, tmp_path, fake_driver, monkeypatch):
     code, _, err = run_cli(capsys, "add", "--key-file", str(keyfile),
                            f"0 {32 * MiB // 512} sworndisk {data} {meta} 0 force")
     assert code == ExitCode.BUSY and "busy" in err
+
+
+# --- one owner per disk, force on an existing SwornDisk (issue 7) -------------------------
+
+SECTORS = 32 * MiB // 512
+QUESTION = "Are you sure? (Type 'yes' in capital letters): "
+
+
+@pytest.fixture
+def served(tmp_path, fake_driver, monkeypatch):
+    """`add` runs for real up to the kernel: root, a fake driver, a fake ublk server (forked
+    children inherit them). Gives the key file; a device left behind is deleted."""
+    shim, _ = shim_or_skip()
+    monkeypatch.setattr(shim, "UblkServer", FakeUblkServer)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    keyfile = tmp_path / "key"
+    keyfile.write_text(KEY_HEX + "\n")
+    yield str(keyfile)
+    if state.load(FakeUblkServer.next_id) is not None:
+        assert cli.main(["del", "-n", str(FakeUblkServer.next_id)]) == 0
+
+
+def one_error_line(output: str) -> str:
+    lines = [ln for ln in output.replace("\r", "").splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sworndisk-ublk: error: "), output
+    return lines[0]
+
+
+def _cli_child(argv, start_fd=None):
+    """Body of a forked CLI run: stdio on fds 0-2 (not pytest's capture), exit with the
+    CLI's code; with `start_fd`, wait for one byte on it first (a starting gun)."""
+    code = 70
+    try:
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        if start_fd is not None:
+            os.read(start_fd, 1)
+        code = cli.main(list(argv))
+    except BaseException:              # noqa: BLE001 - the test reads it
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def start_detached(*argv, start_fd=None):
+    """Fork a CLI run with no controlling terminal (setsid), stdin /dev/null and its
+    output on a pipe; returns (pid, read end)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        os.close(null)
+        os.close(w)         # else the server it forks keeps the pipe open: no EOF here
+        _cli_child(argv, start_fd)
+    os.close(w)
+    return pid, r
+
+
+def finish(pid, r):
+    """(exit code, output) of a started CLI run."""
+    with os.fdopen(r) as f:
+        out = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out
+
+
+def run_detached(*argv):
+    return finish(*start_detached(*argv))
+
+
+def run_on_terminal(answer, *argv, timeout=120.0):
+    """Run the CLI on a new pseudo-terminal (its controlling terminal) and type `answer`
+    when it asks; with `answer` None, a question kills the run. (exit code, output)."""
+    pid, master = pty.fork()
+    if pid == 0:
+        _cli_child(argv)
+    out, status = b"", None
+    deadline = time.monotonic() + timeout
+    while status is None and time.monotonic() < deadline:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                out += os.read(master, 4096)
+            except OSError:            # EIO: nothing has the terminal open any more
+                pass
+            if QUESTION.encode() in out and b"\n" not in out.split(QUESTION.encode())[-1]:
+                if answer is None:
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    os.write(master, answer.encode() + b"\n")
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+    while select.select([master], [], [], 0)[0]:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace").replace("\r", "")
+
+
+@pytest.fixture
+def existing(tmp_path):
+    """Images holding a SwornDisk whose block 3 is written."""
+    SwornDisk = engine_or_skip()
+    data, meta = sized_images(tmp_path)
+    with SwornDisk.create(data, meta, bytes.fromhex(KEY_HEX)) as disk:
+        disk.write(3, b"x" * 4096)
+    return data, meta
+
+
+def block3(data, meta) -> bytes:
+    from sworndisk import SwornDisk
+    with SwornDisk.open(data, meta, bytes.fromhex(KEY_HEX)) as disk:
+        return disk.read(3, 1)
+
+
+def force_table(data, meta) -> str:
+    return f"0 {SECTORS} sworndisk {data} {meta} 0 force"
+
+
+def test_cli_add_of_an_owned_disk_is_one_busy_line(capsys, tmp_path, served):
+    data, meta = sized_images(tmp_path)
+    owner = own("create", data, meta)
+    try:
+        before = digest(data, meta)
+        for form, (d, m) in path_forms(tmp_path, data, meta).items():
+            code, out, err = run_cli(capsys, "add", "--yes", "--key-file", served,
+                                     force_table(d, m))
+            line = one_error_line(err)
+            assert code == ExitCode.BUSY and out == "", (form, err)
+            assert line.startswith(f"sworndisk-ublk: error: data device {d} "), line
+            assert f"is in use: locked by pid {owner.pid} " in line, line
+        assert digest(data, meta) == before, "a refused add wrote to the images"
+    finally:
+        owner.release()
+    from sworndisk import SwornDisk
+    with SwornDisk.open(data, meta, bytes.fromhex(KEY_HEX)) as disk:
+        assert mark_of(disk.read(0, 1)) == "owner"
+
+
+def test_cli_add_refused_by_its_server_when_the_owner_came_after_the_check(
+        capsys, tmp_path, served, monkeypatch):
+    """The early check is a hint; the server's open is the lock that counts: an owner that
+    appears between the two still wins, and `add` says so in one line."""
+    import sworndisk.device
+    monkeypatch.setattr(sworndisk.device, "check_unowned", lambda path, what: None)
+    data, meta = sized_images(tmp_path)
+    owner = own("create", data, meta)
+    try:
+        before = digest(data, meta)
+        code, out, err = run_cli(capsys, "add", "--yes", "--key-file", served,
+                                 force_table(data, meta))
+        line = one_error_line(err)
+        assert code == ExitCode.BUSY and out == "" and state.load_all() == [], err
+        assert f"data device {data} is in use: locked by pid {owner.pid} " in line, line
+        assert digest(data, meta) == before
+    finally:
+        owner.release()
+
+
+def test_racing_adds_exactly_one_wins(tmp_path, served):
+    SwornDisk = engine_or_skip()
+    data, meta = sized_images(tmp_path)
+    forms = path_forms(tmp_path, data, meta)
+    gun_r, gun_w = os.pipe()
+    runs = [start_detached("add", "--yes", "--key-file", served, force_table(*forms[form]),
+                           start_fd=gun_r) for form in ("same path", "symlink")]
+    os.close(gun_r)
+    os.write(gun_w, b"go")                 # both start at once
+    os.close(gun_w)
+    results = [finish(*run) for run in runs]
+    assert sorted(code for code, _ in results) == [0, ExitCode.BUSY], results
+    winner, loser = sorted(results, key=lambda r: r[0])
+    assert winner[1].startswith("/dev/ublkb7\n"), winner
+    assert "is in use" in one_error_line(loser[1])
+    assert cli.main(["del", "-n", "7"]) == 0
+    SwornDisk.open(data, meta, bytes.fromhex(KEY_HEX)).close()
+
+
+def test_force_on_a_sworndisk_without_a_terminal_needs_yes(served, existing):
+    data, meta = existing
+    before = digest(meta)
+    code, out = run_detached("add", "--key-file", served, force_table(data, meta))
+    line = one_error_line(out)
+    assert code == ExitCode.USAGE and "no terminal" in line and "--yes" in line, out
+    assert digest(meta) == before and block3(data, meta) == b"x" * 4096
+    code, out = run_detached("add", "--yes", "--key-file", served, force_table(data, meta))
+    assert code == 0 and QUESTION not in out, out
+    assert cli.main(["del", "-n", "7"]) == 0
+    assert block3(data, meta) == bytes(4096)           # a new, empty disk
+
+
+@pytest.mark.parametrize("answer", ["yes", "", "YES please"])
+def test_force_on_a_sworndisk_not_confirmed_on_the_terminal(served, existing, answer):
+    data, meta = existing
+    before = digest(meta)
+    code, out = run_on_terminal(answer, "add", "--key-file", served, force_table(data, meta))
+    assert f"This will overwrite the SwornDisk on {meta} irrevocably" in out, out
+    assert QUESTION in out and code == ExitCode.FAILED, out
+    assert "sworndisk-ublk: error: not confirmed" in out and "Traceback" not in out, out
+    assert digest(meta) == before and block3(data, meta) == b"x" * 4096
+
+
+def test_force_on_a_sworndisk_confirmed_with_YES_on_the_terminal(served, existing):
+    data, meta = existing
+    code, out = run_on_terminal("YES", "add", "--key-file", served, force_table(data, meta))
+    assert QUESTION in out and code == 0 and "/dev/ublkb7" in out, out
+    assert cli.main(["del", "-n", "7"]) == 0
+    assert block3(data, meta) == bytes(4096)
+
+
+def test_force_asks_nothing_with_yes_or_on_a_blank_device(served, existing, tmp_path):
+    data, meta = existing
+    code, out = run_on_terminal(None, "add", "--yes", "--key-file", served,
+                                force_table(data, meta))
+    assert code == 0 and QUESTION not in out, out
+    assert cli.main(["del", "-n", "7"]) == 0
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    data, meta = sized_images(blank)
+    code, out = run_on_terminal(None, "add", "--key-file", served, force_table(data, meta))
+    assert code == 0 and QUESTION not in out, out
