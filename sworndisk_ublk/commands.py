@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from . import state
+from . import restore, state
 from .busy import device_users
 from .daemon import Ready, ServerOptions, run_foreground, start_background
 from .errors import DRIVER_MISSING_MESSAGE, NOT_ROOT_MESSAGE, CliError, ExitCode, to_cli_error
@@ -120,7 +120,13 @@ def recover(dev_id: int, *, key_file: Optional[str], foreground: bool,
     source = get_key_source(key_file, table.meta_dev, new=False, stdin_free=True)
     opts = ServerOptions(table=table, recoverable=True, queues=st.queues, depth=st.depth,
                          recover_dev_id=dev_id)
-    _launch(opts, source, foreground, on_ready)
+
+    def report(ready: Ready) -> None:
+        on_ready(ready)
+        if ready.lost:          # one line; the first flush fails with EIO as well
+            print(f"sworndisk-ublk: warning: {ready.lost}", file=sys.stderr, flush=True)
+
+    _launch(opts, source, foreground, report)
 
 
 def _launch(opts: ServerOptions, source: Any, foreground: bool,
@@ -232,6 +238,7 @@ class DeviceRow:
     size: int
     recoverable: bool
     log: str
+    lost: Optional[str] = None   # why a recover may have lost completed writes, if one did
 
 
 def list_devices() -> List[DeviceRow]:
@@ -241,16 +248,19 @@ def list_devices() -> List[DeviceRow]:
         alive = st.server_alive()
         if not alive and not device_exists(st.dev_id):
             state.remove(st.dev_id)
+            restore.forget(st.dev_id)
             continue
         rows.append(DeviceRow(st.dev_id, st.dev_path, st.pid, "alive" if alive else "dead",
-                              st.data, st.meta, st.size, st.recoverable, st.log))
+                              st.data, st.meta, st.size, st.recoverable, st.log,
+                              restore.load_loss(st.dev_id)))
     return rows
 
 
 def format_rows(rows: List[DeviceRow]) -> str:
-    header = ("DEV", "PID", "STATE", "DATA", "META", "SIZE", "RECOVERABLE")
+    header = ("DEV", "PID", "STATE", "DATA", "META", "SIZE", "RECOVERABLE", "LOST")
     lines = [header] + [(r.dev, str(r.pid), r.state, r.data, r.meta, format_bytes(r.size),
-                         "yes" if r.recoverable else "no") for r in rows]
+                         "yes" if r.recoverable else "no", "yes" if r.lost else "-")
+                        for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
                      for line in lines)
@@ -274,4 +284,6 @@ def stats(dev_id: int, timeout: float = 30.0) -> Dict[str, Any]:
                            f"{timeout:g} s", ExitCode.FAILED)
         time.sleep(POLL)
     with open(path) as f:
-        return json.load(f)
+        data = json.load(f)
+    data["lost_writes"] = restore.load_loss(dev_id)     # why a recover may have lost some
+    return data

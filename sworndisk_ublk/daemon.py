@@ -17,6 +17,10 @@ it all.  Keys reach the grandchild only through fork-inherited memory.
 
 On SIGTERM/SIGINT, or when the device is stopped from outside, the server stops the
 device, lets the engine flush and close, deletes the device and removes its state file.
+
+A `--recoverable` server keeps a write log of the writes it completed since the engine's
+last commit (wlog.py, restore.py); `recover` replays it before it takes the device over,
+or, when it cannot, makes the loss visible (EIO on the first flush, a warning, `list`).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
-from . import state
+from . import restore, state
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource
 from .table import Table
@@ -68,6 +72,8 @@ class Ready:
     size: int
     usable: int
     log: str
+    replayed: int = 0                 # recover: writes/discards put back from the write log
+    lost: Optional[str] = None        # recover: the warning when completed writes may be lost
 
     @property
     def dev_path(self) -> str:
@@ -99,9 +105,11 @@ class Server:
         disk = open_disk(table, self.source, format=False if recovering else None)
         self.source = KeySource(self.source.description)     # drop the secret reference
         self.target = SwornDiskTarget(disk, size=table.size)
+        outcome = restore.RestoreOutcome(0)
         try:
             if recovering:
                 self.dev_id = opts.recover_dev_id
+                outcome = self._restore(disk)
                 # Queue count and depth are the device's own (the kernel may have granted
                 # fewer queues than were asked for), so they are not passed again.
                 self.ublk = ublk_shim.UblkServer.recover(self.target, opts.recover_dev_id)
@@ -110,6 +118,9 @@ class Server:
                     self.target, dev_id=-1, nr_queues=opts.queues, queue_depth=opts.depth,
                     recoverable=opts.recoverable)
                 self.dev_id = self.ublk.add()
+                restore.forget(self.dev_id)        # a previous device's log and loss note
+                if opts.recoverable:
+                    self._start_log(disk, "")
                 self.ublk.start()
         except BaseException:
             # The shim undoes its own half-done work (queues, device); the engine is ours.
@@ -124,7 +135,26 @@ class Server:
             depth=self._granted("queue_depth", opts.depth),
             log=self.log_file))
         log.info("serving /dev/ublkb%d: %s (%s)", self.dev_id, table.line(), cap.describe())
-        return Ready(self.dev_id, os.getpid(), cap.size, cap.usable, self.log_file)
+        lost = outcome.message(f"/dev/ublkb{self.dev_id}") if outcome.loss else None
+        return Ready(self.dev_id, os.getpid(), cap.size, cap.usable, self.log_file,
+                     replayed=outcome.replayed, lost=lost)
+
+    def _restore(self, disk: Any) -> "restore.RestoreOutcome":
+        """Put back what the dead server completed, then log anew from the engine's commit.
+
+        The loss note for `list` is written before the new log replaces the old one; the
+        new log itself carries the obligation to fail the next flush.
+        """
+        outcome = restore.restore(disk, restore.log_path(self.dev_id))
+        if outcome.loss:
+            restore.save_loss(self.dev_id, outcome)
+        self._start_log(disk, outcome.loss)
+        return outcome
+
+    def _start_log(self, disk: Any, loss: str) -> None:
+        from .wlog import LogKeys, WriteLog
+        self.target.start_log(WriteLog.create(restore.log_path(self.dev_id), LogKeys.of(disk),
+                                              disk.commit_seq, loss))
 
     def _granted(self, field: str, asked: int) -> int:
         info = getattr(self.ublk, "info", None)
@@ -204,6 +234,10 @@ class Server:
             self.ublk.delete()
         except Exception as e:          # noqa: BLE001
             log.error("deleting the device failed: %s", e)
+        else:                           # the engine committed everything at close
+            st = state.load(self.dev_id)
+            if st is None or st.pid == os.getpid():     # not a newer device's log
+                restore.forget(self.dev_id)
         state.remove(self.dev_id, expect_pid=os.getpid())
         log.info("/dev/ublkb%d deleted", self.dev_id)
 

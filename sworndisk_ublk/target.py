@@ -7,18 +7,27 @@ concurrently but the engine is not thread-safe, so one lock serialises every cal
 Errors become -errno for the kernel: the engine's IntegrityError (EIO) and NoSpaceError
 (ENOSPC) are OSErrors and carry their errno; anything unexpected is an -EIO, logged once
 per exception type (never with data) so a failing disk cannot flood the log.
+
+A recoverable device also keeps a write log (wlog.py): a write or discard is completed to
+the kernel only once it is in the engine *and* in the log, and whenever the engine's
+commit_seq moves (at a flush, or a commit the engine makes by itself inside write() or
+background work) the log restarts empty. If the log cannot be written, the target falls
+back to committing each write before completing it (write-through) until it can again.
+After a recover that could not restore the log, the first FLUSH or FUA write fails with
+EIO: the file system must learn that writes it was told were done may be gone.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import threading
-from typing import Any, Dict, Optional, Set
+from typing import Any, Callable, Dict, Optional, Set
 
 import ublk_shim
 from ublk_shim import Request, Target
 
 from .table import BLOCK_SIZE
+from .wlog import WriteLog
 
 log = logging.getLogger("sworndisk_ublk.target")
 
@@ -33,6 +42,10 @@ class SwornDiskTarget(Target):
         self._closed = False
         self._logged: Set[type] = set()
         self._background = getattr(disk, "background_step", None)
+        self._wlog: Optional[WriteLog] = None
+        self._write_through = False       # the log failed: commit before completing
+        self._wlog_failures = 0           # times the log could not be written
+        self._loss = ""                   # a loss the next FLUSH / FUA write must report
         self._ops = {
             ublk_shim.OP_READ: self._read,
             ublk_shim.OP_WRITE: self._write,
@@ -50,7 +63,8 @@ class SwornDiskTarget(Target):
         """Flush and close the engine; idempotent because shutdown paths may overlap.
 
         The engine's statistics go to the log first: they are the last word on what the
-        device did (writes, cleaning, amplification).
+        device did (writes, cleaning, amplification). The write log then restarts empty at
+        the final commit (keeping a loss not yet reported), for a recover that may follow.
         """
         with self._lock:
             if self._closed:
@@ -60,7 +74,27 @@ class SwornDiskTarget(Target):
                 log.info("engine stats at close: %s", self.disk.stats())
             except Exception:           # noqa: BLE001 - statistics are optional
                 pass
-            self.disk.close()
+            wlog, self._wlog = self._wlog, None
+            try:
+                self.disk.close()
+                if wlog is not None:
+                    _restart_quietly(wlog, self.disk.commit_seq)
+            finally:
+                if wlog is not None:
+                    wlog.close()
+
+    def start_log(self, wlog: WriteLog) -> None:
+        """From now on every completed write/discard is in `wlog` or committed.
+
+        `wlog` starts at the engine's commit_seq; a loss reason in it arms the EIO of the
+        next FLUSH / FUA write.
+        """
+        with self._lock:
+            if wlog.base != self.disk.commit_seq:
+                raise ValueError(f"write log at commit {wlog.base}, engine at "
+                                 f"{self.disk.commit_seq}")
+            self._wlog = wlog
+            self._loss = wlog.loss
 
     def handle(self, req: Request, buf: memoryview) -> int:
         op = self._ops.get(req.op)
@@ -82,6 +116,8 @@ class SwornDiskTarget(Target):
             except Exception as e:          # noqa: BLE001 - the kernel gets -EIO whatever it is
                 self._log_once(e, req)
                 return -errno.EIO
+            finally:
+                self._follow_commits()      # even a failed call may have committed
 
     def idle(self) -> None:
         """Give the engine's background work (segment cleaning) a turn when queues are idle.
@@ -96,34 +132,110 @@ class SwornDiskTarget(Target):
         except Exception as e:              # noqa: BLE001
             self._log_once(e, None)
         finally:
-            self._lock.release()
+            try:
+                if not self._closed:
+                    self._follow_commits()  # cleaning commits its moves
+            finally:
+                self._lock.release()
 
     # --- helpers --------------------------------------------------------------------------
 
     def stats(self) -> Dict[str, Any]:
+        """The engine's statistics, plus the write log's (prefixed wlog_) when it has one."""
         with self._lock:
-            return {} if self._closed else dict(self.disk.stats())
+            if self._closed:
+                return {}
+            out = dict(self.disk.stats())
+            if self._wlog is not None:
+                out.update(wlog_base=self._wlog.base, wlog_records=self._wlog.records,
+                           wlog_bytes_appended=self._wlog.appended_bytes,
+                           wlog_restarts=self._wlog.restarts,
+                           wlog_write_through=self._write_through,
+                           wlog_failures=self._wlog_failures,
+                           wlog_loss_pending=self._loss or None)
+            return out
 
     def _read(self, req: Request, buf: memoryview, lba: int, nr_blocks: int) -> int:
         buf[:req.length] = self.disk.read(lba, nr_blocks)
         return req.length
 
     def _write(self, req: Request, buf: memoryview, lba: int, nr_blocks: int) -> int:
+        if req.fua and self._loss:
+            return self._report_loss()
         # No copy here: write() copies into the engine's segment buffer before it returns,
         # so the shim may reuse `buf` for the next request at once.
-        self.disk.write(lba, buf[:req.length])
+        data = buf[:req.length]
+        self.disk.write(lba, data)
         if req.fua:
-            self.disk.flush()
+            self.disk.flush()           # committed: the log restarts, nothing to append
+        else:
+            self._keep(lambda wlog: wlog.append_write(lba, data))
         return req.length
 
     def _flush(self, req: Request, buf: memoryview, lba: int, nr_blocks: int) -> int:
+        if self._loss:
+            return self._report_loss()
         self.disk.flush()
         return 0
 
     def _discard(self, req: Request, buf: memoryview, lba: int, nr_blocks: int) -> int:
         if nr_blocks:
             self.disk.discard(lba, nr_blocks)
+            self._keep(lambda wlog: wlog.append_discard(lba, nr_blocks))
         return 0
+
+    # --- the write log --------------------------------------------------------------------
+
+    def _keep(self, append: Callable[[WriteLog], None]) -> None:
+        """Make a write/discard the engine just took survive this process before it is
+        completed: in the log, or, if the log fails, committed."""
+        if self._wlog is None:
+            return
+        self._follow_commits()          # the call may have committed: restart first
+        if not self._write_through:
+            try:
+                append(self._wlog)
+                return
+            except OSError as e:
+                self._enter_write_through(e)
+        self.disk.flush()
+        self._follow_commits()
+
+    def _follow_commits(self) -> None:
+        """Restart the log when the engine has committed: all it held is durable now.
+
+        Restarting even when the call covered only part of what was logged is safe: the
+        current request is appended after the restart (replaying it twice is harmless).
+        """
+        wlog = self._wlog
+        if wlog is None or (wlog.base == self.disk.commit_seq and not self._write_through):
+            return
+        try:
+            wlog.restart(self.disk.commit_seq)
+        except OSError as e:
+            self._enter_write_through(e)
+            return
+        self._write_through = False
+
+    def _enter_write_through(self, exc: OSError) -> None:
+        """Logged the first time only: a full tmpfs could otherwise fail every write."""
+        self._write_through = True
+        self._wlog_failures += 1
+        if self._wlog_failures == 1:
+            log.error("cannot write the write log %s (%s): until it works again, every "
+                      "write is committed before it completes (counted in stats as "
+                      "wlog_failures)", self._wlog.path, exc)
+
+    def _report_loss(self) -> int:
+        """Fail this FLUSH / FUA write with EIO: completed writes may have been lost."""
+        log.warning("failing a flush with EIO: completed writes may have been lost at "
+                    "recover (%s)", self._loss)
+        self._loss = ""
+        try:
+            self._wlog.append_loss_reported()
+        except OSError as e:            # a later recover reports it again: the safe side
+            log.error("cannot record in the write log that the loss was reported: %s", e)
+        return -errno.EIO
 
     def _log_once(self, exc: BaseException, req: Optional[Request]) -> None:
         kind = type(exc)
@@ -135,3 +247,12 @@ class SwornDiskTarget(Target):
         # The message is the exception's own text; request data is never logged.
         log.error("%s failed: %s: %s (further %s errors are not logged)",
                   where, kind.__name__, exc, kind.__name__)
+
+
+def _restart_quietly(wlog: WriteLog, commit_seq: int) -> None:
+    """Restart the log at the final commit; if that fails, the old log (which starts
+    before that commit, so all of it is covered) is just as correct."""
+    try:
+        wlog.restart(commit_seq)
+    except OSError as e:
+        log.error("cannot restart the write log %s at close: %s", wlog.path, e)
