@@ -62,6 +62,9 @@ class NodeStore:
         self.cache_limit = max(16, cache_bytes // BLOCK_SIZE)
         self.hits = self.misses = 0
 
+    def entries(self) -> int:
+        return len(self.cache)
+
     def node(self, entry: bytes, what: str = "BIT node") -> tuple[int, np.ndarray]:
         """(kind, records) of the node that `entry` (a record value) points to."""
         mac = entry[-crypto.TAG_BYTES:]

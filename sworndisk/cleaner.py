@@ -19,29 +19,57 @@ reserve, cost-benefit (age x free / valid) otherwise. Work per step is one segme
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 
 from . import crypto
+from .batch import PendingBatch
+from .committed import CommittedState
 from .config import BLOCK_SIZE, SEGMENT_BLOCKS
+from .device import BlockDevice
 from .errors import IntegrityError
 from .segtable import NONE
+from .stats import Lifetime
 
 log = logging.getLogger("sworndisk.cleaner")
 
 
 class Cleaner:
-    def __init__(self, disk, max_util: float = 0.35):
-        self.disk = disk
+    """Works on the parts it needs: the committed state (where blocks are, what is valid),
+    the pending batch (what is newer, where moves are staged) and the data device."""
+
+    def __init__(self, state: CommittedState, batch: PendingBatch, data: BlockDevice,
+                 lifetime: Lifetime, max_util: float = 0.35):
+        self.state = state
+        self.batch = batch
+        self.data = data
+        self.lifetime = lifetime
         self.max_util = max_util
         self.quarantined: set[int] = set()    # segments holding a block that failed to verify
 
+    def step(self, greedy: bool, commit: Callable[[], None], victim: int | None = None) -> bool:
+        """Cleans one victim (picked, unless given) and commits its moves with `commit`.
+        False if nothing was worth cleaning or there was no room to move into."""
+        if victim is None:
+            victim = self.pick_victim(greedy)
+            if victim is None:
+                return False
+        sp = self.state.space
+        sp.exclude(victim)                # no allocation in the victim while it is cleaned
+        try:
+            moved = self.clean(victim)
+            commit()
+        finally:
+            sp.include(victim)
+        return moved is not None
+
     def pick_victim(self, greedy: bool) -> int | None:
-        sp = self.disk.space
+        sp = self.state.space
         used = (sp.seg_valid > 0) & (sp.seg_busy == 0)
         if 0 <= sp.head_seg:
             used[sp.head_seg] = False
-        for s in sp.excluded | self.quarantined:
+        for s in sp.excluded() | self.quarantined:
             used[s] = False
         cand = np.flatnonzero(used & (sp.seg_valid <= int(self.max_util * SEGMENT_BLOCKS)))
         if len(cand) == 0:
@@ -49,22 +77,22 @@ class Cleaner:
         u = sp.seg_valid[cand] / SEGMENT_BLOCKS
         if greedy:
             return int(cand[np.argmin(u)])
-        age = (self.disk.commit_seq - sp.seg_stamp[cand] + 1).astype(float)
+        age = (sp.clock - sp.seg_stamp[cand] + 1).astype(float)
         return int(cand[np.argmax((1 - u) * age / (1 + u))])
 
     def clean(self, victim: int) -> int | None:
-        """Moves the victim's valid blocks (uncommitted); returns how many moved, or None
-        if there is no room outside the victim to move them into (nothing staged)."""
-        disk, sp, fmt = self.disk, self.disk.space, self.disk.fmt
+        """Moves the victim's valid blocks (uncommitted; the victim must be excluded from
+        allocation); returns how many moved, or None if there is no room outside the
+        victim to move them into (nothing staged)."""
+        sp, fmt, batch = self.state.space, self.state.fmt, self.batch
         base = victim * SEGMENT_BLOCKS
         seg_lbas = sp.segment_lbas(victim)
         offs = np.flatnonzero(seg_lbas != NONE)
-        sp.excluded.add(victim)
         if len(offs) == 0:
             return 0
         live = [(base + int(o), int(seg_lbas[o])) for o in offs
-                if not disk._superseded(int(seg_lbas[o]))]
-        committed = disk.index.get_many_exact([l for _, l in live])
+                if not batch.superseded(int(seg_lbas[o]))]
+        committed = self.state.lookup_exact([l for _, l in live])
         moves = []
         for h, l in live:
             v = committed.get(l)
@@ -75,37 +103,32 @@ class Cleaner:
         if not moves:
             return 0
         holes = SEGMENT_BLOCKS - int(sp.seg_valid[victim]) - int(sp.seg_busy[victim])
-        if len(moves) > sp.free_blocks() - len(disk._buf_map) - holes:
+        if len(moves) > sp.free_blocks() - batch.buffered - holes:
             return None
-        raw = disk.data.pread(SEGMENT_BLOCKS * BLOCK_SIZE, base * BLOCK_SIZE)
+        raw = self.data.pread(SEGMENT_BLOCKS * BLOCK_SIZE, base * BLOCK_SIZE)
         moves = self._verified(victim, raw, moves)
         if not moves:
             return 0
         runs = sp.alloc(len(moves))
-        i = 0
-        new_hbas = []
-        writes = []
+        new_hbas = np.concatenate([np.arange(start, start + count) for start, count in runs])
+        writes, i = [], 0
         for start, count in runs:
-            parts = []
-            for j in range(count):
-                h, l, v = moves[i]
-                off = (h - base) * BLOCK_SIZE
-                parts.append(raw[off:off + BLOCK_SIZE])
-                _, key, nonce, mac = fmt.split(v)
-                disk._stage_write(l, fmt.value(start + j, key, nonce, mac))
-                new_hbas.append(start + j)
-                i += 1
-            writes.append((b"".join(parts), start * BLOCK_SIZE))
-        disk.data.pwrite_many(writes)
-        disk._pending_hbas.extend(new_hbas)
-        disk.counters["blocks_moved"] += len(moves)
-        disk.counters["cleaning_runs"] += 1
+            writes.append((b"".join(
+                raw[(h - base) * BLOCK_SIZE:(h - base + 1) * BLOCK_SIZE]
+                for h, _, _ in moves[i:i + count]), start * BLOCK_SIZE))
+            i += count
+        self.data.pwrite_many(writes)
+        recs = fmt.array([l for _, l, _ in moves], [v for _, _, v in moves])
+        recs["hba"] = new_hbas            # same key, nonce and MAC: the ciphertext moved
+        batch.stage(recs)
+        self.lifetime.blocks_moved += len(moves)
+        self.lifetime.cleaning_runs += 1
         return len(moves)
 
     def _verified(self, victim: int, raw: bytes, moves: list) -> list:
         """The moves whose ciphertext authenticates under its record; the others are
         reported and left in place (their LBA reads as IntegrityError, as before)."""
-        fmt, base, good = self.disk.fmt, victim * SEGMENT_BLOCKS, []
+        fmt, base, good = self.state.fmt, victim * SEGMENT_BLOCKS, []
         for h, l, v in moves:
             _, key, nonce, mac = fmt.split(v)
             off = (h - base) * BLOCK_SIZE
@@ -114,7 +137,7 @@ class Cleaner:
             except IntegrityError:
                 log.warning("cleaning: data block %d (LBA %d) fails to verify; not moved, "
                             "segment %d will not be cleaned", h, l, victim)
-                self.disk.counters["cleaning_unverified_blocks"] += 1
+                self.lifetime.cleaning_unverified_blocks += 1
                 self.quarantined.add(victim)
                 continue
             good.append((h, l, v))

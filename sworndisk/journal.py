@@ -7,7 +7,8 @@ chain from a checkpoint's anchor and stops at the first block that does not veri
 forged, reordered, stale or spliced block ends the history there; it can never insert one.
 
 Blocks group into transactions (one per commit): the last block of a transaction has the
-LAST flag. Only whole transactions count. Block layout in docs/format.md.
+LAST flag. Only whole transactions count; their payloads are encoded by ops.py. Block
+layout in docs/format.md.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from . import crypto
 from .config import BLOCK_SIZE
 from .device import BlockDevice
 from .errors import IntegrityError, MetadataFullError
-from .records import RecordFormat
 
 BLOCK_MAGIC = b"SDJB"
 _HDR = struct.Struct("<4sQ12s")            # magic, seq, nonce  (plaintext, AAD)
@@ -28,12 +28,6 @@ BODY_BYTES = BLOCK_SIZE - _HDR.size - crypto.TAG_BYTES
 PAYLOAD_BYTES = BODY_BYTES - _BODY_HDR.size
 FLAG_LAST = 1
 _READ_BATCH = 64
-
-# Transaction record types
-REC_WRITE, REC_DISCARD, REC_COMMIT, REC_CHECKPOINT = b"W", b"D", b"C", b"K"
-_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
-_DISCARD = struct.Struct("<QQ")
-_CKPT = struct.Struct("<Q16s")
 
 
 @dataclass(frozen=True)
@@ -60,9 +54,6 @@ class Journal:
 
     def _key(self, seq: int) -> bytes:
         return crypto.derive(self.kdk, "block", seq, nbytes=16)
-
-    def _pos(self, seq: int) -> int:
-        return self.start + seq % self.nblocks
 
     def used(self) -> int:
         return self.head_seq - self.anchor_seq
@@ -141,66 +132,16 @@ class Journal:
                 yield Txn(txn_first, seq, b"".join(parts), prev_mac)
                 parts, txn_first = [], seq
 
+    def set_anchor(self, seq: int) -> None:
+        """The oldest block recovery may still need (a durable checkpoint's anchor);
+        blocks before it may be overwritten."""
+        self.anchor_seq = seq
+
+    def restore_count(self, blocks_written: int) -> None:
+        """The lifetime count of blocks written, from a checkpoint pack."""
+        self.blocks_written = blocks_written
+
     def resume(self, seq: int, mac: bytes) -> None:
         """Continue writing after the last accepted transaction (overwriting anything later)."""
         self.head_seq = seq
         self.last_mac = mac
-
-
-# ---- transaction payloads -------------------------------------------------------------
-
-def encode_ops(fmt: RecordFormat, ops: list) -> bytes:
-    """ops: ("W", lba, value) / ("D", lba, n) / ("C", commit_seq) / ("K", pack_seq, mac)."""
-    out = bytearray()
-    i = 0
-    while i < len(ops):
-        op = ops[i]
-        if op[0] == "W":
-            j = i
-            while j < len(ops) and ops[j][0] == "W":
-                j += 1
-            recs = fmt.array([o[1] for o in ops[i:j]], [o[2] for o in ops[i:j]])
-            out += REC_WRITE + _U32.pack(j - i) + recs.tobytes()
-            i = j
-            continue
-        if op[0] == "D":
-            out += REC_DISCARD + _DISCARD.pack(op[1], op[2])
-        elif op[0] == "C":
-            out += REC_COMMIT + _U64.pack(op[1])
-        elif op[0] == "K":
-            out += REC_CHECKPOINT + _CKPT.pack(op[1], op[2])
-        else:
-            raise ValueError(op)
-        i += 1
-    return bytes(out)
-
-
-def decode_ops(fmt: RecordFormat, payload: bytes) -> list:
-    """Inverse of encode_ops; a malformed payload (impossible after MAC checks) raises."""
-    import numpy as np
-    ops, off = [], 0
-    try:
-        while off < len(payload):
-            t = payload[off:off + 1]
-            off += 1
-            if t == REC_WRITE:
-                n = _U32.unpack_from(payload, off)[0]
-                off += 4
-                recs = np.frombuffer(payload, fmt.dtype, n, off)
-                off += n * fmt.size
-                for lba, value in zip(recs["lba"].tolist(), fmt.values_of(recs)):
-                    ops.append(("W", lba, value))
-            elif t == REC_DISCARD:
-                ops.append(("D",) + _DISCARD.unpack_from(payload, off))
-                off += _DISCARD.size
-            elif t == REC_COMMIT:
-                ops.append(("C", _U64.unpack_from(payload, off)[0]))
-                off += 8
-            elif t == REC_CHECKPOINT:
-                ops.append(("K",) + _CKPT.unpack_from(payload, off))
-                off += _CKPT.size
-            else:
-                raise ValueError(t)
-    except (ValueError, struct.error) as e:
-        raise IntegrityError(f"journal transaction is malformed ({e})") from None
-    return ops

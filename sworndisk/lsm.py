@@ -48,7 +48,10 @@ class LsmIndex:
     def catalog(self) -> list[dict]:
         return [b.meta.to_dict() for b in self.bits()]
 
-    def load(self, catalog: list[dict], next_bit_id: int) -> None:
+    def load(self, catalog: list[dict], next_bit_id: int, minor_compactions: int = 0,
+             major_compactions: int = 0) -> None:
+        """The index of a checkpoint pack: its BIT catalog and compaction counts."""
+        self.minor_compactions, self.major_compactions = minor_compactions, major_compactions
         self.levels = []
         for d in catalog:
             meta = BitMeta.from_dict(d)

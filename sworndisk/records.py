@@ -50,6 +50,16 @@ class RecordFormat:
             out["lba"] = lbas
         return out
 
+    def records(self, lbas, hbas, key_nonce: np.ndarray, macs: np.ndarray) -> np.ndarray:
+        """Packs columns into a record array: key_nonce is n x (key + nonce) bytes."""
+        n = len(hbas)
+        out = np.empty(n, self.dtype)
+        raw = out.view(np.uint8).reshape(n, self.size)
+        raw[:, 16:16 + self.key_bytes + NONCE_BYTES] = key_nonce
+        raw[:, 16 + self.key_bytes + NONCE_BYTES:] = macs
+        out["lba"], out["hba"] = lbas, hbas
+        return out
+
     def values_of(self, recs: np.ndarray) -> list[bytes]:
         raw = recs.view(np.uint8).reshape(len(recs), self.size)[:, 8:]
         blob = raw.tobytes()

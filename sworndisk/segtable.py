@@ -53,6 +53,12 @@ class SegmentTable:
         self.blocks_written = 0
 
     # ---- persistence ----
+    def cached_count(self) -> int:
+        return len(self.cache)
+
+    def dirty_count(self) -> int:
+        return len(self.dirty)
+
     def load(self, directory: np.ndarray) -> None:
         self.dir = directory.copy()
         self.count = self.dir["count"].astype(np.int32)

@@ -32,8 +32,9 @@ class DataSpace:
         self.busy: dict[int, np.ndarray] = {}            # seg -> bool per block (sparse)
         self.seg_busy = np.zeros(self.nseg, np.int32)
         self.total_busy = 0
-        self.excluded: set[int] = set()       # segments being cleaned: no allocation there
+        self._excluded: set[int] = set()      # segments being cleaned: no allocation there
         self.seg_stamp = np.zeros(self.nseg, np.int64)   # commit seq of the last write (age)
+        self.clock = 0                        # the current commit seq, for stamps
         self.head_seg = -1
         self.head_off = SEGMENT_BLOCKS
         self.threaded = False                 # the head is filling holes of a used segment
@@ -75,6 +76,21 @@ class DataSpace:
             if not busy and self.seg_busy[seg] == 0:
                 del self.busy[seg]
 
+    def exclude(self, seg: int) -> None:
+        """No allocation in `seg` (it is being cleaned) until include()."""
+        self._excluded.add(seg)
+
+    def include(self, seg: int) -> None:
+        self._excluded.discard(seg)
+
+    def excluded(self) -> set[int]:
+        return set(self._excluded)
+
+    def stamp(self, hbas) -> None:
+        """Marks the segments of newly written user blocks as written now (their age
+        for cost-benefit cleaning)."""
+        self.seg_stamp[np.unique(np.asarray(hbas, np.int64) // SEGMENT_BLOCKS)] = self.clock
+
     def segment_lbas(self, seg: int) -> np.ndarray:
         """LBA per block of a segment (NONE where not valid)."""
         return self.table.detail(seg)
@@ -84,7 +100,7 @@ class DataSpace:
         free = (self.table.count == 0) & (self.seg_busy == 0)
         if 0 <= self.head_seg:
             free[self.head_seg] = False
-        for s in self.excluded:
+        for s in self._excluded:
             free[s] = False
         return free
 
@@ -144,7 +160,7 @@ class DataSpace:
             self._set_head(int(after[0] if len(after) else free[0]), threaded=False)
             return
         holes = SEGMENT_BLOCKS - self.table.count - self.seg_busy
-        holes[list(self.excluded)] = 0      # the head itself may be chosen again: it may
+        holes[list(self._excluded)] = 0      # the head itself may be chosen again: it may
         holes[free] = 0                     # have holes behind its offset (discards)        # whole free segments are the reserve, used last
         best = int(np.argmax(holes))
         if holes[best] > 0:
@@ -209,6 +225,11 @@ class IndexSpace:
         c = int(free[0])
         self.state[c] = CHUNK_USED
         return c
+
+    def load(self, state) -> None:
+        """The chunk map of a checkpoint pack; retiring chunks are free once it is durable."""
+        self.state = np.asarray(state, np.uint8).copy()
+        self.release_retired()
 
     def retire(self, chunks) -> None:
         self.state[list(chunks)] = CHUNK_RETIRING

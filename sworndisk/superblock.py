@@ -77,6 +77,44 @@ def read_salt(blk: bytes) -> bytes | None:
     return salt if flags & FLAG_KDF else None
 
 
+def read_copies(meta) -> list[bytes]:
+    """Both superblock copies of a meta device (a path or a BlockDevice); blank blocks
+    where the device is too small to hold them."""
+    from .device import as_device
+    m = as_device(meta, "the meta device")
+    try:
+        if m.size < 2 * BLOCK_SIZE:
+            return [bytes(BLOCK_SIZE), bytes(BLOCK_SIZE)]
+        return [m.pread(BLOCK_SIZE, i * BLOCK_SIZE) for i in (0, 1)]
+    finally:
+        if m is not meta:
+            m.close()
+
+
+def salts(copies: list[bytes]) -> list[bytes]:
+    """Every distinct KDF salt the copies hold, copy 0's first."""
+    out: list[bytes] = []
+    for blk in copies:
+        salt = read_salt(blk)
+        if salt and salt not in out:
+            out.append(salt)
+    return out
+
+
+def passphrase_key(copies: list[bytes], passphrase) -> bytes:
+    """The root key a passphrase gives: tries the salt of every copy and keeps the key
+    whose key check verifies, so one damaged salt does not read as a wrong passphrase."""
+    from . import kdf
+    candidates = salts(copies)
+    if not candidates:
+        raise WrongKeyError("this disk has no passphrase (it was formatted with a key file)")
+    for salt in candidates:
+        key = kdf.derive_key(passphrase, salt)
+        if key_verifies(copies, key):
+            return key
+    raise WrongKeyError("the passphrase does not match this disk")
+
+
 def key_verifies(copies: list[bytes], root: bytes) -> bool:
     """True if the key check of some superblock copy accepts `root`."""
     for blk in copies:

@@ -71,7 +71,7 @@ class SwornDiskTarget(Target):
                 return
             self._closed = True
             try:
-                log.info("engine stats at close: %s", self.disk.stats())
+                log.info("engine stats at close: %s", self.disk.stats().as_dict())
             except Exception:           # noqa: BLE001 - statistics are optional
                 pass
             wlog, self._wlog = self._wlog, None
@@ -145,7 +145,7 @@ class SwornDiskTarget(Target):
         with self._lock:
             if self._closed:
                 return {}
-            out = dict(self.disk.stats())
+            out = self.disk.stats().as_dict()
             if self._wlog is not None:
                 out.update(wlog_base=self._wlog.base, wlog_records=self._wlog.records,
                            wlog_bytes_appended=self._wlog.appended_bytes,

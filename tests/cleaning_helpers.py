@@ -132,13 +132,13 @@ def assert_exact(disk, model: VModel, ctx: str) -> None:
     """After a flush (nothing pending): committed mappings == valid blocks, and every
     data block is valid or free (no block stays busy after the commit that owned it)."""
     st = disk.stats()
-    assert st["valid_blocks"] == len(model), (
-        f"{ctx}: stats()['valid_blocks'] = {st['valid_blocks']} but the model maps "
+    assert st.space.valid_blocks == len(model), (
+        f"{ctx}: stats().space.valid_blocks = {st.space.valid_blocks} but the model maps "
         f"{len(model)} LBAs (valid blocks must equal committed mappings)")
-    data_blocks = st["data_segments"] * SEG
-    assert st["free_blocks"] == data_blocks - st["valid_blocks"], (
-        f"{ctx}: free_blocks {st['free_blocks']} != data blocks {data_blocks} - valid "
-        f"{st['valid_blocks']} with nothing pending (blocks leaked as busy)")
+    data_blocks = st.space.data_segments * SEG
+    assert st.space.free_blocks == data_blocks - st.space.valid_blocks, (
+        f"{ctx}: free_blocks {st.space.free_blocks} != data blocks {data_blocks} - valid "
+        f"{st.space.valid_blocks} with nothing pending (blocks leaked as busy)")
 
 
 def new_mem_disk(segs: int, nr_blocks: int, config: Config):
@@ -155,25 +155,27 @@ def reopen(disk, data, meta):
 
 def hba_of(disk, lba: int):
     """The data block the committed index maps lba to (None if unmapped / discarded)."""
-    v = disk.index.get(lba)
+    v = disk.debug.index.get(lba)
     if v is None:
         return None
-    h = disk.fmt.hba_of(v)
+    h = disk.debug.fmt.hba_of(v)
     return None if h == 0xFFFF_FFFF_FFFF_FFFF else h
 
 
 def brief_stats(disk) -> dict:
     st = disk.stats()
-    keys = ("write_amplification", "cleaning_runs", "blocks_moved", "threaded_segments",
-            "free_segments", "valid_blocks", "commits", "checkpoints")
-    return {k: st.get(k) for k in keys}
+    return dict(write_amplification=st.session.write_amplification,
+                cleaning_runs=st.lifetime.cleaning_runs, blocks_moved=st.lifetime.blocks_moved,
+                threaded_segments=st.space.threaded_segments,
+                free_segments=st.space.free_segments, valid_blocks=st.space.valid_blocks,
+                commits=st.lifetime.commits, checkpoints=st.lifetime.checkpoints)
 
 
 def assert_rit_consistent(disk, model: VModel, ctx: str) -> None:
     """The reverse map agrees with the index both ways: every LBA the model holds maps to
     a distinct valid block whose RIT entry names that LBA, and there are no other valid
     blocks (with assert_exact's count, a bijection between mappings and valid blocks)."""
-    sp = disk.space
+    sp = disk.debug.space
     seen = {}
     for l in sorted(model.vers):
         h = hba_of(disk, l)

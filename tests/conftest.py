@@ -33,12 +33,10 @@ def engine():
 
 
 def meta_size_for(data_size: int, nr_blocks=None, config=None) -> int:
-    """SwornDisk.min_meta_size(...) rounded up to 4 KiB (16 MiB if it is unavailable)."""
-    try:
-        n = int(engine().min_meta_size(data_size, nr_blocks, config))
-    except Exception:
-        n = 16 * MiB
-    return (n + BS - 1) // BS * BS
+    """SwornDisk.min_meta_size(...), a whole number of blocks."""
+    n = engine().min_meta_size(data_size, nr_blocks, config)
+    assert n % BS == 0
+    return n
 
 
 def new_devices(data_size=32 * MiB, nr_blocks=None, config=None, meta_extra=0):
@@ -156,17 +154,6 @@ def verify_disk(disk, model: Model, ctx: str = "", lbas=None, rng=None) -> None:
         lbas = lbas_to_check(model, rng)
     for start, count in runs(lbas):
         check_read(disk, model, start, count, ctx)
-
-
-def stats_value(disk, *names) -> int:
-    """Sum of the numeric stats among `names` that the engine reports (missing -> 0)."""
-    st = disk.stats()
-    total = 0
-    for n in names:
-        v = st.get(n)
-        if isinstance(v, (int, float)):
-            total += v
-    return total
 
 
 @pytest.fixture

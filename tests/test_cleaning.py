@@ -2,7 +2,7 @@
 
 The invariants under test (sworndisk/space.py, sworndisk/cleaner.py, disk.py):
 * A data block is valid iff the committed index maps some LBA to it, so after every
-  flush `stats()['valid_blocks']` equals the number of LBAs holding data, and every other
+  flush `stats().space.valid_blocks` equals the number of LBAs holding data, and every other
   block is free (nothing stays busy once its commit is done) -- across overwrites,
   discards, cleaning and reopen.
 * Cleaning and threaded logging never change what reads return; an aged disk with ~15%
@@ -84,12 +84,12 @@ def _age(seed: int, mixed: bool, rounds: float, spare: float = 1.15, config=AGE_
 
     def end_session(d):
         st = d.stats()
-        wa = st["write_amplification"]
+        wa = st.session.write_amplification
         assert wa is not None and math.isfinite(wa) and wa >= 1.0, \
             f"{ctx}: write amplification {wa!r} is not a finite number >= 1"
         sessions.append(wa)
-        totals["dev_bytes"] += st["data_bytes_written"] + st["meta_bytes_written"]
-        totals["threaded"] += st["threaded_segments"]
+        totals["dev_bytes"] += st.session.data_bytes_written + st.session.meta_bytes_written
+        totals["threaded"] += st.space.threaded_segments
         return st
 
     while written < target:
@@ -141,18 +141,18 @@ def _age(seed: int, mixed: bool, rounds: float, spare: float = 1.15, config=AGE_
     disk.flush()
     assert_exact(disk, model, ctx + " at the end")
     st = end_session(disk)
-    totals["cleaning_runs"] = st["cleaning_runs"]      # persisted counters: cumulative
-    totals["blocks_moved"] = st["blocks_moved"]
-    user = st["user_blocks_written"] * BS
+    totals["cleaning_runs"] = st.lifetime.cleaning_runs      # persisted counters: cumulative
+    totals["blocks_moved"] = st.lifetime.blocks_moved
+    user = st.lifetime.user_blocks_written * BS
     overall = totals["dev_bytes"] / user
     print(f"\n[aging {'mixed 1-16 blocks, 80/20 hot/cold' if mixed else 'random 4 KiB'} "
           f"seed={seed}] data={AGE_SEGS} segs, nr_blocks={nr} (data/{spare}), user writes "
-          f"{st['user_blocks_written']} blocks ({st['user_blocks_written'] / data_blocks:.1f}x "
+          f"{st.lifetime.user_blocks_written} blocks ({st.lifetime.user_blocks_written / data_blocks:.1f}x "
           f"the data device); WA per session {[round(w, 3) for w in sessions]}, overall "
-          f"{overall:.3f}; cleaning_runs={st['cleaning_runs']} "
-          f"blocks_moved={st['blocks_moved']} threaded_segments(sum)={totals['threaded']} "
-          f"free_segments={st['free_segments']} commits={st['commits']} "
-          f"checkpoints={st['checkpoints']}")
+          f"{overall:.3f}; cleaning_runs={st.lifetime.cleaning_runs} "
+          f"blocks_moved={st.lifetime.blocks_moved} threaded_segments(sum)={totals['threaded']} "
+          f"free_segments={st.space.free_segments} commits={st.lifetime.commits} "
+          f"checkpoints={st.lifetime.checkpoints}")
     disk = reopen(disk, data, meta)
     check_reads(disk, model, ctx + " final reopen")
     assert_exact(disk, model, ctx + " final reopen")
@@ -177,8 +177,8 @@ def test_aging_half_full_cleans():
     out of free segments while old segments are mostly invalid: cleaning must run (in
     flush and in background_step) and never change what reads return; 5x."""
     st, overall = _age(seed=4, mixed=True, rounds=5 * min(1.0, max(0.2, _scale())), spare=2.0)
-    assert st["cleaning_runs"] > 0 and st["blocks_moved"] > 0, \
-        f"no cleaning at 50% utilisation: cleaning_runs={st['cleaning_runs']}"
+    assert st.lifetime.cleaning_runs > 0 and st.lifetime.blocks_moved > 0, \
+        f"no cleaning at 50% utilisation: cleaning_runs={st.lifetime.cleaning_runs}"
     assert math.isfinite(overall) and overall >= 1.0
 
 
@@ -286,7 +286,7 @@ def test_valid_blocks_exact_under_overwrites_discards_cleaning_and_reopen():
         elif r < 0.88:
             before = disk.stats()
             did = disk.background_step()
-            if before["pending_ops"] or before["buffered_blocks"]:
+            if before.pending_ops or before.buffered_blocks:
                 assert did is False, f"{ctx} step {step}: background_step worked with " \
                                      f"unflushed data pending"
         else:
@@ -304,7 +304,7 @@ def test_valid_blocks_exact_under_overwrites_discards_cleaning_and_reopen():
     disk.flush()
     assert_exact(disk, model, ctx + " final flush")
     st = disk.stats()
-    assert st["threaded_segments"] + st["cleaning_runs"] > 0 or nflush < 10, \
+    assert st.space.threaded_segments + st.lifetime.cleaning_runs > 0 or nflush < 10, \
         f"{ctx}: the workload never reached threaded logging or cleaning: {brief_stats(disk)}"
     check_reads(disk, model, ctx + " final")
     assert_rit_consistent(disk, model, ctx + " final")
@@ -342,12 +342,12 @@ def test_cleaning_during_flush_moves_blocks_and_keeps_data():
     assert all(h // SEG == victim for h in where.values()), "LBAs 0..1023 not in one segment"
     picks = _overwrite_fraction(disk, model, 0, 768, 2, rng)
     over = {r * 8 + i for r in picks for i in range(8)}
-    runs0 = disk.stats()["cleaning_runs"]
+    runs0 = disk.stats().lifetime.cleaning_runs
     disk.flush()
     st = disk.stats()
-    assert st["cleaning_runs"] > runs0 and st["blocks_moved"] >= SEG - 768, \
+    assert st.lifetime.cleaning_runs > runs0 and st.lifetime.blocks_moved >= SEG - 768, \
         f"flush with free segments at the reserve did not clean: {brief_stats(disk)}"
-    sp = disk.space
+    sp = disk.debug.space
     assert sp.seg_valid[victim] == 0, f"victim segment {victim} still has valid blocks"
     for l in range(SEG):
         if l in over:
@@ -361,7 +361,7 @@ def test_cleaning_during_flush_moves_blocks_and_keeps_data():
     disk = reopen(disk, data, meta)
     assert_exact(disk, model, "after cleaning + reopen")
     check_reads(disk, model, "after cleaning + reopen")
-    assert disk.space.seg_valid[victim] == 0
+    assert disk.debug.space.seg_valid[victim] == 0
     disk.close()
 
 
@@ -385,17 +385,17 @@ def test_discard_frees_space():
     model.discard(SEG, n)
     disk.flush()
     st1 = disk.stats()
-    assert st1["valid_blocks"] == st0["valid_blocks"] - n, \
-        f"valid_blocks {st0['valid_blocks']} -> {st1['valid_blocks']} after discarding {n}"
-    assert st1["free_segments"] >= st0["free_segments"] + 2, \
-        f"free_segments {st0['free_segments']} -> {st1['free_segments']} after discarding " \
+    assert st1.space.valid_blocks == st0.space.valid_blocks - n, \
+        f"valid_blocks {st0.space.valid_blocks} -> {st1.space.valid_blocks} after discarding {n}"
+    assert st1.space.free_segments >= st0.space.free_segments + 2, \
+        f"free_segments {st0.space.free_segments} -> {st1.space.free_segments} after discarding " \
         f"3 whole segments"
     assert_exact(disk, model, "after discard")
     check_reads(disk, model, "after discard")
     disk = reopen(disk, data, meta)
     st2 = disk.stats()
-    assert st2["free_segments"] == 8 - 1, \
-        f"after reopen {st2['free_segments']} free segments, expected 7 (one holds data)"
+    assert st2.space.free_segments == 8 - 1, \
+        f"after reopen {st2.space.free_segments} free segments, expected 7 (one holds data)"
     assert_exact(disk, model, "after discard + reopen")
     check_reads(disk, model, "after discard + reopen")
     disk.close()
@@ -415,15 +415,15 @@ def test_partial_discard_space_comes_back_by_cleaning():
         model.discard(a + 1, 3)
     disk.flush()
     st0 = disk.stats()
-    assert st0["valid_blocks"] == 2 * SEG + SEG // 2, st0["valid_blocks"]
+    assert st0.space.valid_blocks == 2 * SEG + SEG // 2, st0.space.valid_blocks
     for _ in range(8):
         if not disk.background_step():
             break
     disk.flush()
     st1 = disk.stats()
-    assert st1["free_segments"] >= st0["free_segments"] + 1 and st1["blocks_moved"] > 0, \
-        f"discarded space did not come back: before {st0['free_segments']} free segments, " \
-        f"after {st1['free_segments']}; {brief_stats(disk)}"
+    assert st1.space.free_segments >= st0.space.free_segments + 1 and st1.lifetime.blocks_moved > 0, \
+        f"discarded space did not come back: before {st0.space.free_segments} free segments, " \
+        f"after {st1.space.free_segments}; {brief_stats(disk)}"
     assert_exact(disk, model, "after cleaning discarded segments")
     check_reads(disk, model, "after cleaning discarded segments")
     disk = reopen(disk, data, meta)
@@ -452,7 +452,7 @@ def _bg_disk(nr=5 * SEG, seed=31, victims=1):
         ver += 1
         disk.flush()
     st = disk.stats()
-    assert st["cleaning_runs"] == 0, f"precondition: flush already cleaned: {brief_stats(disk)}"
+    assert st.lifetime.cleaning_runs == 0, f"precondition: flush already cleaned: {brief_stats(disk)}"
     return disk, data, meta, model, ver
 
 
@@ -463,8 +463,8 @@ def test_background_step_refuses_with_pending_data():
     st = disk.stats()
     assert disk.background_step() is False, "background_step ran with unflushed writes"
     st2 = disk.stats()
-    assert (st2["cleaning_runs"], st2["commits"], st2["pending_ops"], st2["buffered_blocks"]) == \
-        (st["cleaning_runs"], st["commits"], st["pending_ops"], st["buffered_blocks"]), \
+    assert (st2.lifetime.cleaning_runs, st2.lifetime.commits, st2.pending_ops, st2.buffered_blocks) == \
+        (st.lifetime.cleaning_runs, st.lifetime.commits, st.pending_ops, st.buffered_blocks), \
         "background_step changed state although it returned False"
     disk.flush()
     disk.discard(7, 3)
@@ -481,19 +481,19 @@ def test_background_step_reclaims_low_utilisation_segments():
     nothing is left to do."""
     disk, data, meta, model, ver = _bg_disk(victims=2)
     st0 = disk.stats()
-    low = int((disk.space.seg_valid[disk.space.seg_valid > 0] <= 0.35 * SEG).sum())
-    assert low >= 1 and st0["free_segments"] < st0["reserve_segments"] + 4, \
-        f"precondition: low-utilisation segments {low}, free {st0['free_segments']}"
+    low = int((disk.debug.space.seg_valid[disk.debug.space.seg_valid > 0] <= 0.35 * SEG).sum())
+    assert low >= 1 and st0.space.free_segments < st0.space.reserve_segments + 4, \
+        f"precondition: low-utilisation segments {low}, free {st0.space.free_segments}"
     prev = st0
     true_calls = 0
     for i in range(20):
         did = disk.background_step()
         st = disk.stats()
-        assert st["cleaning_runs"] - prev["cleaning_runs"] <= 1, \
+        assert st.lifetime.cleaning_runs - prev.lifetime.cleaning_runs <= 1, \
             f"call {i}: more than one segment cleaned in one background_step"
-        assert st["blocks_moved"] - prev["blocks_moved"] <= SEG, \
-            f"call {i}: moved {st['blocks_moved'] - prev['blocks_moved']} blocks (> a segment)"
-        assert st["pending_ops"] == 0 and st["buffered_blocks"] == 0, \
+        assert st.lifetime.blocks_moved - prev.lifetime.blocks_moved <= SEG, \
+            f"call {i}: moved {st.lifetime.blocks_moved - prev.lifetime.blocks_moved} blocks (> a segment)"
+        assert st.pending_ops == 0 and st.buffered_blocks == 0, \
             f"call {i}: background_step left uncommitted work behind"
         assert_exact(disk, model, f"background_step call {i}")
         check_reads(disk, model, f"background_step call {i}")
@@ -503,8 +503,8 @@ def test_background_step_reclaims_low_utilisation_segments():
         true_calls += 1
     else:
         pytest.fail("background_step kept returning True for 20 calls")
-    assert true_calls >= 1 and prev["free_segments"] > st0["free_segments"], \
-        f"free segments {st0['free_segments']} -> {prev['free_segments']} after " \
+    assert true_calls >= 1 and prev.space.free_segments > st0.space.free_segments, \
+        f"free segments {st0.space.free_segments} -> {prev.space.free_segments} after " \
         f"{true_calls} background steps"
     disk = reopen(disk, data, meta)
     assert_exact(disk, model, "reopen after background steps")
@@ -697,7 +697,7 @@ def test_flush_of_discards_on_full_disk_never_enospc():
     except NoSpaceError as e:
         pytest.fail(f"flush() of discards only raised NoSpaceError: {e} "
                     f"(stats: {brief_stats(disk)}, busy blocks "
-                    f"{int(disk.space.seg_busy.sum())})")
+                    f"{int(disk.debug.space.seg_busy.sum())})")
     assert_exact(disk, model, "after discard flush on a full disk")
     disk.flush()                          # and again: nothing pending, must not fail
     check_reads(disk, model, "after discard flush on a full disk")
@@ -745,8 +745,8 @@ def test_flush_never_enospc_after_write_accepted_head_holes():
             disk.flush()
         except NoSpaceError as e:
             pytest.fail(f"write() accepted 64 blocks with {64} free, then flush() raised "
-                        f"NoSpaceError: {e} (head segment {disk.space.head_seg} offset "
-                        f"{disk.space.head_off})")
+                        f"NoSpaceError: {e} (head segment {disk.debug.space.head_seg} offset "
+                        f"{disk.debug.space.head_off})")
     assert_exact(disk, model, "after the 64-block write")
     check_reads(disk, model, "after the 64-block write")
     disk = reopen(disk, data, meta)
@@ -773,7 +773,7 @@ def test_full_thin_disk_random_edge_flush_never_enospc(seed):
     enospc = flushes = 0
     edge = THIN_NR
     for step in range(scaled(3000, 600)):
-        edge = min(edge, disk.space.free_blocks())
+        edge = min(edge, disk.debug.space.free_blocks())
         r = rng.random()
         if r < 0.75:
             n = rng.randint(1, 16)
@@ -808,7 +808,7 @@ def test_full_thin_disk_random_edge_flush_never_enospc(seed):
             except NoSpaceError as e:
                 pytest.fail(f"seed {seed} step {step}: flush() raised NoSpaceError after write() had "
                             f"accepted the data: {e} ({brief_stats(disk)}; head segment "
-                            f"{disk.space.head_seg} offset {disk.space.head_off})")
+                            f"{disk.debug.space.head_seg} offset {disk.debug.space.head_off})")
             flushes += 1
             assert_exact(disk, model, f"edge step {step}")
             if flushes % 40 == 0:
@@ -877,7 +877,7 @@ def _flush_base():
         disk.write(a, blocks(a, n, v))
         model.write(a, n, v)
     disk.flush()       # 1024 records: checkpoints, so the cleaning commit checkpoints next
-    assert disk.stats()["cleaning_runs"] == 0
+    assert disk.stats().lifetime.cleaning_runs == 0
     _ZOMBIES.append(disk)
     prog = _prog_writes(rng, 0, 88, 3)
     post = model.copy()
@@ -895,12 +895,12 @@ def _run_prog(disk, prog):
 
 def _instrument_cleaner(disk, ctrl, marks: list):
     """Record the device-op count at which each cleaning starts (test-side wrapper)."""
-    orig = disk.cleaner.clean
+    orig = disk.debug.cleaner.clean
 
     def clean(victim):
         marks.append(ctrl.ops)
         return orig(victim)
-    disk.cleaner.clean = clean
+    disk.debug.cleaner.clean = clean
 
 
 def _open(data, meta, ctx):
@@ -969,18 +969,18 @@ def test_crash_during_flush_that_cleans():
     disk = SwornDisk.open(data, meta, KEY16)
     _ZOMBIES.append(disk)
     _run_prog(disk, prog)
-    ck0 = disk.stats()["checkpoints"]
+    ck0 = disk.stats().lifetime.checkpoints
     marks: list = []
     _instrument_cleaner(disk, ctrl, marks)
     ctrl.reset_count()
     disk.flush()
     total = ctrl.ops
     st = disk.stats()
-    assert marks and st["cleaning_runs"] >= 1 and st["blocks_moved"] >= 300, \
+    assert marks and st.lifetime.cleaning_runs >= 1 and st.lifetime.blocks_moved >= 300, \
         f"precondition: the flush did not clean ({brief_stats(disk)})"
     c0 = marks[0]
     assert total - c0 >= 6, f"cleaning did only {total - c0} device ops"
-    assert st["checkpoints"] > ck0, "precondition: no checkpoint in the flush"
+    assert st.lifetime.checkpoints > ck0, "precondition: no checkpoint in the flush"
     check_reads(disk, post, "uncrashed flush with cleaning")
     # every op of the cleaning part, with several keep modes each (>= ~50 crashes there)
     reps = min(len(CrashController.KEEP_MODES), max(1, -(-scaled(50, 12) // (total - c0))))
@@ -1011,7 +1011,7 @@ def _bg_base():
         model.write(a, n, v)
     disk.flush()
     st = disk.stats()
-    assert st["cleaning_runs"] == 0 and st["free_segments"] < st["reserve_segments"] + 4, st
+    assert st.lifetime.cleaning_runs == 0 and st.space.free_segments < st.space.reserve_segments + 4, st
     _ZOMBIES.append(disk)
     res = (ctrl, data, meta, ctrl.images(), model)
     _CR_BASES["bg"] = res
@@ -1037,7 +1037,7 @@ def test_crash_during_background_step():
     _bg_until_done(disk)
     total = ctrl.ops
     st = disk.stats()
-    assert st["cleaning_runs"] >= 1 and disk.space.seg_valid[victim] == 0, \
+    assert st.lifetime.cleaning_runs >= 1 and disk.debug.space.seg_valid[victim] == 0, \
         f"precondition: background_step did not clean ({brief_stats(disk)})"
     check_reads(disk, model, "uncrashed background cleaning")
     modes = len(CrashController.KEEP_MODES)
@@ -1060,8 +1060,8 @@ def test_crash_while_reusing_a_cleaned_segment():
     _run_prog(disk, prog)
     victim = hba_of(disk, next(l for l in range(SEG) if post.vers[l] == 1)) // SEG
     disk.flush()
-    assert disk.stats()["cleaning_runs"] >= 1
-    assert disk.space.seg_valid[victim] == 0, "precondition: the victim was not freed"
+    assert disk.stats().lifetime.cleaning_runs >= 1
+    assert disk.debug.space.seg_valid[victim] == 0, "precondition: the victim was not freed"
     images = ctrl.images()
     rng = random.Random(71)
     prog2 = []
@@ -1146,7 +1146,7 @@ def test_replay_of_migrated_blocks_old_copy():
     LBAs whose blocks were replaced do raise), also after reopen."""
     disk, data, meta, model, survivors, stale, pre_image, raw = _migrated_disk()
     disk.flush()                                   # commits the overwrite and cleans
-    assert disk.stats()["cleaning_runs"] >= 1
+    assert disk.stats().lifetime.cleaning_runs >= 1
     moved = {}
     for l, (h, ct) in survivors.items():
         h2 = hba_of(disk, l)
@@ -1155,7 +1155,7 @@ def test_replay_of_migrated_blocks_old_copy():
     # reuse the old places: write until most of them hold other LBAs' blocks
     rng = random.Random(82)
     ver = 10
-    sp = disk.space
+    sp = disk.debug.space
     for _ in range(12):
         if sum(bool(sp.valid[h]) for h, _, _ in moved.values()) > len(moved) // 2:
             break
@@ -1223,7 +1223,7 @@ def test_corrupt_block_is_not_laundered_by_migration():
         _ZOMBIES.append(disk)
         disk = SwornDisk.open(data, meta, KEY16)
     if flushed:
-        assert disk.stats()["cleaning_runs"] >= 1
+        assert disk.stats().lifetime.cleaning_runs >= 1
         with pytest.raises(IntegrityError):
             disk.read(victim_l, 1)
         bad = _right_or_eio(disk, model, "after migrating a corrupted block")
@@ -1275,7 +1275,7 @@ def test_tamper_during_migration_read():
         _ZOMBIES.append(disk)
         disk = SwornDisk.open(data, meta, KEY16)
     else:
-        assert disk.stats()["cleaning_unverified_blocks"] == 2
+        assert disk.stats().lifetime.cleaning_unverified_blocks == 2
         bad = _right_or_eio(disk, model, "after tampered migration")
         assert bad == set(), f"IntegrityError for {sorted(bad)[:8]}"
         disk.close()

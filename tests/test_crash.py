@@ -232,8 +232,8 @@ def test_crashdev_semantics():
 def test_base_has_history():
     """The base images really contain compacted BITs (else the crash tests are weak)."""
     *_, stats = base_image(0)
-    assert stats.get("minor_compactions", 1) > 0, stats
-    assert stats.get("major_compactions", 1) > 0, stats
+    assert stats.lifetime.minor_compactions > 0, stats
+    assert stats.lifetime.major_compactions > 0, stats
 
 
 # ---- the sweep ---------------------------------------------------------------------------
@@ -263,6 +263,9 @@ SWEEP_GROUPS = 8
 SEEDS_PER_GROUP = 13           # 8 x 13 = 104 program seeds, each crashed at every device op
 
 
+COVERED = ("minor_compactions", "major_compactions", "checkpoints")   # lifetime counters
+
+
 @pytest.mark.parametrize("group", range(SWEEP_GROUPS))
 def test_crash_at_every_device_op(group):
     """For each program seed: a program of writes, discards and flushes ending in a close,
@@ -280,9 +283,9 @@ def test_crash_at_every_device_op(group):
         ops, _ = _program_for(pseed, v0, end)
         total, cdisk = _count_ops(ctrl, data, meta, images, ops, base_model)
         if end != "close":
-            cst = cdisk.stats()
-            for key in ("minor_compactions", "major_compactions", "checkpoints"):
-                if cst.get(key, 0) > base_stats.get(key, 0):
+            cst = cdisk.stats().lifetime
+            for key in COVERED:
+                if getattr(cst, key) > getattr(base_stats.lifetime, key):
                     covered.add(key)
         assert total >= 4, f"the program did only {total} device operations"
         for k in list(range(total)) + [total + 5]:
@@ -314,8 +317,8 @@ def test_crash_at_every_device_op(group):
                 disk3 = open_after_crash(data, meta, ctx + " (second open)")
                 assert disk3.read(1, 1) == blk, f"{ctx}: write after recovery lost"
     assert crashes and in_flush, (crashes, in_flush)
-    want = {k for k in ("minor_compactions", "major_compactions", "checkpoints") if k in base_stats}
-    assert covered >= want, f"no program of group {group} crossed {want - covered}"
+    assert covered >= set(COVERED), \
+        f"no program of group {group} crossed {set(COVERED) - covered}"
 
 
 # ---- crashes while the data log is under space pressure (cleaning, threaded logging) ----
@@ -379,7 +382,7 @@ def test_crash_during_cleaning(seed):
     assert out.failed_at is None, out.error
     total = ctrl.ops
     st = disk.stats()
-    assert st.get("cleaning_runs", 1) > 0 and st.get("blocks_moved", 1) > 0, \
+    assert st.lifetime.cleaning_runs > 0 and st.lifetime.blocks_moved > 0, \
         f"the program did not clean: {st}"
     step = max(1, total // scaled(24, 8))
     for k in list(range(0, total, step)) + [total + 3]:
@@ -482,12 +485,12 @@ def test_crash_during_background_cleaning(seed):
     ops = [("bg",), ("bg",), ("w", lba, make_blocks(rng, lba, 16, 4)), ("f",), ("bg",)]
     ctrl.load(images)
     disk = SwornDisk.open(data, meta, KEY16)
-    moved0 = disk.stats().get("blocks_moved", 0)
+    moved0 = disk.stats().lifetime.blocks_moved
     ctrl.reset_count()
     out = run_program(disk, ops, base_model)
     assert out.failed_at is None, out.error
     total = ctrl.ops
-    assert disk.stats().get("blocks_moved", 1) > moved0, \
+    assert disk.stats().lifetime.blocks_moved > moved0, \
         f"background_step cleaned nothing: {disk.stats()}"
     lbas = set(range(0, 2800, 2)) | set(range(lba, lba + 16))
     for k in list(range(total)) + [total + 1]:
@@ -533,10 +536,9 @@ def test_space_accounting_after_recovery(seed):
     model = out.allowed()[alive[0]].copy()
 
     def check_count(where):
-        vb = d.stats().get("valid_blocks")
-        if vb is not None:
-            assert vb == _mapped(model), f"{ctx} {where}: valid_blocks={vb}, mapped LBAs=" \
-                                         f"{_mapped(model)}"
+        vb = d.stats().space.valid_blocks
+        assert vb == _mapped(model), f"{ctx} {where}: valid_blocks={vb}, mapped LBAs=" \
+                                     f"{_mapped(model)}"
 
     check_count("after recovery")
     for i in range(scaled(300)):

@@ -56,7 +56,7 @@ def test_aging_at_85_percent_never_enospc(seed):
             disk.flush()
     disk.flush()
     verify_disk(disk, model, f"seed {seed}", rng=rng)
-    assert disk.stats()["valid_blocks"] == nr
+    assert disk.stats().space.valid_blocks == nr
     disk.close()
     disk = SwornDisk.open(data, meta, KEY16)
     verify_disk(disk, model, f"seed {seed} after reopen", rng=rng)
@@ -70,7 +70,7 @@ def test_whole_disk_overwrite_without_flush():
     nr = disk.nr_blocks
     for version in (1, 2, 3):
         disk.write(0, bytes([version]) * (nr * BS))
-    assert disk.stats()["commits"] >= 2, "early commits should have made the room"
+    assert disk.stats().lifetime.commits >= 2, "early commits should have made the room"
     disk.flush()
     assert disk.read(nr - 1, 1) == bytes([3]) * BS and disk.read(0, 1) == bytes([3]) * BS
     disk.close()
@@ -85,12 +85,12 @@ def test_early_commit_is_a_prefix_of_the_write_history():
     nr = disk.nr_blocks
     disk.write(0, b"\0" * (nr * BS))
     disk.flush()
-    commits = disk.stats()["commits"]
+    commits = disk.stats().lifetime.commits
     order = list(range(nr))
     random.Random(5).shuffle(order)
     for i, lba in enumerate(order):                   # one pass, no flush: early commits
         disk.write(lba, i.to_bytes(4, "little") + b"\1" * (BS - 4))
-    assert disk.stats()["commits"] > commits, "no early commit happened"
+    assert disk.stats().lifetime.commits > commits, "no early commit happened"
     snapshot = (bytes(data.buf), bytes(meta.buf))      # the process dies here
     disk.close()
     d2, m2 = MemoryDevice(data_size), MemoryDevice(len(snapshot[1]))
@@ -140,8 +140,8 @@ def test_thin_disk_enospc_only_when_live_data_fills_it():
     disk, data, meta = min_meta_disk(THIN, THIN // BS)
     _fill_thin_until_enospc(disk, rng)
     st = disk.stats()
-    assert st["valid_blocks"] + st["buffered_blocks"] == disk.layout.data_blocks
-    assert st["pending_ops"] == 0
+    assert st.space.valid_blocks + st.buffered_blocks == disk.layout.data_blocks
+    assert st.pending_ops == 0
     disk.flush()
     disk.close()
 
@@ -172,7 +172,7 @@ def test_index_region_exhaustion_is_internal_and_latches():
     disk, data, meta = min_meta_disk(32 * MiB, 2048, cfg)
     disk.write(0, b"a" * BS)
     disk.flush()
-    disk.ispace.state[:] = CHUNK_USED       # the index region is exhausted
+    disk.debug.ispace.state[:] = CHUNK_USED       # the index region is exhausted
     with pytest.raises(MetadataFullError):
         for lba in range(64):               # the next checkpoint needs an index chunk
             disk.write(lba, b"b" * BS)
@@ -192,14 +192,15 @@ def test_checkpoint_too_large_does_not_advance_the_pack_sequence():
     disk, data, meta = min_meta_disk(32 * MiB, 2048, cfg)
     disk.write(0, b"a" * BS)
     disk.flush()
-    seq = disk.stats()["checkpoint_seq"]
+    seq = disk.stats().checkpoint_seq
     slot_blocks = disk.layout.checkpoint_blocks
-    disk.layout = type(disk.layout)(**dict(disk.layout.to_dict(), checkpoint_blocks=1))
+    protocol = disk.debug.protocol          # as if the pack had outgrown its slot
+    protocol.layout = type(disk.layout)(**dict(disk.layout.to_dict(), checkpoint_blocks=1))
     with pytest.raises(MetadataFullError):
         for lba in range(64):
             disk.write(lba, b"b" * BS)
             disk.flush()
-    assert disk.stats()["checkpoint_seq"] == seq
+    assert disk.stats().checkpoint_seq == seq
     assert slot_blocks > 1
     disk.close()
     disk = SwornDisk.open(data, meta, KEY16)
@@ -250,7 +251,7 @@ def test_thin_disk_at_minimum_meta_survives_churn(seed):
         model.discard(lo, live // 4)
         disk.flush()
     verify_disk(disk, model, f"seed {seed}", rng=rng)
-    assert disk.stats()["checkpoints"] > 4
+    assert disk.stats().lifetime.checkpoints > 4
     disk.close()
     disk = SwornDisk.open(data, meta, KEY16)
     verify_disk(disk, model, f"seed {seed} after reopen", rng=rng)
@@ -353,7 +354,7 @@ def test_cleaner_verifies_before_moving():
     disk.write(0, buf)
     model.write(0, buf)
     disk.flush()
-    hba_of = lambda lba: int(np.frombuffer(disk.index.get(lba)[:8], "<u8")[0])
+    hba_of = lambda lba: int(np.frombuffer(disk.debug.index.get(lba)[:8], "<u8")[0])
     seg = hba_of(0) // 1024
     assert all(hba_of(lba) // 1024 == seg for lba in range(1024))
     disk.discard(0, 1024)                               # leave 10% of the segment valid
@@ -376,17 +377,16 @@ def test_cleaner_verifies_before_moving():
             disk.discard(lba, 1)
             model.discard(lba, 1)
     disk.flush()
-    assert disk.space.seg_valid[seg] == 103
+    assert disk.debug.space.seg_valid[seg] == 103
     bad = 10
     data.buf[hba_of(bad) * BS + 7] ^= 0x80              # tampered with while online
-    before = disk.stats()["cleaning_unverified_blocks"]
-    moved = disk.cleaner.clean(seg)
-    disk.space.excluded.discard(seg)
-    disk.flush()
-    assert moved == 102
-    assert disk.stats()["cleaning_unverified_blocks"] == before + 1
-    assert disk.space.seg_valid[seg] == 1, "the bad block stays; its segment is not freed"
-    assert disk.cleaner.pick_victim(greedy=True) != seg
+    before = disk.stats().lifetime
+    assert disk.debug.clean(seg)
+    after = disk.stats().lifetime
+    assert after.blocks_moved - before.blocks_moved == 102
+    assert after.cleaning_unverified_blocks == before.cleaning_unverified_blocks + 1
+    assert disk.debug.space.seg_valid[seg] == 1, "the bad block stays; its segment is not freed"
+    assert disk.debug.cleaner.pick_victim(greedy=True) != seg
     with pytest.raises(IntegrityError):
         disk.read(bad, 1)
     for lba in range(1024):

@@ -177,8 +177,7 @@ def test_config_is_recorded_not_reread():
     d = SwornDisk.open(data, meta, KEY16)
     assert d.nr_blocks == NR
     st = d.stats()
-    if "memtable_limit" in st:
-        assert st["memtable_limit"] == 16
+    assert st.index.memtable_limit == 16
     d.close()
 
 

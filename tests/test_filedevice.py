@@ -167,8 +167,6 @@ def test_pwrite_many_scattered(tmp_path, direct):
     create_image(str(p), 4 * MiB)
     dev = FileDevice(str(p), direct=direct)
     try:
-        if not hasattr(dev, "pwrite_many"):
-            pytest.skip("FileDevice has no pwrite_many")
         rng = random.Random(9)
         offs = rng.sample(range(0, 4 * MiB - 4 * BS, BS), 600)  # > one 256-entry batch
         items = [(rng.randbytes(BS), o) for o in offs]
@@ -207,7 +205,7 @@ def test_sworndisk_on_files_under_space_pressure(tmp_path):
             disk.flush()
     st = disk.stats()
     disk.close()
-    assert st.get("threaded_segments", 1) + st.get("cleaning_runs", 1) > 0, st
+    assert st.space.threaded_segments + st.lifetime.cleaning_runs > 0, st
     disk = SwornDisk.open(data_p, meta_p, KEY16)
     verify_disk(disk, model, "file-backed, under pressure", lbas=range(nr))
     disk.close()

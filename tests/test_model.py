@@ -16,10 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from sworndisk import Config, MemoryDevice, SwornDisk
 
 from .conftest import (BS, KEY16, MiB, ZERO, Model, check_read, make_blocks, meta_size_for,
-                       new_disk, scaled, stats_value, verify_disk)
+                       new_disk, scaled, verify_disk)
 
-MINOR = ("minor_compactions",)
-MAJOR = ("major_compactions",)
 
 
 def reopen(disk, data, meta, key=KEY16):
@@ -28,10 +26,7 @@ def reopen(disk, data, meta, key=KEY16):
 
 
 def _stats_text(disk) -> str:
-    try:
-        return repr(disk.stats())
-    except Exception as e:  # pragma: no cover - diagnostic only
-        return f"<stats() failed: {e!r}>"
+    return repr(disk.stats())
 
 
 # ---- seeded long random runs -----------------------------------------------------------
@@ -80,15 +75,14 @@ def test_random_long_run(seed, mem, ratio):
     nr = 2048
     disk, data, meta, model, ctx = random_run(seed, cfg, nr, scaled(4000), hot=64)
     verify_disk(disk, model, ctx + " final")
-    minor = stats_value(disk, *MINOR)
-    major = stats_value(disk, *MAJOR)
+    minor = disk.stats().lifetime.minor_compactions
+    major = disk.stats().lifetime.major_compactions
     assert minor > 0, f"{ctx}: no minor compaction happened; stats={_stats_text(disk)}"
     if ratio <= 3:
         assert major > 0, f"{ctx}: no major compaction happened; stats={_stats_text(disk)}"
     st = disk.stats()
-    if "cleaning_runs" in st or "threaded_segments" in st:
-        assert st.get("cleaning_runs", 0) + st.get("threaded_segments", 0) > 0, \
-            f"{ctx}: the data log never had to reuse space: {st}"
+    assert st.lifetime.cleaning_runs + st.space.threaded_segments > 0, \
+        f"{ctx}: the data log never had to reuse space: {st}"
     disk = reopen(disk, data, meta)
     verify_disk(disk, model, ctx + " final reopen", lbas=range(nr))
     disk.close()
@@ -101,7 +95,7 @@ def test_random_run_aes256_records():
     verify_disk(disk, model, ctx + " final", lbas=range(1024))
     disk = reopen(disk, data, meta)
     verify_disk(disk, model, ctx + " reopen", lbas=range(1024))
-    assert stats_value(disk, *MAJOR) > 0 or "major_compactions" not in disk.stats()
+    assert disk.stats().lifetime.major_compactions > 0
     disk.close()
 
 
@@ -164,9 +158,8 @@ def test_wraps_data_log_and_cleans():
     disk = reopen(disk, data, meta)
     verify_disk(disk, model, "wrap after reopen", lbas=range(nr))
     st = disk.stats()
-    cleaned = stats_value(disk, "cleaning_runs", "cleaned_segments", "segments_cleaned",
-                          "threaded_segments")
-    assert cleaned > 0 or not any(k for k in st if "clean" in k), \
+    cleaned = st.lifetime.cleaning_runs + st.space.threaded_segments
+    assert cleaned > 0, \
         f"wrote {written} blocks on a {data_size // BS}-block device without cleaning: {st}"
     disk.close()
 
@@ -263,10 +256,7 @@ def disk_env(small_config):
     env = {"disk": disk, "data": data, "meta": meta, "model": Model(nr), "nr": nr,
            "rng": random.Random(11), "v": 0}
     yield env
-    try:
-        env["disk"].close()
-    except Exception:
-        pass
+    env["disk"].close()
 
 
 def _w(env, lba, n):
@@ -316,8 +306,8 @@ def test_overwrite_heavy_small_range(disk_env):
         if i % 17 == 0:
             check_read(d, disk_env["model"], 0, 8, f"overwrite-heavy step {i}")
     verify_disk(d, disk_env["model"], "overwrite-heavy", lbas=range(16))
-    assert stats_value(d, *MINOR) > 0, f"no minor compaction: {_stats_text(d)}"
-    assert stats_value(d, *MAJOR) > 0, f"no major compaction: {_stats_text(d)}"
+    assert d.stats().lifetime.minor_compactions > 0, f"no minor compaction: {_stats_text(d)}"
+    assert d.stats().lifetime.major_compactions > 0, f"no major compaction: {_stats_text(d)}"
     d = _reopen(disk_env)
     verify_disk(d, disk_env["model"], "overwrite-heavy reopen", lbas=range(16))
 
@@ -387,7 +377,7 @@ def test_discard_survives_compactions(disk_env):
         if i % 10 == 0:
             d.flush()
     check_read(d, model, 0, 256, "tombstones after compactions")
-    assert stats_value(d, *MAJOR) > 0, f"no major compaction: {_stats_text(d)}"
+    assert d.stats().lifetime.major_compactions > 0, f"no major compaction: {_stats_text(d)}"
     d = _reopen(disk_env)
     check_read(d, model, 0, 256, "tombstones after compactions, reopened")
 
@@ -484,8 +474,7 @@ def test_tiny_node_cache():
     disk = reopen(disk, data, meta)
     verify_disk(disk, model, ctx + " reopen", lbas=range(2048))
     st = disk.stats()
-    if "node_cache_misses" in st:
-        assert st["node_cache_misses"] > 0, st
+    assert st.session.node_cache_misses > 0, st
     disk.close()
 
 

@@ -156,7 +156,7 @@ def test_history_is_rich(hist):
     _, _, jlen = hist.regions["journal"]
     assert hist.data_written_t2 > DATA_SIZE // BS, (hist.data_written_t2, DATA_SIZE // BS)
     assert hist.journal_written_t2 > jlen // BS, (hist.journal_written_t2, jlen // BS)
-    assert st.get("major_compactions", 1) > 0 and st.get("checkpoints", 1) > 0, st
+    assert st.lifetime.major_compactions > 0 and st.lifetime.checkpoints > 0, st
     assert hist.journal_tail, "the last flushes wrote no journal block"
 
 

@@ -115,9 +115,8 @@ def run_aging(kind: str, workdir: str, plan: AgingPlan) -> AgingResult:
 
 
 def _engine_write_amplification(bench: BenchDisk) -> Optional[float]:
-    """What the disk itself reports, if it reports it (and still can, after a failure)."""
-    try:
-        wa = bench.stats().get("write_amplification")
-    except Exception:
+    """What SwornDisk itself reports (CryptDisk reports nothing; a failed disk still
+    answers stats())."""
+    if bench.kind != "sworndisk":
         return None
-    return float(wa) if isinstance(wa, (int, float)) else None
+    return bench.disk.stats().session.write_amplification

@@ -52,8 +52,8 @@ class BenchDisk:
                             sum(d.bytes_read for d in self.devices.values()))
 
     def stats(self) -> dict:
-        stats = getattr(self.disk, "stats", None)
-        return dict(stats()) if stats else {}
+        """SwornDisk's own stats (DiskStats.as_dict()); CryptDisk keeps none."""
+        return self.disk.stats().as_dict() if self.kind == "sworndisk" else {}
 
     def close(self, suppress_errors: bool = False) -> None:
         """Close the disk, then its devices, then delete the images (sparse, possibly GiBs).

@@ -1,0 +1,192 @@
+"""The pending batch: everything written or discarded since the last commit.
+
+Writes first collect in a plaintext segment buffer (one 4 MiB segment). Sealing encrypts
+each buffered block under a fresh random key and nonce, writes the run at the log head
+and turns the blocks into index records, which wait here, uncommitted, with the discards
+and the cleaner's moves, as the operations of the next journal transaction. Reads see
+this state first (`overlay`), the committed index after it; the cleaner asks whether an
+LBA has anything newer here (`superseded`) before it moves the committed copy.
+
+Sealed blocks are *busy* in the space accounting (written, not valid, not allocatable)
+until the commit that validates them, or a reopen that forgets them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import crypto
+from .config import BLOCK_SIZE, SEGMENT_BLOCKS
+from .device import BlockDevice
+from .ops import Discard, Op, Writes
+from .records import RecordFormat
+from .space import DataSpace
+from .stats import Lifetime
+
+
+class PendingBatch:
+    def __init__(self, fmt: RecordFormat, space: DataSpace, data: BlockDevice,
+                 lifetime: Lifetime):
+        self.fmt = fmt
+        self.lifetime = lifetime
+        self.space = space
+        self.data = data
+        self._buf = bytearray(SEGMENT_BLOCKS * BLOCK_SIZE)
+        self._slots: list = []                  # buffer slot -> LBA, None once discarded
+        self._slot_of: dict[int, int] = {}      # LBA -> buffer slot
+        self._values: dict[int, bytes] = {}     # LBA -> sealed, uncommitted record value
+        self._ops: list[Op] = []
+        self._discards: list[tuple[int, int]] = []
+        self._hbas: list[int] = []              # busy blocks this batch will validate
+        self.unflushed = 0                      # blocks written or discarded since commit
+
+    # ---- queries ----
+    def is_empty(self) -> bool:
+        return not self._ops and not self._slot_of
+
+    @property
+    def buffered(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def op_count(self) -> int:
+        return len(self._ops)
+
+    def new_blocks(self, lba: int, n: int, limit: int) -> int:
+        """The longest prefix of [lba, lba+n) whose blocks not yet buffered number at
+        most `limit` (what buffering it adds to the buffer)."""
+        if n <= limit or not self._slot_of:
+            return min(n, max(limit, 0))
+        new = 0
+        for i in range(n):
+            if lba + i not in self._slot_of:
+                new += 1
+                if new > limit:
+                    return i
+        return n
+
+    def superseded(self, lba: int) -> bool:
+        """True if something newer than the committed value of lba is buffered or pending."""
+        return (lba in self._slot_of or lba in self._values
+                or (bool(self._discards) and self._discarded(lba)))
+
+    def overlay(self, lba: int, n: int, out: bytearray) -> tuple[list, list[int]]:
+        """Reads [lba, lba+n) through the batch: buffered blocks are copied into `out`;
+        returns the sealed values to fetch, as (index in request, lba, value), and the
+        LBAs the batch says nothing about (for the committed index)."""
+        fetch, rest = [], []
+        tomb = self.fmt.tombstone
+        for i in range(n):
+            l = lba + i
+            slot = self._slot_of.get(l)
+            if slot is not None:
+                out[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] = \
+                    self._buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE]
+                continue
+            v = self._values.get(l)
+            if v is not None:
+                if v != tomb:
+                    fetch.append((i, l, v))
+                continue
+            if self._discards and self._discarded(l):
+                continue
+            rest.append(l)
+        return fetch, rest
+
+    def _discarded(self, lba: int) -> bool:
+        return any(lo <= lba < hi for lo, hi in self._discards)
+
+    # ---- changes ----
+    def put(self, lba: int, mv: memoryview) -> None:
+        """Copies whole blocks into the buffer, sealing it whenever it fills; the caller
+        has made room for every block this adds (DataSpace.free_blocks)."""
+        n = len(mv) // BLOCK_SIZE
+        buf, slot_of, slots = self._buf, self._slot_of, self._slots
+        if len(slots) + n <= SEGMENT_BLOCKS and (not slot_of or not any(
+                l in slot_of for l in range(lba, lba + n))):
+            # Bulk path: new blocks that fit the buffer go in with one copy.
+            first = len(slots)
+            buf[first * BLOCK_SIZE:(first + n) * BLOCK_SIZE] = mv
+            slots.extend(range(lba, lba + n))
+            slot_of.update(zip(range(lba, lba + n), range(first, first + n)))
+        else:
+            for i in range(n):
+                l = lba + i
+                slot = slot_of.get(l)
+                if slot is None:
+                    if len(slots) == SEGMENT_BLOCKS:
+                        self.seal()
+                    slot = len(slots)
+                    slots.append(l)
+                    slot_of[l] = slot
+                buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = \
+                    mv[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
+        self.unflushed += n
+
+    def discard(self, lo: int, hi: int) -> None:
+        tomb = self.fmt.tombstone
+        for table in (self._slot_of, self._values):
+            keys = range(lo, hi) if hi - lo <= len(table) else list(table)
+            for l in keys:
+                if lo <= l < hi and l in table:
+                    if table is self._slot_of:
+                        self._slots[self._slot_of.pop(l)] = None
+                    else:
+                        self._values[l] = tomb
+        self._ops.append(Discard(lo, hi - lo))
+        self._discards.append((lo, hi))
+        self.unflushed += hi - lo
+
+    def stage(self, records: np.ndarray) -> None:
+        """Stages index records whose blocks are already written and busy (the cleaner's
+        moves, and sealing)."""
+        if not len(records):
+            return
+        self._values.update(zip(records["lba"].tolist(), self.fmt.values_of(records)))
+        self._ops.append(Writes(records))
+        self._hbas.extend(records["hba"].tolist())
+
+    def seal(self) -> None:
+        """Encrypts the buffer and writes it at the log head (uncommitted)."""
+        live = [(slot, l) for slot, l in enumerate(self._slots) if l is not None]
+        if not live:
+            self._reset_buffer()
+            return
+        n = len(live)
+        runs = self.space.alloc(n)
+        kb = self.fmt.key_bytes
+        material = crypto.random_bytes(n * (kb + crypto.NONCE_BYTES))
+        slots = [slot for slot, _ in live]
+        tags = bytearray(n * crypto.TAG_BYTES)
+        writes = []
+        done = 0
+        for start, count in runs:
+            out = bytearray(count * BLOCK_SIZE + crypto.TAG_BYTES)
+            crypto.seal_blocks(material, kb, self._buf, slots[done:done + count], out, tags, done)
+            writes.append((memoryview(out)[:count * BLOCK_SIZE], start * BLOCK_SIZE))
+            done += count
+        recs = self.fmt.records(
+            [l for _, l in live],
+            np.concatenate([np.arange(start, start + count) for start, count in runs]),
+            np.frombuffer(material, np.uint8).reshape(n, kb + crypto.NONCE_BYTES),
+            np.frombuffer(tags, np.uint8).reshape(n, crypto.TAG_BYTES))
+        self.data.pwrite_many(writes)
+        self.space.stamp(recs["hba"])
+        self.stage(recs)
+        self.lifetime.segments_sealed += 1
+        self._reset_buffer()
+
+    def take(self) -> tuple[list[Op], list[int]]:
+        """The batch's operations and busy blocks, for a commit; the batch is empty after."""
+        self.seal()
+        ops, hbas = self._ops, self._hbas
+        self._values, self._ops, self._discards, self._hbas = {}, [], [], []
+        self.unflushed = 0
+        return ops, hbas
+
+    def _reset_buffer(self) -> None:
+        # In place: put() holds these objects in locals across a seal.
+        self._slots.clear()
+        self._slot_of.clear()
+
+
+__all__ = ["PendingBatch"]

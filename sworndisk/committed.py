@@ -1,0 +1,104 @@
+"""The committed state: the secure index and the space accounting, and `apply`.
+
+Everything here changes only through `apply(ops)`, with the operations of one committed
+journal transaction. A commit calls it right after the transaction is durable; recovery
+calls it with the same transactions read back from the journal. It is deterministic given
+the state it starts from, so recovery rebuilds exactly the accounting the disk had.
+
+Accounting rule (docs/cleaning.md): when a write record commits, the block that the LBA's
+previous committed record named becomes invalid at that moment, exactly once; a discard
+invalidates every mapped block in its range and leaves tombstones.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bit import NodeStore
+from .config import Config
+from .layout import INDEX_CHUNK_BLOCKS, Layout
+from .lsm import LsmIndex
+from .ops import Discard, Op, Writes
+from .records import TOMBSTONE_HBA, RecordFormat
+from .segtable import SegmentTable
+from .space import DataSpace, IndexSpace
+
+_DISCARD_WINDOW = 1 << 16
+
+
+class CommittedState:
+    def __init__(self, fmt: RecordFormat, store: NodeStore, segtable: SegmentTable,
+                 layout: Layout, config: Config):
+        self.fmt = fmt
+        self.segtable = segtable
+        self.space = DataSpace(segtable, layout.reserve_segments)
+        self.ispace = IndexSpace(layout.index_chunks)
+        self.index = LsmIndex(fmt, store, config, min(layout.nr_blocks, layout.data_blocks),
+                              self.ispace.alloc,
+                              lambda c: layout.index_start + c * INDEX_CHUNK_BLOCKS)
+
+    # ---- lookups ----
+    def lookup(self, lbas: list[int]) -> dict[int, bytes]:
+        """Committed value (tombstones included) of each mapped LBA among `lbas`."""
+        return self.index.get_many(lbas)
+
+    def lookup_exact(self, lbas: list[int]) -> dict[int, bytes]:
+        return self.index.get_many_exact(lbas)
+
+    def live_blocks(self, lbas: list[int]) -> int:
+        """How many of `lbas` are mapped (not discarded) now."""
+        return sum(1 for v in self.index.get_many_exact(lbas).values()
+                   if self.fmt.hba_of(v) != TOMBSTONE_HBA)
+
+    # ---- apply ----
+    def apply(self, ops: list[Op]) -> None:
+        """Applies one committed transaction's operations (no Commit/Checkpoint records)."""
+        run: list[np.ndarray] = []
+        for op in ops:
+            if isinstance(op, Writes):
+                run.append(op.records)
+                continue
+            if run:
+                self._apply_writes(np.concatenate(run))
+                run = []
+            if isinstance(op, Discard):
+                self._apply_discard(op.lba, op.count)
+            else:
+                raise TypeError(f"cannot apply {op!r}")
+        if run:
+            self._apply_writes(np.concatenate(run))
+
+    def _apply_writes(self, recs: np.ndarray) -> None:
+        """A run of write records, in bulk. Same result as one at a time: the last record
+        of an LBA wins; the block its previous committed record named becomes invalid; an
+        earlier record of the same LBA in this run never becomes valid (the blocks of this
+        run were busy, so they are disjoint from every previously valid block)."""
+        mt = self.index.memtable
+        latest = dict(zip(recs["lba"].tolist(), self.fmt.values_of(recs)))
+        misses = [l for l in latest if mt.get(l) is None]
+        in_bits = self.index.lookup_bits(misses)
+        old_hbas = []
+        for l in latest:
+            old = mt.get(l)
+            if old is None:
+                old = in_bits.get(l)
+            if old is not None:
+                hba = self.fmt.hba_of(old)
+                if hba != TOMBSTONE_HBA:
+                    old_hbas.append(hba)
+        new = self.fmt.array(list(latest), list(latest.values()))
+        self.segtable.invalidate_many(np.asarray(old_hbas, np.uint64))
+        self.segtable.validate_many(new["hba"], new["lba"])
+        mt.update(latest)
+
+    def _apply_discard(self, lo: int, n: int) -> None:
+        mt = self.index.memtable
+        hba_of, tomb = self.fmt.hba_of, self.fmt.tombstone
+        for w in range(lo, lo + n, _DISCARD_WINDOW):
+            for l, old in self.index.range(w, min(lo + n, w + _DISCARD_WINDOW)).items():
+                hba = hba_of(old)
+                if hba != TOMBSTONE_HBA:
+                    self.space.invalidate(hba)
+                    mt.put(l, tomb)
+
+
+__all__ = ["CommittedState"]

@@ -1,0 +1,105 @@
+"""What `SwornDisk.stats()` reports: typed, with lifetime and since-open figures apart.
+
+`Lifetime` counters are persisted in every checkpoint pack and survive reopening (a crash
+loses at most the increments since the last checkpoint); everything under `Session`
+starts at zero when the disk is opened. `as_dict()` is what `--json` prints.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class Lifetime:
+    """Since the disk was formatted (persisted in checkpoint packs)."""
+    user_blocks_written: int = 0
+    user_blocks_read: int = 0
+    blocks_discarded: int = 0
+    commits: int = 0
+    checkpoints: int = 0
+    segments_sealed: int = 0
+    cleaning_runs: int = 0
+    blocks_moved: int = 0
+    cleaning_unverified_blocks: int = 0    # blocks the cleaner found tampered and left
+    minor_compactions: int = 0
+    major_compactions: int = 0
+    journal_blocks_written: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Lifetime":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Session:
+    """Since this open."""
+    recovered_txns: int = 0          # journal transactions replayed by recovery
+    user_blocks_written: int = 0
+    user_blocks_read: int = 0
+    data_bytes_written: int = 0
+    meta_bytes_written: int = 0
+    data_bytes_read: int = 0
+    meta_bytes_read: int = 0
+    node_cache_hits: int = 0
+    node_cache_misses: int = 0
+    segtable_loads: int = 0
+
+    @property
+    def write_amplification(self) -> float | None:
+        """Bytes written to both devices per byte the user wrote (None before a write)."""
+        user = self.user_blocks_written * 4096
+        return (self.data_bytes_written + self.meta_bytes_written) / user if user else None
+
+
+@dataclass
+class Space:
+    block_size: int
+    nr_blocks: int                   # logical size
+    usable_blocks: int               # what fits without thin provisioning
+    data_segments: int
+    reserve_segments: int
+    free_segments: int
+    valid_blocks: int                # mapped LBAs (committed)
+    free_blocks: int                 # neither valid nor written-but-uncommitted
+    threaded_segments: int           # log-head switches to hole filling
+
+
+@dataclass
+class Index:
+    memtable_records: int
+    memtable_limit: int
+    bits: int
+    levels: list = field(default_factory=list)     # BITs per level
+    index_chunks_used: int = 0
+    index_chunks: int = 0
+    node_cache_entries: int = 0
+    node_cache_limit: int = 0
+    segtable_cached: int = 0
+    segtable_dirty: int = 0
+    journal_blocks_used: int = 0
+    journal_blocks: int = 0
+
+
+@dataclass
+class DiskStats:
+    lifetime: Lifetime
+    session: Session
+    space: Space
+    index: Index
+    commit_seq: int
+    checkpoint_seq: int
+    pending_ops: int                 # journal operations waiting for the next commit
+    buffered_blocks: int             # plaintext blocks not yet sealed
+    aead_backend: str
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["session"]["write_amplification"] = self.session.write_amplification
+        return d
+
+
+__all__ = ["DiskStats", "Lifetime", "Session", "Space", "Index"]
