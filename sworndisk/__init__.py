@@ -5,16 +5,17 @@
         disk.write(0, b"x" * 4096)
         disk.flush()
 """
-from .config import BLOCK_SIZE, Config
+from .config import Config
+from .format import BLOCK_SIZE
 from .device import BlockDevice, FileDevice, MemoryDevice
 from .errors import (DeviceBusyError, DeviceTooSmall, DiskClosedError, IntegrityError,
                      InvalidArgument, MetadataFullError, NoSpaceError, NotFormattedError,
-                     SwornDiskError, WrongKeyError)
+                     SwornDiskError, UnsupportedFormatError, WrongKeyError)
 
 __all__ = [
     "SwornDisk", "Config", "BLOCK_SIZE", "BlockDevice", "FileDevice", "MemoryDevice",
     "SwornDiskError", "IntegrityError", "WrongKeyError", "NoSpaceError", "NotFormattedError",
-    "MetadataFullError",
+    "MetadataFullError", "UnsupportedFormatError",
     "DiskClosedError", "DeviceBusyError", "InvalidArgument", "DeviceTooSmall",
 ]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import crypto
-from .config import BLOCK_SIZE, SEGMENT_BLOCKS
+from .format import BLOCK_SIZE, SEGMENT_BLOCKS
 from .device import BlockDevice
 from .ops import Discard, Op, Writes
 from .records import RecordFormat

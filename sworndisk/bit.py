@@ -10,7 +10,6 @@ its last child), sequentially over index chunks. See docs/format.md.
 """
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -18,14 +17,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import crypto
-from .config import BLOCK_SIZE
+from .format import BLOCK_SIZE
 from .device import BlockDevice
 from .errors import IntegrityError
 from .records import RecordFormat
 
-NODE_HEADER = struct.Struct("<4sBBHI4x")   # magic, kind, height, reserved, count
-NODE_MAGIC = b"BITN"
-LEAF, INTERNAL = 0, 1
+from .format import NODE_HEADER, NODE_INTERNAL as INTERNAL, NODE_LEAF as LEAF, NODE_MAGIC
 
 
 @dataclass
@@ -77,7 +74,7 @@ class NodeStore:
         hba, key, nonce, tag = self.fmt.split(entry)
         ct = self.meta.pread(BLOCK_SIZE, hba * BLOCK_SIZE)
         pt = crypto.decrypt(key, nonce, ct, tag, f"{what} at meta block {hba}")
-        magic, kind, _height, _r, count = NODE_HEADER.unpack_from(pt)
+        magic, kind, _height, _r, count, _r2 = NODE_HEADER.unpack_from(pt)
         if magic != NODE_MAGIC or kind not in (LEAF, INTERNAL) or count > self.capacity:
             raise IntegrityError(f"{what} at meta block {hba} is malformed")
         recs = np.frombuffer(pt, self.fmt.dtype, count, NODE_HEADER.size)
@@ -90,7 +87,7 @@ class NodeStore:
     def seal(self, kind: int, height: int, recs: np.ndarray) -> tuple[bytes, bytes, bytes, bytes]:
         """Encrypts a node; returns (ciphertext, key, nonce, mac)."""
         pt = bytearray(BLOCK_SIZE)
-        NODE_HEADER.pack_into(pt, 0, NODE_MAGIC, kind, height, 0, len(recs))
+        NODE_HEADER.pack_into(pt, 0, NODE_MAGIC, kind, height, 0, len(recs), bytes(4))
         raw = recs.tobytes()
         pt[NODE_HEADER.size:NODE_HEADER.size + len(raw)] = raw
         key = crypto.random_bytes(self.fmt.key_bytes)

@@ -15,19 +15,17 @@ index chunk). See docs/format.md.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import crypto
-from .config import BLOCK_SIZE
+from .format import BLOCK_SIZE
 from .device import BlockDevice
 from .errors import IntegrityError
 
-MAGIC = b"SDCP"
-_HDR = struct.Struct("<4sQ12sQ")
-_SECTION = struct.Struct("<8sQ")
+from .format import LABEL_CHECKPOINT, PACK_HEADER as _HDR, PACK_MAGIC as MAGIC
+from .format import PACK_SECTION as _SECTION, SECTION_ICHUNKS, SECTION_META, SECTION_SEGDIR
 
 
 @dataclass
@@ -44,13 +42,13 @@ class Pack:
         """Returns (slot bytes, mac)."""
         meta = dict(self.meta, anchor_seq=self.anchor_seq,
                     anchor_prev_mac=self.anchor_prev_mac.hex())
-        sections = [(b"meta", json.dumps(meta, sort_keys=True).encode()),
-                    (b"segdir", self.segdir.tobytes()),
-                    (b"ichunks", self.ichunks.astype(np.uint8).tobytes())]
+        sections = [(SECTION_META, json.dumps(meta, sort_keys=True).encode()),
+                    (SECTION_SEGDIR, self.segdir.tobytes()),
+                    (SECTION_ICHUNKS, self.ichunks.astype(np.uint8).tobytes())]
         body = b"".join(_SECTION.pack(name, len(data)) + data for name, data in sections)
         nonce = crypto.random_bytes(crypto.NONCE_BYTES)
         hdr = _HDR.pack(MAGIC, self.seq, nonce, len(body))
-        ct, mac = crypto.encrypt(crypto.derive(root, "checkpoint", self.seq), nonce, body, hdr)
+        ct, mac = crypto.encrypt(crypto.derive(root, LABEL_CHECKPOINT, self.seq), nonce, body, hdr)
         head = hdr + mac
         head += bytes(BLOCK_SIZE - len(head))
         pad = -len(ct) % BLOCK_SIZE
@@ -72,7 +70,7 @@ def read_pack(meta_dev: BlockDevice, root: bytes, slot_start: int, slot_blocks: 
     nblk = -(-body_len // BLOCK_SIZE)
     ct = meta_dev.pread(nblk * BLOCK_SIZE, (slot_start + 1) * BLOCK_SIZE)[:body_len]
     try:
-        body = crypto.decrypt(crypto.derive(root, "checkpoint", seq), nonce, ct, mac,
+        body = crypto.decrypt(crypto.derive(root, LABEL_CHECKPOINT, seq), nonce, ct, mac,
                               "checkpoint pack", head[:_HDR.size])
     except IntegrityError:
         return None
@@ -80,10 +78,10 @@ def read_pack(meta_dev: BlockDevice, root: bytes, slot_start: int, slot_blocks: 
     while off < len(body):
         name, n = _SECTION.unpack_from(body, off)
         off += _SECTION.size
-        sections[name.rstrip(b"\0").decode()] = body[off:off + n]
+        sections[name.rstrip(b"\0")] = body[off:off + n]
         off += n
-    meta = json.loads(sections["meta"])
-    segdir = np.frombuffer(sections["segdir"], segdir_dtype).copy()
-    ichunks = np.frombuffer(sections["ichunks"], np.uint8).copy()
+    meta = json.loads(sections[SECTION_META])
+    segdir = np.frombuffer(sections[SECTION_SEGDIR], segdir_dtype).copy()
+    ichunks = np.frombuffer(sections[SECTION_ICHUNKS], np.uint8).copy()
     return Pack(seq, meta.pop("anchor_seq"), bytes.fromhex(meta.pop("anchor_prev_mac")), meta,
                 segdir, ichunks, mac)

@@ -26,7 +26,7 @@ import numpy as np
 from . import crypto
 from .batch import PendingBatch
 from .committed import CommittedState
-from .config import BLOCK_SIZE, SEGMENT_BLOCKS
+from .format import BLOCK_SIZE, SEGMENT_BLOCKS
 from .device import BlockDevice
 from .errors import IntegrityError
 from .segtable import NONE

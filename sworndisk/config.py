@@ -6,9 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import InvalidArgument
 
-BLOCK_SIZE = 4096
-SEGMENT_BLOCKS = 1024          # 4 MiB data and index segments
-SECTOR_SIZE = 512
+from .format import BLOCK_SIZE
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ import struct
 
 from .errors import IntegrityError, InvalidArgument
 
-NONCE_BYTES = 12
-TAG_BYTES = 16
+from .format import NONCE_BYTES, TAG_BYTES  # noqa: E402,F401 (re-exported)
 
 
 class _Backend:

@@ -24,8 +24,11 @@ from .batch import PendingBatch
 from .bit import NodeStore
 from .cleaner import Cleaner
 from .committed import CommittedState
-from .config import BLOCK_SIZE, Config
+from .debug import DebugView
+from .config import Config
+from .format import BLOCK_SIZE
 from .device import BlockDevice, CountingDevice, open_pair
+from .format import LABEL_DISK, LABEL_FRONTEND
 from .errors import DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument
 from .layout import INDEX_CHUNK_BLOCKS, Layout, fit_config, plan, usable_blocks
 from .protocol import CommitProtocol
@@ -50,7 +53,7 @@ class SwornDisk:
         self.layout: Layout = sb.layout
         self.config: Config = sb.config
         self.nr_blocks = self.layout.nr_blocks
-        self._disk_key = crypto.derive(root, "disk", *np.frombuffer(sb.uuid, "<u8").tolist())
+        self._disk_key = crypto.derive(root, LABEL_DISK, *np.frombuffer(sb.uuid, "<u8").tolist())
         fmt = RecordFormat(self.config.cipher_key_bytes)
         self._fmt = fmt
         self._lifetime = Lifetime()
@@ -158,7 +161,7 @@ class SwornDisk:
     def subkey(self, label: str) -> bytes:
         """A 32-byte key for `label`, derived from this disk's key: for front ends that
         keep their own authenticated state bound to this disk (never the disk's own keys)."""
-        return crypto.derive(self._disk_key, "frontend:" + label)
+        return crypto.derive(self._disk_key, LABEL_FRONTEND + label)
 
     def read(self, lba: int, nr_blocks: int) -> bytes:
         self._check_usable()
@@ -363,34 +366,11 @@ class SwornDisk:
 
     # ------------------------------------------------------------------ tests and tools
     @property
-    def debug(self) -> "DebugView":
+    def debug(self) -> DebugView:
         """The parts, by name, for tests and diagnostic tools; not a stable interface."""
-        return DebugView(self)
-
-
-class DebugView:
-    """Named access to a disk's parts (tests, benchmarks, `check`): what a test may poke,
-    in one place instead of private attributes."""
-
-    def __init__(self, disk: SwornDisk):
-        self.state = disk._state
-        self.space = disk._state.space
-        self.index = disk._state.index
-        self.ispace = disk._state.ispace
-        self.segtable = disk._state.segtable
-        self.batch = disk._batch
-        self.cleaner = disk._cleaner
-        self.protocol = disk._protocol
-        self.journal = disk._protocol.journal
-        self.fmt = disk._fmt
-        self.data = disk._data
-        self.meta = disk._meta
-        self._disk = disk
-
-    def clean(self, victim: int) -> bool:
-        """One cleaning step on a chosen victim, committed (as flush's cleaning does)."""
-        disk = self._disk
-        return disk._guarded(lambda: self.cleaner.step(True, disk._protocol.commit, victim))
+        return DebugView(state=self._state, batch=self._batch, cleaner=self._cleaner,
+                         protocol=self._protocol, fmt=self._fmt, data=self._data,
+                         meta=self._meta, guarded=self._guarded)
 
 
 def _mib(blocks: int) -> str:

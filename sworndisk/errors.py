@@ -58,6 +58,11 @@ class DeviceBusyError(SwornDiskError, OSError):
         return self.strerror
 
 
+class UnsupportedFormatError(SwornDiskError):
+    """The meta device holds a SwornDisk of a format version, or with a required feature,
+    that this code does not know: it is refused rather than misread."""
+
+
 class NotFormattedError(SwornDiskError):
     """The meta device holds no SwornDisk at all (no superblock magic)."""
 

@@ -12,21 +12,18 @@ layout in docs/format.md.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Iterator
 
 from . import crypto
-from .config import BLOCK_SIZE
+from .format import BLOCK_SIZE
 from .device import BlockDevice
 from .errors import IntegrityError, MetadataFullError
 
-BLOCK_MAGIC = b"SDJB"
-_HDR = struct.Struct("<4sQ12s")            # magic, seq, nonce  (plaintext, AAD)
-_BODY_HDR = struct.Struct("<16sBH")        # prev_mac, flags, payload length  (encrypted)
-BODY_BYTES = BLOCK_SIZE - _HDR.size - crypto.TAG_BYTES
-PAYLOAD_BYTES = BODY_BYTES - _BODY_HDR.size
-FLAG_LAST = 1
+from .format import JOURNAL_BODY as BODY_BYTES, JOURNAL_BODY_HEADER as _BODY_HDR
+from .format import JOURNAL_FLAG_LAST as FLAG_LAST, JOURNAL_HEADER as _HDR
+from .format import JOURNAL_MAGIC as BLOCK_MAGIC, JOURNAL_PAYLOAD as PAYLOAD_BYTES
+from .format import LABEL_JOURNAL, LABEL_JOURNAL_BLOCK, LABEL_JOURNAL_GENESIS
 _READ_BATCH = 64
 
 
@@ -41,7 +38,7 @@ class Txn:
 class Journal:
     def __init__(self, meta: BlockDevice, root: bytes, start: int, nblocks: int):
         self.meta = meta
-        self.kdk = crypto.derive(root, "journal")
+        self.kdk = crypto.derive(root, LABEL_JOURNAL)
         self.start = start
         self.nblocks = nblocks
         self.head_seq = 1                 # next block to write
@@ -50,10 +47,10 @@ class Journal:
         self.blocks_written = 0
 
     def genesis_mac(self) -> bytes:
-        return crypto.derive(self.kdk, "genesis", nbytes=crypto.TAG_BYTES)
+        return crypto.derive(self.kdk, LABEL_JOURNAL_GENESIS, nbytes=crypto.TAG_BYTES)
 
     def _key(self, seq: int) -> bytes:
-        return crypto.derive(self.kdk, "block", seq, nbytes=16)
+        return crypto.derive(self.kdk, LABEL_JOURNAL_BLOCK, seq, nbytes=16)
 
     def used(self) -> int:
         return self.head_seq - self.anchor_seq

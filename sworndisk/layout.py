@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .config import BLOCK_SIZE, SEGMENT_BLOCKS, Config
+from .config import Config
+from .format import (BLOCK_SIZE, INDEX_CHUNK_BLOCKS, NODE_HEADER, SEGMENT_BLOCKS, record_dtype,
+                     segdir_dtype)
 from .errors import DeviceTooSmall, InvalidArgument
 
-INDEX_CHUNK_BLOCKS = 64        # index space is allocated in 256 KiB chunks (see docs/format.md)
 MAX_LOGICAL_BLOCKS = 0xFFFF_FFFE   # the RIT stores LBAs as u32
 MAX_BITS = 64                  # BIT catalog entries per checkpoint (levels x ratio, bounded)
 
 
 def leaf_capacity(record_size: int) -> int:
-    from .bit import NODE_HEADER
     return (BLOCK_SIZE - NODE_HEADER.size) // record_size
 
 
@@ -171,10 +171,10 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
         raise InvalidArgument(f"nr_blocks may be at most {MAX_LOGICAL_BLOCKS} (16 TiB)")
 
     config = fit_config(config, nr_blocks)
-    rec = 28 + 8 + 8 + config.cipher_key_bytes
+    rec = record_dtype(config.cipher_key_bytes).itemsize
     live = min(nr_blocks, data_blocks)     # index records can only name data blocks
     index_chunks = index_chunks_needed(live, config, rec)
-    dir_entry = 8 + config.cipher_key_bytes + 12 + 16 + 2
+    dir_entry = segdir_dtype(config.cipher_key_bytes).itemsize
     # Checkpoint body: scalars, the BIT catalog (each index chunk is named by at most one
     # BIT, as a JSON number), the segment directory, the chunk state map.
     body = (4096 + MAX_BITS * 256 + 12 * index_chunks + dir_entry * data_segments

@@ -17,10 +17,10 @@ import numpy as np
 from .errors import IntegrityError
 from .records import RecordFormat
 
-REC_WRITE, REC_DISCARD, REC_COMMIT, REC_CHECKPOINT = b"W", b"D", b"C", b"K"
-_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
-_DISCARD = struct.Struct("<QQ")
-_CKPT = struct.Struct("<Q16s")
+from .format import OP_CHECKPOINT as REC_CHECKPOINT, OP_CHECKPOINT_BODY as _CKPT
+from .format import OP_COMMIT as REC_COMMIT, OP_COMMIT_BODY as _U64
+from .format import OP_DISCARD as REC_DISCARD, OP_DISCARD_BODY as _DISCARD
+from .format import OP_WRITE as REC_WRITE, OP_WRITE_COUNT as _U32
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,8 @@ import time
 from .batch import PendingBatch
 from .checkpoint import Pack, read_pack
 from .committed import CommittedState
-from .config import BLOCK_SIZE, Config
+from .config import Config
+from .format import BLOCK_SIZE
 from .device import BlockDevice
 from .errors import IntegrityError, MetadataFullError
 from .journal import Journal

@@ -11,9 +11,7 @@ import struct
 
 import numpy as np
 
-from .crypto import NONCE_BYTES, TAG_BYTES
-
-TOMBSTONE_HBA = 0xFFFF_FFFF_FFFF_FFFF   # a discarded LBA
+from .format import NONCE_BYTES, TOMBSTONE_HBA, record_dtype
 _HBA = struct.Struct("<Q")
 
 
@@ -22,8 +20,7 @@ class RecordFormat:
 
     def __init__(self, key_bytes: int):
         self.key_bytes = key_bytes
-        self.dtype = np.dtype([("lba", "<u8"), ("hba", "<u8"), ("key", f"V{key_bytes}"),
-                               ("nonce", f"V{NONCE_BYTES}"), ("mac", f"V{TAG_BYTES}")])
+        self.dtype = record_dtype(key_bytes)
         self.size = self.dtype.itemsize
         self.value_size = self.size - 8
         self.tombstone = _HBA.pack(TOMBSTONE_HBA) + bytes(self.value_size - 8)

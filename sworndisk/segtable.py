@@ -19,17 +19,12 @@ from collections import OrderedDict
 import numpy as np
 
 from . import crypto
-from .config import BLOCK_SIZE, SEGMENT_BLOCKS
+from .format import BLOCK_SIZE, SEGMENT_BLOCKS
 from .device import BlockDevice
 from .errors import IntegrityError, MetadataFullError
 
-NONE = np.uint32(0xFFFF_FFFF)
-_NO_BLOCK = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-
-
-def dir_dtype(key_bytes: int) -> np.dtype:
-    return np.dtype([("hba", "<u8"), ("key", f"V{key_bytes}"), ("nonce", "V12"),
-                     ("mac", "V16"), ("count", "<u2")])
+from .format import DETAIL_DTYPE, DETAIL_NONE as NONE, NO_BLOCK as _NO_BLOCK
+from .format import segdir_dtype as dir_dtype
 
 
 class SegmentTable:
@@ -92,7 +87,7 @@ class SegmentTable:
             ct = self.meta.pread(BLOCK_SIZE, hba * BLOCK_SIZE)
             pt = crypto.decrypt(e["key"].tobytes(), e["nonce"].tobytes(), ct, e["mac"].tobytes(),
                                 f"segment table block for data segment {seg} (meta block {hba})")
-            d = np.frombuffer(pt, "<u4").astype(np.uint32)
+            d = np.frombuffer(pt, DETAIL_DTYPE).astype(np.uint32)
             if int((d != NONE).sum()) != int(self.count[seg]):
                 raise IntegrityError(f"segment table block for data segment {seg} disagrees "
                                      f"with its valid count")

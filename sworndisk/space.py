@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import SEGMENT_BLOCKS
+from .format import SEGMENT_BLOCKS
 from .errors import MetadataFullError, NoSpaceError
 from .segtable import NONE, SegmentTable
 
-CHUNK_FREE, CHUNK_USED, CHUNK_RETIRING = 0, 1, 2
+from .format import ICHUNK_FREE as CHUNK_FREE, ICHUNK_RETIRING as CHUNK_RETIRING
+from .format import ICHUNK_USED as CHUNK_USED
 
 
 class DataSpace:

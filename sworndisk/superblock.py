@@ -1,39 +1,30 @@
 """The superblock: written twice at format time, never again.
 
-Block layout (4096 bytes, little-endian):
-
-    0   8  magic "SWORNDSK"         plaintext
-    8   4  format version           plaintext
-    12  4  flags (bit 0: kdf salt present)
-    16 16  disk uuid
-    32 32  kdf salt (scrypt; zeros when the key is raw)
-    64 32  key check: HMAC-SHA256(root, "sworndisk key check" || uuid)
-    96 12  nonce
-    108 4  body length n
-    112 n  body: AES-GCM(derive(root, "superblock"), nonce, JSON, aad=bytes 0..111)
-    112+n 16 tag
+Layout in sworndisk/format.py (SUPERBLOCK_HEADER) and docs/format.md: a plaintext header
+(magic, format version, incompatible and compatible feature flags, uuid, KDF salt, key
+check, nonce, body length), then the JSON body (layout and Config) under AES-GCM with the
+header as associated data.
 
 The key check lets `open` tell a wrong key (WrongKeyError) from a damaged superblock
-(IntegrityError) before anything else is trusted.
+(IntegrityError) before anything else is trusted. A copy of a newer format version, or
+with an incompatible feature this code does not know, is refused (UnsupportedFormatError)
+rather than misread.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
-import struct
 import uuid as uuidlib
 from dataclasses import dataclass
 
 from . import crypto
-from .config import BLOCK_SIZE, Config
-from .errors import IntegrityError, NotFormattedError, WrongKeyError
+from .config import Config
+from .errors import IntegrityError, NotFormattedError, UnsupportedFormatError, WrongKeyError
+from .format import (BLOCK_SIZE, FORMAT_VERSION, INCOMPAT_PASSPHRASE, KNOWN_INCOMPAT,
+                     LABEL_KEY_CHECK, LABEL_SUPERBLOCK, SUPERBLOCK_HEADER as _HDR,
+                     SUPERBLOCK_MAGIC as MAGIC)
 from .layout import Layout
-
-MAGIC = b"SWORNDSK"
-VERSION = 1
-_HDR = struct.Struct("<8sII16s32s32s12sI")
-FLAG_KDF = 1
 
 
 @dataclass(frozen=True)
@@ -47,10 +38,10 @@ class Superblock:
         body = json.dumps({"layout": self.layout.to_dict(), "config": self.config.to_dict()},
                           sort_keys=True).encode()
         nonce = crypto.random_bytes(crypto.NONCE_BYTES)
-        flags = FLAG_KDF if self.kdf_salt else 0
-        hdr = _HDR.pack(MAGIC, VERSION, flags, self.uuid, self.kdf_salt or bytes(32),
-                        key_check(root, self.uuid), nonce, len(body))
-        ct, tag = crypto.encrypt(crypto.derive(root, "superblock"), nonce, body, hdr)
+        incompat = INCOMPAT_PASSPHRASE if self.kdf_salt else 0
+        hdr = _HDR.pack(MAGIC, FORMAT_VERSION, incompat, 0, self.uuid,
+                        self.kdf_salt or bytes(32), key_check(root, self.uuid), nonce, len(body))
+        ct, tag = crypto.encrypt(crypto.derive(root, LABEL_SUPERBLOCK), nonce, body, hdr)
         blk = hdr + ct + tag
         if len(blk) > BLOCK_SIZE:
             raise ValueError("superblock body too large")
@@ -62,19 +53,35 @@ class Superblock:
 
 
 def key_check(root: bytes, disk_uuid: bytes) -> bytes:
-    return hmac.new(root, b"sworndisk key check" + disk_uuid, hashlib.sha256).digest()
+    return hmac.new(root, LABEL_KEY_CHECK + disk_uuid, hashlib.sha256).digest()
 
 
 def has_magic(blk: bytes) -> bool:
     return blk[:8] == MAGIC
 
 
+def header(blk: bytes) -> dict:
+    """The plaintext header fields of a copy, by name (format.SUPERBLOCK_HEADER)."""
+    return dict(zip((name for name, _ in _HDR.fields), _HDR.unpack_from(blk)))
+
+
 def read_salt(blk: bytes) -> bytes | None:
     """The KDF salt from a superblock copy's plaintext header (None for a raw key)."""
     if not has_magic(blk):
         return None
-    _, _, flags, _, salt, *_ = _HDR.unpack_from(blk)
-    return salt if flags & FLAG_KDF else None
+    h = header(blk)
+    return h["kdf_salt"] if h["incompat"] & INCOMPAT_PASSPHRASE else None
+
+
+def unsupported(blk: bytes) -> str | None:
+    """Why this code cannot read a copy (a newer version, an unknown required feature)."""
+    h = header(blk)
+    if h["version"] != FORMAT_VERSION:
+        return f"format version {h['version']} (this sworndisk reads version {FORMAT_VERSION})"
+    unknown = h["incompat"] & ~KNOWN_INCOMPAT
+    if unknown:
+        return f"required features 0x{unknown:x} that this sworndisk does not know"
+    return None
 
 
 def read_copies(meta) -> list[bytes]:
@@ -117,40 +124,39 @@ def passphrase_key(copies: list[bytes], passphrase) -> bytes:
 
 def key_verifies(copies: list[bytes], root: bytes) -> bool:
     """True if the key check of some superblock copy accepts `root`."""
-    for blk in copies:
-        if has_magic(blk):
-            _, _, _, disk_uuid, _, check, _, _ = _HDR.unpack_from(blk)
-            if hmac.compare_digest(check, key_check(root, disk_uuid)):
-                return True
-    return False
+    return any(has_magic(blk) and hmac.compare_digest(
+        header(blk)["key_check"], key_check(root, header(blk)["uuid"])) for blk in copies)
 
 
 def decode(copies: list[bytes], root: bytes) -> Superblock:
     """Verifies the first copy that authenticates; the other copy is a spare."""
-    if not any(has_magic(b) for b in copies):
+    present = [b for b in copies if has_magic(b)]
+    if not present:
         raise NotFormattedError("the meta device holds no SwornDisk (no superblock magic)")
+    reasons = [unsupported(b) for b in present]
+    if all(reasons):
+        raise UnsupportedFormatError(f"this disk uses {reasons[0]}: upgrade sworndisk to open it")
     wrong_key = 0
-    for blk in copies:
-        if not has_magic(blk):
+    for blk, reason in zip(present, reasons):
+        if reason:
             continue
-        magic, version, flags, disk_uuid, salt, check, nonce, n = _HDR.unpack_from(blk)
-        if version != VERSION:
-            continue
-        if not hmac.compare_digest(check, key_check(root, disk_uuid)):
+        h = header(blk)
+        if not hmac.compare_digest(h["key_check"], key_check(root, h["uuid"])):
             wrong_key += 1
             continue
+        n = h["body_length"]
         if n > BLOCK_SIZE - _HDR.size - crypto.TAG_BYTES:
             continue
         try:
-            body = crypto.decrypt(crypto.derive(root, "superblock"), nonce,
+            body = crypto.decrypt(crypto.derive(root, LABEL_SUPERBLOCK), h["nonce"],
                                   blk[_HDR.size:_HDR.size + n],
                                   blk[_HDR.size + n:_HDR.size + n + crypto.TAG_BYTES],
                                   "superblock", blk[:_HDR.size])
         except IntegrityError:
             continue
         d = json.loads(body)
-        return Superblock(disk_uuid, Layout.from_dict(d["layout"]), Config.from_dict(d["config"]),
-                          salt if flags & FLAG_KDF else None)
-    if wrong_key and wrong_key == sum(1 for b in copies if has_magic(b)):
+        return Superblock(h["uuid"], Layout.from_dict(d["layout"]), Config.from_dict(d["config"]),
+                          read_salt(blk))
+    if wrong_key and wrong_key == sum(1 for r in reasons if not r):
         raise WrongKeyError("the key does not match this disk")
     raise IntegrityError("no superblock copy verifies: the meta device is damaged or tampered")

@@ -264,14 +264,14 @@ def test_damaged_salt_in_one_superblock_copy():
     """A passphrase disk with a byte of copy 0's salt flipped opens with its passphrase:
     every distinct salt is tried, and the key whose key check verifies is kept."""
     from sworndisk import kdf
-    from sworndisk.superblock import _HDR
+    from sworndisk.format import SUPERBLOCK_HEADER
     salt = kdf.new_salt()
     data, meta = MemoryDevice(64 * MiB), MemoryDevice(SwornDisk.min_meta_size(64 * MiB))
     key = kdf.derive_key(b"correct horse", salt)
     disk = SwornDisk.create(data, meta, key, kdf_salt=salt)
     disk.write(3, b"p" * BS)
     disk.close()
-    salt_offset = _HDR.size - 4 - 12 - 32 - 32        # magic, version, flags, uuid: 32
+    salt_offset = {n: o for n, o, _ in SUPERBLOCK_HEADER.offsets()}["kdf_salt"]
     assert bytes(meta.buf[salt_offset:salt_offset + 32]) == salt
     meta.buf[salt_offset + 5] ^= 0x40
     assert SwornDisk.read_kdf_salts(meta)[1] == salt

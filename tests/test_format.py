@@ -1,0 +1,214 @@
+"""The on-disk format is pinned: golden bytes for every structure sworndisk/format.py
+defines, and docs/format.md's offset tables checked against those definitions.
+
+A change that alters any byte of the format fails here; so does a document that no longer
+says what the code writes. Changing the format means bumping FORMAT_VERSION, updating the
+golden bytes and the document, together."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from sworndisk import (MemoryDevice, NotFormattedError, SwornDisk, UnsupportedFormatError,
+                       WrongKeyError)
+from sworndisk import format as F
+from sworndisk.ops import Checkpoint, Commit, Discard, Writes, decode, encode
+from sworndisk.records import RecordFormat
+from sworndisk.superblock import header
+
+from .conftest import KEY16
+
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "format.md")
+MiB = 1 << 20
+
+
+def _record(fmt: RecordFormat, lba: int, hba: int) -> np.ndarray:
+    kn = np.frombuffer(bytes(range(fmt.key_bytes + 12)), np.uint8).reshape(1, -1)
+    mac = np.frombuffer(bytes(range(100, 116)), np.uint8).reshape(1, -1)
+    return fmt.records([lba], [hba], kn, mac)
+
+
+# ---- golden bytes ----------------------------------------------------------------------
+
+def test_version():
+    assert F.FORMAT_VERSION == 2
+    assert (F.BLOCK_SIZE, F.SEGMENT_BLOCKS, F.INDEX_CHUNK_BLOCKS) == (4096, 1024, 64)
+
+
+def test_index_record_golden():
+    rec = _record(RecordFormat(16), 5, 7)
+    assert rec.tobytes().hex() == (
+        "0500000000000000" "0700000000000000"
+        "000102030405060708090a0b0c0d0e0f" "101112131415161718191a1b"
+        "6465666768696a6b6c6d6e6f70717273")
+    assert RecordFormat(16).size == 60 and RecordFormat(32).size == 76
+    assert RecordFormat(16).tombstone.hex() == "ff" * 8 + "00" * 44
+
+
+def test_superblock_header_golden():
+    hdr = F.SUPERBLOCK_HEADER.pack(F.SUPERBLOCK_MAGIC, 2, F.INCOMPAT_PASSPHRASE, 0,
+                                   bytes(range(16)), b"\x11" * 32, b"\x22" * 32, b"\x33" * 12, 200)
+    assert hdr.hex() == (
+        "53574f524e44534b" "02000000" "01000000" "00000000"
+        "000102030405060708090a0b0c0d0e0f" + "11" * 32 + "22" * 32 + "33" * 12 + "c8000000")
+    assert F.SUPERBLOCK_HEADER.size == 116
+
+
+def test_superblock_as_written():
+    """What format writes: both copies carry the header above, version 2, no features
+    for a raw key, and the body is not plaintext."""
+    data, meta = MemoryDevice(64 * MiB), MemoryDevice(SwornDisk.min_meta_size(64 * MiB))
+    SwornDisk.create(data, meta, KEY16).close()
+    for copy in (0, 1):
+        blk = bytes(meta.buf[copy * 4096:(copy + 1) * 4096])
+        h = header(blk)
+        assert (h["magic"], h["version"], h["incompat"], h["compat"]) == \
+            (b"SWORNDSK", 2, 0, 0)
+        assert h["kdf_salt"] == bytes(32)
+        assert b"layout" not in blk and b"nr_blocks" not in blk
+
+
+def test_bit_node_header_golden():
+    assert F.NODE_HEADER.pack(F.NODE_MAGIC, F.NODE_INTERNAL, 3, 0, 67, bytes(4)).hex() == \
+        "4249544e" "01" "03" "0000" "43000000" "00000000"
+
+
+def test_segment_table_golden():
+    assert F.DETAIL_DTYPE.itemsize * F.SEGMENT_BLOCKS == F.BLOCK_SIZE
+    assert np.array([7, F.DETAIL_NONE], F.DETAIL_DTYPE).tobytes().hex() == "07000000ffffffff"
+    d = np.zeros(1, F.segdir_dtype(16))
+    d["hba"], d["count"] = 0x1234, 1024
+    raw = d.tobytes()
+    assert len(raw) == 54 and raw[:8].hex() == "3412000000000000" and raw[-2:].hex() == "0004"
+
+
+def test_journal_block_golden():
+    assert F.JOURNAL_HEADER.pack(F.JOURNAL_MAGIC, 9, b"\x01" * 12).hex() == \
+        "53444a42" "0900000000000000" + "01" * 12
+    assert F.JOURNAL_BODY_HEADER.pack(b"\x02" * 16, F.JOURNAL_FLAG_LAST, 300).hex() == \
+        "02" * 16 + "01" "2c01"
+    assert (F.JOURNAL_BODY, F.JOURNAL_PAYLOAD) == (4056, 4037)
+
+
+def test_journal_operations_golden():
+    fmt = RecordFormat(16)
+    ops = [Writes(_record(fmt, 5, 7)), Discard(10, 3), Commit(7), Checkpoint(2, b"\x44" * 16)]
+    payload = encode(ops)
+    assert payload.hex() == (
+        "57" "01000000" + _record(fmt, 5, 7).tobytes().hex()
+        + "44" "0a00000000000000" "0300000000000000"
+        + "43" "0700000000000000"
+        + "4b" "0200000000000000" + "44" * 16)
+    assert decode(fmt, payload) == ops
+
+
+def test_checkpoint_pack_golden():
+    assert F.PACK_HEADER.pack(F.PACK_MAGIC, 3, b"\x05" * 12, 4096).hex() == \
+        "53444350" "0300000000000000" + "05" * 12 + "0010000000000000"
+    assert F.PACK_SECTION.pack(F.SECTION_SEGDIR, 54).hex() == \
+        "7365676469720000" "3600000000000000"
+    assert (F.ICHUNK_FREE, F.ICHUNK_USED, F.ICHUNK_RETIRING) == (0, 1, 2)
+
+
+# ---- versions and features ----------------------------------------------------------------
+
+def _formatted():
+    data, meta = MemoryDevice(64 * MiB), MemoryDevice(SwornDisk.min_meta_size(64 * MiB))
+    SwornDisk.create(data, meta, KEY16).close()
+    return data, meta
+
+
+def _set_header(meta: MemoryDevice, copies, **fields) -> None:
+    offsets = {name: (off, size) for name, off, size in F.SUPERBLOCK_HEADER.offsets()}
+    for copy in copies:
+        for name, value in fields.items():
+            off, size = offsets[name]
+            meta.buf[copy * 4096 + off:copy * 4096 + off + size] = value.to_bytes(size, "little")
+
+
+@pytest.mark.parametrize("field,value", [("version", 3), ("incompat", 1 << 7)])
+def test_unknown_version_or_required_feature_is_refused(field, value):
+    data, meta = _formatted()
+    _set_header(meta, (0, 1), **{field: value})
+    with pytest.raises(UnsupportedFormatError, match="upgrade sworndisk"):
+        SwornDisk.open(data, meta, KEY16)
+
+
+def test_unknown_feature_in_one_copy_falls_back_to_the_other():
+    data, meta = _formatted()
+    _set_header(meta, (0,), incompat=1 << 7)
+    SwornDisk.open(data, meta, KEY16).close()
+
+
+def test_wrong_key_and_blank_device_still_say_so():
+    data, meta = _formatted()
+    with pytest.raises(WrongKeyError):
+        SwornDisk.open(data, meta, b"\x01" * 16)
+    with pytest.raises(NotFormattedError):
+        SwornDisk.open(data, MemoryDevice(len(meta.buf)), KEY16)
+
+
+# ---- docs/format.md agrees with format.py ----------------------------------------------------
+
+def _doc_tables() -> dict[str, list[list[tuple[str, str]]]]:
+    """heading -> its offset tables, each a list of (offset, size) cells as written."""
+    tables: dict[str, list] = {}
+    heading, current = None, None
+    for line in open(DOC, encoding="utf-8"):
+        if line.startswith("#"):
+            heading, current = line.strip("# \n"), None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells and cells[:3] == ["offset", "size", "field"]:
+            current = []
+            tables.setdefault(heading, []).append(current)
+        elif cells and current is not None and not set(cells[0]) <= set("-"):
+            current.append((cells[0], cells[1]))
+        elif not cells:
+            current = None
+    return tables
+
+
+def _value(cell: str, k: int) -> int | None:
+    """A table cell as a number (k = key size), None for sizes like 'count x record'."""
+    cell = cell.replace("k", str(k))
+    return int(eval(cell, {})) if re.fullmatch(r"[0-9+ ]+", cell) else None
+
+
+CASES = [
+    ("The index record (`sworndisk/records.py`)", 0,
+     F.Fields(("lba", "Q"), ("hba", "Q"), ("key", "16s"), ("nonce", "12s"), ("mac", "16s"))),
+    ("Superblock (`sworndisk/superblock.py`)", 0, F.SUPERBLOCK_HEADER),
+    ("BIT nodes (`sworndisk/bit.py`)", 0, F.NODE_HEADER),
+    ("Journal (`sworndisk/journal.py`)", 0, F.JOURNAL_HEADER),
+    ("Journal (`sworndisk/journal.py`)", 1, F.JOURNAL_BODY_HEADER),
+    ("Checkpoint packs (`sworndisk/checkpoint.py`)", 0, F.PACK_HEADER),
+]
+
+
+@pytest.mark.parametrize("heading,index,fields", CASES, ids=[f"{c[0][:20]}-{c[1]}" for c in CASES])
+def test_doc_offset_tables_match_the_structs(heading, index, fields):
+    tables = _doc_tables()
+    assert heading in tables, f"docs/format.md has no offset table under '{heading}'"
+    rows = tables[heading][index]
+    want = [(off, size) for _, off, size in fields.offsets()]
+    got = [(_value(o, 16), _value(s, 16)) for o, s in rows[:len(want)]]
+    assert got == want, f"{heading}: the document says {got}, format.py says {want}"
+
+
+def test_doc_tails_match_the_block_sizes():
+    """The rows after the headers: the journal body and tag, the pack's MAC."""
+    tables = _doc_tables()
+    journal = tables["Journal (`sworndisk/journal.py`)"][0]
+    assert (_value(journal[3][0], 0), _value(journal[3][1], 0)) == \
+        (F.JOURNAL_HEADER.size, F.JOURNAL_BODY)
+    assert (_value(journal[4][0], 0), _value(journal[4][1], 0)) == \
+        (F.BLOCK_SIZE - F.TAG_BYTES, F.TAG_BYTES)
+    pack = tables["Checkpoint packs (`sworndisk/checkpoint.py`)"][0]
+    assert (_value(pack[4][0], 0), _value(pack[4][1], 0)) == (F.PACK_HEADER.size, F.TAG_BYTES)
+    sb = tables["Superblock (`sworndisk/superblock.py`)"][0]
+    assert sb[len(F.SUPERBLOCK_HEADER.fields)][0] == str(F.SUPERBLOCK_HEADER.size)
+    assert "version 2" in open(DOC, encoding="utf-8").readline()
