@@ -93,7 +93,7 @@ def restore(disk: Any, path: str) -> RestoreOutcome:
     except FileNotFoundError:
         return _lost("missing", f"{_WHY['missing']} ({path})")
     except LogRefused as e:
-        return _lost(e.why, f"{_WHY[e.why]}: {e}")
+        return _lost(e.why, f"{_WHY[e.why]} ({e})")
     carried = contents.pending_loss
     if contents.base > n:
         return _lost("rolled-back", f"{_WHY['rolled-back']}: the log starts at commit "

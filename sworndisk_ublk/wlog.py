@@ -66,7 +66,8 @@ _KINDS = (WRITE, DISCARD, REPLAY, AT_COMMIT, REPORTED)
 
 
 class LogRefused(Exception):
-    """The log exists but must not be replayed; `why` is one of the restore reasons."""
+    """The log exists but must not be replayed; `why` is one of LOSS_REASONS, the message
+    says where (for the server log and recover's warning)."""
 
     def __init__(self, why: str, detail: str):
         super().__init__(detail)
@@ -146,15 +147,15 @@ def read_log(path: str, keys: LogKeys) -> LogContents:
         raise LogRefused("refused", f"{path} is not a SwornDisk write log")
     magic, fingerprint, base, log_id, flags = _HEAD.unpack_from(raw)
     if fingerprint != keys.fingerprint:
-        raise LogRefused("other-disk", f"{path} is the write log of another disk")
+        raise LogRefused("other-disk", path)
     aead = keys.aead(log_id)
     tag = raw[_HEAD.size:HEADER_SIZE]
     try:
         aead.decrypt(_nonce(0), tag, raw[:_HEAD.size])
     except InvalidTag:
-        raise LogRefused("refused", f"the header of {path} fails to verify") from None
+        raise LogRefused("refused", f"header of {path}") from None
     if flags >= len(LOSS_REASONS):
-        raise LogRefused("refused", f"{path} has unknown flags {flags:#x}")
+        raise LogRefused("refused", f"unknown flags {flags:#x} in {path}")
     out = LogContents(base=base, loss=LOSS_REASONS[flags], entries=[], replay_started=False,
                       last_commit=base, loss_reported=False, torn=False, length=HEADER_SIZE,
                       records=0, log_id=log_id, tag=tag)
@@ -172,8 +173,7 @@ def read_log(path: str, keys: LogKeys) -> LogContents:
             plain = aead.decrypt(_nonce(out.records + 1), raw[start:start + size],
                                  out.tag + raw[pos:start])
         except InvalidTag:
-            raise LogRefused("refused", f"record {out.records + 1} of {path} fails to "
-                                        f"verify") from None
+            raise LogRefused("refused", f"record {out.records + 1} of {path}") from None
         _apply_record(out, plain, path)
         out.tag = raw[start + size - TAG_BYTES:start + size]
         out.records += 1
