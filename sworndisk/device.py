@@ -251,7 +251,7 @@ class FileDevice(BlockDevice):
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise
-                raise busy_error(self.path, what) from None
+                raise busy_error(self.path, what, own_fd=self.fd) from None
         else:
             kind = fcntl.F_RDLCK if self.readonly else fcntl.F_WRLCK
             try:
@@ -417,7 +417,12 @@ def open_pair(data, meta) -> tuple[BlockDevice, BlockDevice, list[BlockDevice]]:
     devs: list[BlockDevice] = []
     try:
         for dev, what in ((data, "data"), (meta, "meta")):
-            d = as_device(dev, f"the {what} device")
+            try:
+                d = as_device(dev, f"the {what} device")
+            except OSError as e:    # a kernel that refuses writers on a mounted device
+                if e.errno != errno.EBUSY or isinstance(dev, BlockDevice):
+                    raise
+                raise busy_error(os.fspath(dev), f"{what} device") from None
             if d is not dev:
                 owned.append(d)
             devs.append(d)

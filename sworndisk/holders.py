@@ -122,9 +122,10 @@ def _swaps(rdev: int) -> list[str]:
     return found
 
 
-def block_users(path: str) -> list[str]:
+def block_users(path: str, own_fd: int | None = None) -> list[str]:
     """Everything using block device `path`: mounts, stacked devices, swap, and processes
-    that have it open (this one included, marked so); empty if unused or not a block device."""
+    that have it open (this one included, marked so, unless `own_fd` is its only
+    descriptor of it: the caller's own); empty if unused or not a block device."""
     try:
         st = os.stat(path)
     except OSError:
@@ -132,20 +133,22 @@ def block_users(path: str) -> list[str]:
     if not stat.S_ISBLK(st.st_mode):
         return []
     rdev = st.st_rdev
-    openers = sorted({pid for pid, _ in _open_fds(
-        lambda s: stat.S_ISBLK(s.st_mode) and s.st_rdev == rdev)})
+    mine = (os.getpid(), str(own_fd))
+    openers = sorted({pid for pid, fd in _open_fds(
+        lambda s: stat.S_ISBLK(s.st_mode) and s.st_rdev == rdev) if (pid, fd) != mine})
     return (_mounts(rdev) + _stacked(rdev) + _swaps(rdev)
             + [f"open by {describe(pid)}" for pid in openers])
 
 
-def busy_error(path: str, what: str) -> DeviceBusyError:
-    """The refusal for `what` ('data device', ...) at `path`, naming the holder if found."""
+def busy_error(path: str, what: str, own_fd: int | None = None) -> DeviceBusyError:
+    """The refusal for `what` ('data device', ...) at `path`, naming the holder if found;
+    `own_fd` is the refused caller's own descriptor of the device, not a holder."""
     try:
         is_blockdev = stat.S_ISBLK(os.stat(path).st_mode)
     except OSError:
         is_blockdev = False
     if is_blockdev:
-        users = block_users(path)
+        users = block_users(path, own_fd)
         who = (", ".join(users) if users else
                "claimed exclusively by another user (a mount, device mapper, md or another "
                "SwornDisk)")
