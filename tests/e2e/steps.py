@@ -1,0 +1,56 @@
+"""Step scripts in the ublk VM: a script under tests/e2e/scripts/ prints
+``@@STEP <name> PASS`` or ``@@STEP <name> FAIL: <why>`` per step and stops at the first
+failure; one VM boot runs it, and one test per step asserts on its marker, so a failure
+names the step and shows the script's output around it.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+
+from tests.e2e.conftest import REPO, VM_RUN
+
+MARKER = re.compile(r"^@@STEP (\S+) (PASS|FAIL)(?:: (.*))?$", re.M)
+
+
+@dataclass(frozen=True)
+class ScriptRun:
+    """One run of a step script: its exit status, merged output and {step: (status, why)}."""
+
+    code: int
+    output: str
+    steps: dict
+
+    def context(self, step: str, lines: int = 60) -> str:
+        """The output of `step` (from its '---- step' line), trimmed to its last lines."""
+        start = self.output.find(f"---- step {step}")
+        text = self.output[start:] if start >= 0 else self.output
+        end = text.find("---- step ", 10)
+        text = text[:end] if end > 0 else text
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check(self, step: str) -> None:
+        """Fail unless `step` reported PASS, naming the first failed step if it never ran."""
+        if step not in self.steps:
+            failed = [s for s, (st, _) in self.steps.items() if st == "FAIL"]
+            if failed:
+                pytest.fail(f"not reached: step {failed[0]} failed before it "
+                            f"({self.steps[failed[0]][1]})")
+            pytest.fail(f"step {step} never reported (exit {self.code}); output tail:\n"
+                        + "\n".join(self.output.splitlines()[-60:]))
+        status, reason = self.steps[step]
+        assert status == "PASS", f"{step}: {reason}\n{self.context(step)}"
+
+
+def run_script(script: str, *, disks: tuple = (), timeout: int = 900) -> ScriptRun:
+    """Boot the VM once and run `script` (a path under the repo) with bash in it."""
+    cmd = [str(VM_RUN), "--timeout", str(timeout)]
+    for size in disks:
+        cmd += ["--disk", size]
+    done = subprocess.run([*cmd, "--", "bash", script], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout + 120)
+    steps = {m.group(1): (m.group(2), m.group(3) or "") for m in MARKER.finditer(done.stdout)}
+    return ScriptRun(done.returncode, done.stdout, steps)
