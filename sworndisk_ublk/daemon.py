@@ -20,7 +20,8 @@ device, lets the engine flush and close, deletes the device and removes its stat
 
 A `--recoverable` server keeps a write log of the writes it completed since the engine's
 last commit (wlog.py, restore.py); `recover` replays it before it takes the device over,
-or, when it cannot, makes the loss visible (EIO on the first flush, a warning, `list`).
+or, when it cannot, makes the loss visible (flushes fail with EIO until the device is
+released, a warning, `list`).
 """
 from __future__ import annotations
 
@@ -198,9 +199,19 @@ class Server:
             if self._stats_requested:
                 self._stats_requested = False
                 self.write_stats()
+            if self.target.loss_pending:
+                self._release_when_unused()
         reason = "stop requested" if self._stop_requested else "device stopped"
         log.info("shutting down /dev/ublkb%d: %s", self.dev_id, reason)
         self.shutdown(waiter)
+
+    def _release_when_unused(self) -> None:
+        """End the EIO on flushes once nothing that saw the lost writes uses the device:
+        no mount, no stacked holder, no process with it open."""
+        from ublk_shim import ctrl
+        users = ctrl.users(self.dev_id, openers=True)
+        if not users:
+            self.target.release_loss()
 
     def _wait_device(self) -> None:
         try:

@@ -16,10 +16,10 @@ The engine reopens at its last commit N. The write log (wlog.py) starts at some 
 * no log, a log of another disk, or one that fails to verify anywhere: refused whole.
 
 Whenever the log is refused, completed writes may be lost and how many is unknown. The
-device still comes back, but the first FLUSH (or FUA write) fails with EIO so the file
-system stops trusting its cache; that obligation is written into the new log's header,
-so a server killed before delivering it passes it on. The reason is also kept in
-N.lost.json for `list`.
+device still comes back, but FLUSH and FUA writes fail with EIO until the device is
+released (target.py), so the file system stops trusting its cache; that obligation is
+written into the new log's header, so a server killed before it ends passes it on. The
+reason is also kept in N.lost.json for `list`.
 
 What cannot be detected: a log cut short at a record boundary (or replaced by an older
 copy of itself with the same base) looks like a shorter genuine one; only root can do
@@ -75,13 +75,13 @@ class RestoreOutcome:
     def message(self, dev_path: str) -> str:
         """The one line `recover` prints when completed writes may have been lost."""
         if self.carried:
-            why = f"an earlier recover found that {_WHY[self.loss]}, and no flush has " \
-                  f"reported it yet"
+            why = f"an earlier recover found that {_WHY[self.loss]}, and the device has " \
+                  f"not been released since"
         else:
             why = self.detail
         return (f"{dev_path}: an unknown number of completed writes since the last flush "
-                f"may have been lost: {why}; the next flush fails with EIO so the file "
-                f"system notices")
+                f"may have been lost: {why}; flushes fail with EIO until it is unmounted "
+                f"and closed (then run fsck)")
 
 
 def restore(disk: Any, path: str) -> RestoreOutcome:

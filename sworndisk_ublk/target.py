@@ -13,8 +13,11 @@ the kernel only once it is in the engine *and* in the log, and whenever the engi
 commit_seq moves (at a flush, or a commit the engine makes by itself inside write() or
 background work) the log restarts empty. If the log cannot be written, the target falls
 back to committing each write before completing it (write-through) until it can again.
-After a recover that could not restore the log, the first FLUSH or FUA write fails with
-EIO: the file system must learn that writes it was told were done may be gone.
+After a recover that could not restore the log, every FLUSH and FUA write fails with EIO
+until the device is released (no mount, holder or opener left; the daemon watches): the
+file system that was told those writes were done must learn that they may be gone, and
+one failed flush is not enough, since some kernel paths ignore the error of a flush
+(ext4's lazy inode-table init, jbd2's journal-tail cleanup).
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ class SwornDiskTarget(Target):
         self._wlog: Optional[WriteLog] = None
         self._write_through = False       # the log failed: commit before completing
         self._wlog_failures = 0           # times the log could not be written
-        self._loss = ""                   # a loss the next FLUSH / FUA write must report
+        self._loss = ""                   # while set, FLUSH and FUA writes fail with EIO
+        self._flushes_failed = 0
         self._ops = {
             ublk_shim.OP_READ: self._read,
             ublk_shim.OP_WRITE: self._write,
@@ -64,7 +68,7 @@ class SwornDiskTarget(Target):
 
         The engine's statistics go to the log first: they are the last word on what the
         device did (writes, cleaning, amplification). The write log then restarts empty at
-        the final commit (keeping a loss not yet reported), for a recover that may follow.
+        the final commit (keeping a pending loss), for a recover that may follow.
         """
         with self._lock:
             if self._closed:
@@ -86,8 +90,8 @@ class SwornDiskTarget(Target):
     def start_log(self, wlog: WriteLog) -> None:
         """From now on every completed write/discard is in `wlog` or committed.
 
-        `wlog` starts at the engine's commit_seq; a loss reason in it arms the EIO of the
-        next FLUSH / FUA write.
+        `wlog` starts at the engine's commit_seq; a loss reason in it makes FLUSH and FUA
+        writes fail until release_loss().
         """
         with self._lock:
             if wlog.base != self.disk.commit_seq:
@@ -152,7 +156,8 @@ class SwornDiskTarget(Target):
                            wlog_restarts=self._wlog.restarts,
                            wlog_write_through=self._write_through,
                            wlog_failures=self._wlog_failures,
-                           wlog_loss_pending=self._loss or None)
+                           wlog_loss_pending=self._loss or None,
+                           wlog_flushes_failed=self._flushes_failed)
             return out
 
     def _read(self, req: Request, buf: memoryview, lba: int, nr_blocks: int) -> int:
@@ -226,15 +231,33 @@ class SwornDiskTarget(Target):
                       "write is committed before it completes (counted in stats as "
                       "wlog_failures)", self._wlog.path, exc)
 
+    @property
+    def loss_pending(self) -> str:
+        """Why flushes fail (a wlog.LOSS_REASONS name), or "" when they work."""
+        return self._loss
+
+    def release_loss(self) -> None:
+        """The device is no longer in use by whoever saw the lost writes: flushes work again.
+
+        Recorded in the log (E) first, so a server killed now does not fail flushes again.
+        """
+        with self._lock:
+            if not self._loss or self._wlog is None:
+                return
+            try:
+                self._wlog.append_loss_released()
+            except OSError as e:        # a later recover fails flushes again: the safe side
+                log.error("cannot record the release in the write log: %s", e)
+            log.warning("the device is no longer in use: flushes work again (%d failed "
+                        "with EIO since the loss)", self._flushes_failed)
+            self._loss = ""
+
     def _report_loss(self) -> int:
         """Fail this FLUSH / FUA write with EIO: completed writes may have been lost."""
-        log.warning("failing a flush with EIO: completed writes may have been lost at "
-                    "recover (%s)", self._loss)
-        self._loss = ""
-        try:
-            self._wlog.append_loss_reported()
-        except OSError as e:            # a later recover reports it again: the safe side
-            log.error("cannot record in the write log that the loss was reported: %s", e)
+        self._flushes_failed += 1
+        if self._flushes_failed == 1:
+            log.warning("failing flushes with EIO until the device is released: completed "
+                        "writes may have been lost at recover (%s)", self._loss)
         return -errno.EIO
 
     def _log_once(self, exc: BaseException, req: Optional[Request]) -> None:

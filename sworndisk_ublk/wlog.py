@@ -28,14 +28,14 @@ Format (integers little-endian):
   associated data. Record i authenticates (previous tag || L) as associated data: the tags
   form a MAC chain from the header, so records cannot be dropped from the middle,
   reordered, or spliced in from another log.
-* flags: the low byte is a loss reason (see restore.py) that a later FLUSH must still
-  report to the file system; 0 when none is pending.
+* flags: the low byte is a loss reason (see restore.py) while the device must still fail
+  every FLUSH (see target.py); 0 when none is pending.
 * Plaintext of a record: kind (1) | a (8) | b (4) | data
     W  write       a = LBA, b = blocks, data = b * 4096 bytes
     D  discard     a = LBA, b = blocks
     R  replay      a recover started replaying this log into the engine
     A  at commit   a = engine commit_seq reached while replaying
-    E  reported    the pending loss was reported (a FLUSH failed with EIO)
+    E  released    the device was let go after the loss: flushes work again
 
 A last record cut short (the writer was killed inside write(2)) is dropped on reading: its
 request was never completed. A log cut short at a record boundary cannot be told from a
@@ -61,8 +61,7 @@ TAG_BYTES = 16
 HEADER_SIZE = _HEAD.size + TAG_BYTES
 _LEN = struct.Struct("<I")
 _OP = struct.Struct("<cQI")
-WRITE, DISCARD, REPLAY, AT_COMMIT, REPORTED = b"W", b"D", b"R", b"A", b"E"
-_KINDS = (WRITE, DISCARD, REPLAY, AT_COMMIT, REPORTED)
+WRITE, DISCARD, REPLAY, AT_COMMIT, RELEASED = b"W", b"D", b"R", b"A", b"E"
 
 
 class LogRefused(Exception):
@@ -113,7 +112,7 @@ class LogContents:
     entries: List[Entry]          # writes and discards, in order
     replay_started: bool          # a recover began replaying it (R record)
     last_commit: int              # base, or the last commit_seq an A record saw
-    loss_reported: bool           # an E record follows the pending loss
+    loss_released: bool           # an E record follows the pending loss
     torn: bool                    # a cut-short last record was dropped
     length: int                   # bytes that verified
     records: int
@@ -122,7 +121,7 @@ class LogContents:
 
     @property
     def pending_loss(self) -> str:
-        return "" if self.loss_reported else self.loss
+        return "" if self.loss_released else self.loss
 
 
 def _header(keys: LogKeys, base: int, log_id: bytes, loss: str) -> bytes:
@@ -157,7 +156,7 @@ def read_log(path: str, keys: LogKeys) -> LogContents:
     if flags >= len(LOSS_REASONS):
         raise LogRefused("refused", f"unknown flags {flags:#x} in {path}")
     out = LogContents(base=base, loss=LOSS_REASONS[flags], entries=[], replay_started=False,
-                      last_commit=base, loss_reported=False, torn=False, length=HEADER_SIZE,
+                      last_commit=base, loss_released=False, torn=False, length=HEADER_SIZE,
                       records=0, log_id=log_id, tag=tag)
     pos = HEADER_SIZE
     while pos < len(raw):
@@ -192,8 +191,8 @@ def _apply_record(out: LogContents, plain: bytes, path: str) -> None:
         out.replay_started = True
     elif kind == AT_COMMIT and not data:
         out.last_commit = a
-    elif kind == REPORTED and not data:
-        out.loss_reported = True
+    elif kind == RELEASED and not data:
+        out.loss_released = True
     else:           # authentic yet malformed: a bug, or a format this code does not know
         raise LogRefused("refused", f"record {out.records + 1} of {path} is malformed")
 
@@ -292,8 +291,8 @@ class WriteLog:
     def append_commit(self, commit_seq: int) -> None:
         self._append(_OP.pack(AT_COMMIT, commit_seq, 0))
 
-    def append_loss_reported(self) -> None:
-        self._append(_OP.pack(REPORTED, 0, 0))
+    def append_loss_released(self) -> None:
+        self._append(_OP.pack(RELEASED, 0, 0))
         self.loss = ""
 
     def _append(self, plain: bytes) -> None:

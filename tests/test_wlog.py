@@ -262,9 +262,14 @@ def test_missing_log_recovers_to_the_last_commit_and_fails_the_first_flush(rig):
     rig.assert_model()
     assert rig.model == {0: committed[0]}
     assert rig.write(5, block(5)) == BS             # plain writes are fine
-    assert rig.flush() == -errno.EIO                # the file system is told, once
+    assert rig.flush() == -errno.EIO                # the file system is told
+    assert rig.flush() == -errno.EIO                # and told again: some callers ignore it
+    assert rig.target.stats()["wlog_flushes_failed"] == 2
+    assert read_log(rig.path, LogKeys.of(rig.disk)).pending_loss == "missing"
+    rig.target.release_loss()                       # the daemon: nobody uses the device now
     assert rig.flush() == 0
     assert read_log(rig.path, LogKeys.of(rig.disk)).pending_loss == ""
+    assert rig.recover() == RestoreOutcome(replayed=0)      # released: not reported again
 
 
 def test_fua_write_reports_the_loss_too(rig):
@@ -273,6 +278,8 @@ def test_fua_write_reports_the_loss_too(rig):
     rig.model.clear()
     rig.recover()
     assert rig.write(2, block(2), fua=True) == -errno.EIO
+    assert rig.write(2, block(2), fua=True) == -errno.EIO
+    rig.target.release_loss()
     assert rig.write(2, block(2), fua=True) == BS
     rig.assert_model()
 
@@ -423,18 +430,20 @@ def test_an_old_copy_of_a_replayed_log_is_refused_as_stale(rig):
     assert rig.flush() == -errno.EIO
 
 
-def test_a_loss_not_yet_reported_survives_another_crash(rig):
+def test_a_loss_survives_another_crash_until_the_device_is_released(rig):
     rig.write(1, block(1))
     os.unlink(rig.path)
     rig.model.clear()
     assert rig.recover().loss == "missing"
     rig.write(2, block(2))                      # logged, but no flush reported the loss yet
+    assert rig.flush() == -errno.EIO
     outcome = rig.recover()
     assert outcome.carried and outcome.loss == "missing" and outcome.replayed == 1
-    assert "no flush has reported it yet" in outcome.message("/dev/ublkb0")
+    assert "the device has not been released since" in outcome.message("/dev/ublkb0")
     rig.assert_model()
     assert rig.flush() == -errno.EIO
-    assert rig.recover() == RestoreOutcome(replayed=0)      # reported: not again
+    rig.target.release_loss()
+    assert rig.recover() == RestoreOutcome(replayed=0)      # released: not again
 
 
 def test_if_the_log_cannot_be_written_writes_are_committed_before_completion(rig, monkeypatch):
@@ -497,15 +506,16 @@ def test_recover_reports_a_lost_log_and_list_shows_it(capsys, tmp_path, fake_dri
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert warnings == [
         "sworndisk-ublk: warning: /dev/ublkb7: an unknown number of completed writes since "
-        f"the last flush may have been lost: the write log is missing ({wlog_file}); the "
-        "next flush fails with EIO so the file system notices"]
+        f"the last flush may have been lost: the write log is missing ({wlog_file}); "
+        "flushes fail with EIO until it is unmounted and closed (then run fsck)"]
     code, out, _ = run_cli(capsys, "list")
     assert out.splitlines()[0].split()[-1] == "LOST" and out.splitlines()[1].split()[-1] == "yes"
     code, out, _ = run_cli(capsys, "list", "--json")
     assert "the write log is missing" in json.loads(out)[0]["lost"]
     code, out, _ = run_cli(capsys, "stats", "-n", "7", "--json")
-    got = json.loads(out)
-    assert "missing" in got["lost_writes"] and got["wlog_loss_pending"] == "missing"
+    assert "missing" in json.loads(out)["lost_writes"]
+    # No /dev/ublkb7 here, so nothing uses it: the server ends the EIO on flushes at once.
+    _wait_for(lambda: "flushes work again" in (run_dir / "7.log").read_text())
     assert KEY_HEX not in "".join(p.read_text(errors="replace") for p in run_dir.iterdir()
                                   if p.suffix in (".json", ".log"))
 
@@ -515,9 +525,13 @@ def test_recover_reports_a_lost_log_and_list_shows_it(capsys, tmp_path, fake_dri
     assert not wlog_file.exists() and not (run_dir / "7.lost.json").exists()
 
 
-def _wait_dead(st, timeout=10.0):
+def _wait_dead(st):
+    _wait_for(lambda: not st.server_alive())
+
+
+def _wait_for(condition, timeout=10.0):
     import time
     deadline = time.monotonic() + timeout
-    while st.server_alive():
-        assert time.monotonic() < deadline, "the server did not die"
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)

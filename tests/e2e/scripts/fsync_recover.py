@@ -10,7 +10,8 @@ chosen points -- inside a file fsync, inside a directory fsync, at a random mome
 `recover` brings it back while the file system stays mounted and the workload blocks and
 carries on. At the end: unmount, fsck, mount again, and every listed file must have its
 listed content. A last step deletes the write log before a recover: the loss must be
-reported (a warning, `list`, an fsync failing with EIO).
+reported (a warning, `list`, the file system sees EIO), and once the file system is
+unmounted the device must work again (fsck, mount, fsync).
 
 Prints ``@@STEP <name> PASS|FAIL: <why>`` per step (tests/e2e/test_fsync_recover.py
 asserts on them) and ``@@RESULT <json>`` with the figures.
@@ -314,14 +315,36 @@ def lost_state(dev: str, n: int) -> None:
         if e.errno not in (errno.EIO, errno.EROFS):
             raise
         print(f"the file system noticed: {e}", flush=True)
-    with open(f"{RUN}/{n}.log") as f:
-        if "failing a flush with EIO" not in f.read():
-            raise Failed("the server log does not show the flush it failed")
+    if "failing flushes with EIO" not in _server_log(n):
+        raise Failed("the server log does not show the flushes it failed")
     kernel = sh("dmesg").stdout.splitlines()
     print("\n".join([line for line in kernel if "ublkb" in line or "EXT4-fs" in line][-6:]),
           flush=True)
-    sh("umount", MNT, check=False)
+    # Unmounted and closed, the device works again: fsck repairs, the file system mounts.
+    sh("umount", MNT)
+    deadline = time.monotonic() + 60
+    while "flushes work again" not in _server_log(n):
+        if time.monotonic() > deadline:
+            raise Failed("the server did not end the EIO once the device was unmounted")
+        time.sleep(0.5)
+    fsck = sh("fsck.ext4", "-f", "-y", dev, check=False)
+    print(f"fsck.ext4 -f -y: exit {fsck.returncode}", flush=True)
+    if fsck.returncode not in (0, 1):          # 1: errors corrected
+        raise Failed(f"fsck.ext4 -f -y exited {fsck.returncode}:\n{fsck.stdout[-2000:]}")
+    sh("mount", dev, MNT)
+    fd = os.open(f"{MNT}/after", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"written after the repair\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    sh("umount", MNT)
     passed()
+
+
+def _server_log(n: int) -> str:
+    with open(f"{RUN}/{n}.log") as f:
+        return f.read()
 
 
 def main() -> int:
