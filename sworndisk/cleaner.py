@@ -30,6 +30,7 @@ from .format import BLOCK_SIZE, SEGMENT_BLOCKS
 from .device import BlockDevice
 from .errors import IntegrityError
 from .segtable import NONE
+from .space import HEAD_COLD
 from .stats import Lifetime
 
 log = logging.getLogger("sworndisk.cleaner")
@@ -67,8 +68,7 @@ class Cleaner:
     def pick_victim(self, greedy: bool) -> int | None:
         sp = self.state.space
         used = (sp.seg_valid > 0) & (sp.seg_busy == 0)
-        if 0 <= sp.head_seg:
-            used[sp.head_seg] = False
+        used[sp.head_segments()] = False
         for s in sp.excluded() | self.quarantined:
             used[s] = False
         cand = np.flatnonzero(used & (sp.seg_valid <= int(self.max_util * SEGMENT_BLOCKS)))
@@ -109,7 +109,7 @@ class Cleaner:
         moves = self._verified(victim, raw, moves)
         if not moves:
             return 0
-        runs = sp.alloc(len(moves))
+        runs = sp.alloc(len(moves), HEAD_COLD)
         new_hbas = np.concatenate([np.arange(start, start + count) for start, count in runs])
         writes, i = [], 0
         for start, count in runs:

@@ -16,6 +16,7 @@ import numpy as np
 from .bit import NodeStore
 from .config import Config
 from .layout import INDEX_CHUNK_BLOCKS, Layout
+from .lookaside import UNMAPPED, Lookaside
 from .lsm import LsmIndex
 from .ops import Discard, Op, Writes
 from .records import TOMBSTONE_HBA, RecordFormat
@@ -35,11 +36,33 @@ class CommittedState:
         self.index = LsmIndex(fmt, store, config, min(layout.nr_blocks, layout.data_blocks),
                               self.ispace.alloc,
                               lambda c: layout.index_start + c * INDEX_CHUNK_BLOCKS)
+        self.lookaside = Lookaside(config.lookaside_records)
 
     # ---- lookups ----
-    def lookup(self, lbas: list[int]) -> dict[int, bytes]:
-        """Committed value (tombstones included) of each mapped LBA among `lbas`."""
-        return self.index.get_many(lbas)
+    def resolve(self, lbas: list[int]) -> dict[int, bytes]:
+        """The newest committed record of each LBA among `lbas` that holds data (not
+        unmapped, not discarded): MemTable, then the lookaside cache, then the BITs for
+        all the remaining LBAs at once (lsm.lookup_bits: per node, over sorted LBAs)."""
+        mt, cache, tomb = self.index.memtable, self.lookaside, self.fmt.tombstone
+        out: dict[int, bytes] = {}
+        misses = []
+        for l in lbas:
+            v = mt.get(l)
+            if v is None:
+                v = cache.get(l)
+                if v is None:
+                    misses.append(l)
+                    continue
+            if v != tomb and v != UNMAPPED:
+                out[l] = v
+        if misses:
+            found = self.index.lookup_bits(misses)
+            for l in misses:
+                v = found.get(l)
+                cache.put(l, v)
+                if v is not None and v != tomb:
+                    out[l] = v
+        return out
 
     def lookup_exact(self, lbas: list[int]) -> dict[int, bytes]:
         return self.index.get_many_exact(lbas)
@@ -86,11 +109,13 @@ class CommittedState:
                 if hba != TOMBSTONE_HBA:
                     old_hbas.append(hba)
         new = self.fmt.array(list(latest), list(latest.values()))
+        self.lookaside.invalidate(latest)
         self.segtable.invalidate_many(np.asarray(old_hbas, np.uint64))
         self.segtable.validate_many(new["hba"], new["lba"])
         mt.update(latest)
 
     def _apply_discard(self, lo: int, n: int) -> None:
+        self.lookaside.invalidate_range(lo, lo + n)
         mt = self.index.memtable
         hba_of, tomb = self.fmt.hba_of, self.fmt.tombstone
         for w in range(lo, lo + n, _DISCARD_WINDOW):

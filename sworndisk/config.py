@@ -20,6 +20,7 @@ class Config:
     cleaning_reserve_segments: int = 0   # 0 = automatic (see space.py)
     # Caches (bounded memory)
     node_cache_bytes: int = 64 << 20     # BIT node cache (plaintext nodes)
+    lookaside_records: int = 65536       # LBA -> newest record cache, ~200 B each; 0 = off
     # Automatic commit after this many unflushed bytes (the issue allows >= 64 MiB)
     autocommit_bytes: int = 64 << 20
 
@@ -32,6 +33,8 @@ class Config:
             raise InvalidArgument(f"cipher_key_bytes must be 16 or 32 (got {self.cipher_key_bytes})")
         if self.cleaning_reserve_segments < 0:
             raise InvalidArgument("cleaning_reserve_segments must be >= 0")
+        if self.lookaside_records < 0:
+            raise InvalidArgument("lookaside_records must be >= 0")
         if self.node_cache_bytes < 64 * BLOCK_SIZE:
             raise InvalidArgument(f"node_cache_bytes must be at least {64 * BLOCK_SIZE}")
         if self.autocommit_bytes < (64 << 20):

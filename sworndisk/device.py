@@ -29,7 +29,7 @@ _BLKDISCARD = 0x1277
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ALIGN = 4096
-_IORING_OP_WRITE = 23
+_IORING_OP_READ, _IORING_OP_WRITE = 22, 23
 _RING_BATCH = 256
 _LOCK_BUSY = (errno.EAGAIN, errno.EACCES)
 
@@ -61,6 +61,11 @@ class BlockDevice:
         pwrite for each, so a subclass that overrides pwrite sees them all."""
         for data, offset in items:
             self.pwrite(data, offset)
+
+    def pread_many(self, items: list) -> list:
+        """Several (nbytes, offset) reads, their bytes in order; the default calls pread
+        for each, so a subclass that overrides pread sees them all."""
+        return [self.pread(nbytes, offset) for nbytes, offset in items]
 
     def discard(self, offset: int, nbytes: int) -> None:
         """Hint that a range no longer holds data; the default does nothing."""
@@ -141,6 +146,11 @@ class CountingDevice(BlockDevice):
         self.inner.pwrite_many(items)
         self.writes += len(items)
         self.bytes_written += sum(len(d) for d, _ in items)
+
+    def pread_many(self, items: list) -> list:
+        self.reads += len(items)
+        self.bytes_read += sum(n for n, _ in items)
+        return self.inner.pread_many(items)
 
     def flush(self) -> None:
         self.flushes += 1
@@ -314,6 +324,49 @@ class FileDevice(BlockDevice):
                 self._submit_locked(ring, items[i:i + _RING_BATCH])
                 if i + _RING_BATCH < len(items):
                     self._drain_locked()
+
+    def pread_many(self, items: list) -> list:
+        """Reads submitted together through io_uring (O_DIRECT), so that the device works
+        on all of them at once: at depth, a random-read batch costs about one device
+        round trip instead of one per read. Ordered after any write left in flight."""
+        ring = self._uring() if (self.direct and type(self).pread is FileDevice.pread) else None
+        if ring is None or len(items) < 2:
+            return super().pread_many(items)
+        for nbytes, offset in items:
+            _check_range(self, nbytes, offset)
+        out: list = []
+        with self._ring_lock:
+            self._drain_locked()
+            for i in range(0, len(items), _RING_BATCH):
+                out += self._read_batch_locked(ring, items[i:i + _RING_BATCH])
+        return out
+
+    def _read_batch_locked(self, ring, items: list) -> list:
+        import ctypes
+        buf = self._bufs.get(sum(n for n, _ in items))
+        anchor = ctypes.c_char.from_buffer(buf)
+        try:
+            base, pos, places = ctypes.addressof(anchor), 0, []
+            for i, (nbytes, offset) in enumerate(items):
+                ring.prep(_IORING_OP_READ, fd=self.fd, off=offset, addr=base + pos,
+                          length=nbytes, user_data=i)
+                places.append(pos)
+                pos += nbytes
+            results = [0] * len(items)
+            done = 0
+            while done < len(items):
+                for user_data, res, _flags in ring.submit_and_wait(len(items) - done):
+                    results[user_data] = res
+                    done += 1
+        finally:
+            del anchor
+        out = []
+        for (nbytes, offset), pos, res in zip(items, places, results):
+            if res == nbytes:
+                out.append(buf[pos:pos + nbytes])
+            else:                               # error or short read: redo it plainly,
+                out.append(self.pread(nbytes, offset))   # so a real error is raised here
+        return out
 
     def _submit_locked(self, ring, items: list) -> None:
         import ctypes

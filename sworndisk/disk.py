@@ -29,9 +29,10 @@ from .config import Config
 from .format import BLOCK_SIZE
 from .device import BlockDevice, CountingDevice, open_pair
 from .format import LABEL_DISK, LABEL_FRONTEND
-from .errors import DeviceTooSmall, DiskClosedError, IntegrityError, InvalidArgument
+from .errors import DeviceTooSmall, DiskClosedError, InvalidArgument, SwornDiskError
 from .layout import INDEX_CHUNK_BLOCKS, Layout, fit_config, plan, usable_blocks
 from .protocol import CommitProtocol
+from .reader import Reader
 from .records import RecordFormat
 from .segtable import SegmentTable
 from .stats import DiskStats, Index, Lifetime, Session, Space
@@ -69,6 +70,7 @@ class SwornDisk:
                                         self._disk_key, fmt, self._state, self._batch,
                                         self._lifetime, self._session)
         self._cleaner = Cleaner(self._state, self._batch, self._data, self._lifetime)
+        self._reader = Reader(fmt, self._batch, self._state, self._data, self.layout.data_blocks)
         self._closed = False
         self._failed: BaseException | None = None
 
@@ -164,43 +166,25 @@ class SwornDisk:
         return crypto.derive(self._disk_key, LABEL_FRONTEND + label)
 
     def read(self, lba: int, nr_blocks: int) -> bytes:
-        self._check_usable()
-        self._check_range(lba, nr_blocks)
-        out = bytearray(nr_blocks * BLOCK_SIZE)
-        fetch, rest = self._batch.overlay(lba, nr_blocks, out)
-        if rest:
-            found = self._state.lookup(rest)
-            tomb = self._fmt.tombstone
-            for l in rest:
-                v = found.get(l)
-                if v is not None and v != tomb:
-                    fetch.append((l - lba, l, v))
-        self._fetch(fetch, out)
-        self._lifetime.user_blocks_read += nr_blocks
-        self._session.user_blocks_read += nr_blocks
-        return bytes(out)
+        result = self.read_many([(lba, nr_blocks)])[0]
+        if isinstance(result, SwornDiskError):
+            raise result
+        return result
 
-    def _fetch(self, fetch: list, out: bytearray) -> None:
-        """Reads and verifies blocks, coalescing runs of consecutive HBAs into one pread."""
-        if not fetch:
-            return
-        split = self._fmt.split
-        items = sorted((split(v)[0], i, l, v) for i, l, v in fetch)
-        j = 0
-        while j < len(items):
-            k = j + 1
-            while k < len(items) and items[k][0] == items[k - 1][0] + 1 and k - j < 256:
-                k += 1
-            start = items[j][0]
-            if start + (k - j) > self.layout.data_blocks:
-                raise IntegrityError(f"index record points outside the data device (block {start})")
-            raw = self._data.pread((k - j) * BLOCK_SIZE, start * BLOCK_SIZE)
-            for n, (hba, i, l, v) in enumerate(items[j:k]):
-                _, key, nonce, mac = split(v)
-                pt = crypto.decrypt(key, nonce, raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE], mac,
-                                    f"data block {hba} (LBA {l})")
-                out[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] = pt
-            j = k
+    def read_many(self, ranges) -> list:
+        """Reads many (lba, nr_blocks) ranges at once. Returns, for each range in order,
+        its bytes or the SwornDiskError (e.g. IntegrityError) that this range alone
+        raised; the other ranges still return their data. Bad arguments raise before any
+        I/O, as read() does. Each result is what read() would return at this moment."""
+        self._check_usable()
+        ranges = [(lba, n) for lba, n in ranges]
+        for lba, n in ranges:
+            self._check_range(lba, n)
+        results = self._reader.read_many(ranges)
+        blocks = sum(n for _, n in ranges)
+        self._lifetime.user_blocks_read += blocks
+        self._session.user_blocks_read += blocks
+        return results
 
     def write(self, lba: int, data) -> None:
         """Buffers the blocks; `data` (any buffer) is copied before this returns.
@@ -338,6 +322,7 @@ class SwornDisk:
         ses.meta_bytes_written, ses.meta_bytes_read = self._meta.bytes_written, self._meta.bytes_read
         ses.node_cache_hits, ses.node_cache_misses = self._store.hits, self._store.misses
         ses.segtable_loads = st.segtable.loads
+        ses.lookaside_hits, ses.lookaside_misses = st.lookaside.hits, st.lookaside.misses
         self._protocol.gather_lifetime()
         return DiskStats(
             lifetime=Lifetime(**self._lifetime.to_dict()), session=Session(**vars(ses)),
@@ -356,6 +341,8 @@ class SwornDisk:
                         index_chunks_used=st.ispace.used(), index_chunks=self.layout.index_chunks,
                         node_cache_entries=self._store.entries(),
                         node_cache_limit=self._store.cache_limit,
+                        lookaside_entries=len(st.lookaside),
+                        lookaside_limit=self.config.lookaside_records,
                         segtable_cached=st.segtable.cached_count(),
                         segtable_dirty=st.segtable.dirty_count(),
                         journal_blocks_used=self._protocol.journal.used(),

@@ -22,8 +22,23 @@ from .format import ICHUNK_FREE as CHUNK_FREE, ICHUNK_RETIRING as CHUNK_RETIRING
 from .format import ICHUNK_USED as CHUNK_USED
 
 
+HEAD_USER, HEAD_COLD = "user", "cold"
+
+
+class _Head:
+    """One log head: the segment it fills and how far it got."""
+
+    def __init__(self) -> None:
+        self.seg, self.off = -1, SEGMENT_BLOCKS
+
+
 class DataSpace:
-    """Allocation on the data device over the paged segment table (segtable.py)."""
+    """Allocation on the data device over the paged segment table (segtable.py).
+
+    Two log heads: user writes go to the *user* head, blocks the cleaner moves to the
+    *cold* head (F2FS's hot/cold separation). A moved block survived a whole segment's
+    worth of overwrites, so it is likely to survive more: kept apart from fresh writes,
+    its segments stay full and are not cleaned again and again."""
 
     def __init__(self, table: SegmentTable, reserve_segments: int):
         self.table = table
@@ -36,10 +51,8 @@ class DataSpace:
         self._excluded: set[int] = set()      # segments being cleaned: no allocation there
         self.seg_stamp = np.zeros(self.nseg, np.int64)   # commit seq of the last write (age)
         self.clock = 0                        # the current commit seq, for stamps
-        self.head_seg = -1
-        self.head_off = SEGMENT_BLOCKS
-        self.threaded = False                 # the head is filling holes of a used segment
-        self.threaded_segments = 0
+        self.heads = {HEAD_USER: _Head(), HEAD_COLD: _Head()}
+        self.threaded_segments = 0            # head switches to hole filling
         self.valid = _ValidView(table)        # read-only views for tests and debugging
         self.rit = _RitView(table)
 
@@ -51,7 +64,7 @@ class DataSpace:
         self.busy.clear()
         self.seg_busy[:] = 0
         self.total_busy = 0
-        self.head_seg, self.head_off = -1, SEGMENT_BLOCKS
+        self.heads = {name: _Head() for name in self.heads}
 
     # ---- commit-time accounting ----
     def validate(self, hba: int, lba: int) -> None:
@@ -97,10 +110,14 @@ class DataSpace:
         return self.table.detail(seg)
 
     # ---- queries ----
+    def head_segments(self) -> list[int]:
+        """The segments the log heads are filling (never free, never cleaned)."""
+        return [h.seg for h in self.heads.values() if h.seg >= 0]
+
     def free_mask(self) -> np.ndarray:
         free = (self.table.count == 0) & (self.seg_busy == 0)
-        if 0 <= self.head_seg:
-            free[self.head_seg] = False
+        for s in self.head_segments():
+            free[s] = False
         for s in self._excluded:
             free[s] = False
         return free
@@ -115,33 +132,33 @@ class DataSpace:
         return self.nblocks - self.table.total_valid - self.total_busy
 
     # ---- allocation ----
-    def alloc(self, n: int) -> list[tuple[int, int]]:
-        """n blocks as ascending (start, count) runs, from the log head or holes; they are
+    def alloc(self, n: int, head: str = HEAD_USER) -> list[tuple[int, int]]:
+        """n blocks as ascending (start, count) runs, from a log head or holes; they are
         busy (unallocatable) until the commit that validates or drops them."""
         runs: list[tuple[int, int]] = []
         try:
-            self._alloc_into(runs, n)
+            self._alloc_into(runs, n, self.heads[head])
         except NoSpaceError:
             for start, count in runs:      # all or nothing
                 self.set_busy(range(start, start + count), False)
             raise
         return runs
 
-    def _alloc_into(self, runs: list, n: int) -> None:
+    def _alloc_into(self, runs: list, n: int, head: _Head) -> None:
         while n > 0:
-            if self.head_off >= SEGMENT_BLOCKS:
-                self._new_head()
-            seg, base = self.head_seg, self.head_seg * SEGMENT_BLOCKS
-            window = self.table.detail(seg)[self.head_off:] == NONE
+            if head.off >= SEGMENT_BLOCKS:
+                self._new_head(head)
+            seg, base = head.seg, head.seg * SEGMENT_BLOCKS
+            window = self.table.detail(seg)[head.off:] == NONE
             busy = self.busy.get(seg)
             if busy is not None:
-                window &= ~busy[self.head_off:]
+                window &= ~busy[head.off:]
             idx = np.flatnonzero(window)[:n]
             if len(idx) == 0:
-                self.head_off = SEGMENT_BLOCKS
+                head.off = SEGMENT_BLOCKS
                 continue
-            hbas = base + self.head_off + idx
-            self.head_off += int(idx[-1]) + 1
+            hbas = base + head.off + idx
+            head.off += int(idx[-1]) + 1
             self.set_busy(hbas, True)     # at once: a later head choice must not see them free
             n -= len(idx)
             cuts = np.flatnonzero(np.diff(hbas) != 1) + 1
@@ -152,23 +169,27 @@ class DataSpace:
                 else:
                     runs.append((start, count))
 
-    def _new_head(self) -> None:
+    def _new_head(self, head: _Head) -> None:
         """Normal logging into a free segment while they last beyond the reserve;
         threaded logging (filling holes of used segments) when they run low."""
-        free = np.flatnonzero(self.free_mask())
-        if len(free) > self.reserve:
-            after = free[free > self.head_seg]
-            self._set_head(int(after[0] if len(after) else free[0]), threaded=False)
+        previous, head.seg = head.seg, -1      # this head's segment may be chosen again:
+        free = np.flatnonzero(self.free_mask())  # it may have holes behind its offset
+        # A segment another head is filling was free when it took it: it counts toward
+        # the reserve, so that two heads do not push the disk into threaded logging.
+        if len(free) + len(self.head_segments()) > self.reserve:
+            after = free[free > previous]
+            self._set_head(head, int(after[0] if len(after) else free[0]), threaded=False)
             return
         holes = SEGMENT_BLOCKS - self.table.count - self.seg_busy
-        holes[list(self._excluded)] = 0      # the head itself may be chosen again: it may
-        holes[free] = 0                     # have holes behind its offset (discards)        # whole free segments are the reserve, used last
+        holes[list(self._excluded)] = 0        # (two heads may share a segment's holes:
+        holes[free] = 0                        # busy marks keep them apart) whole free
+                                               # segments are the reserve, used last
         best = int(np.argmax(holes))
         if holes[best] > 0:
-            self._set_head(best, threaded=True)
+            self._set_head(head, best, threaded=True)
             return
         if len(free):
-            self._set_head(int(free[0]), threaded=False)
+            self._set_head(head, int(free[0]), threaded=False)
             return
         raise self.no_space()
 
@@ -178,8 +199,8 @@ class DataSpace:
             f"{self.total_busy} unflushed blocks in {self.nblocks}; "
             f"discard data or flush more often")
 
-    def _set_head(self, seg: int, threaded: bool) -> None:
-        self.head_seg, self.head_off, self.threaded = seg, 0, threaded
+    def _set_head(self, head: _Head, seg: int, threaded: bool) -> None:
+        head.seg, head.off = seg, 0
         self.threaded_segments += threaded
 
 

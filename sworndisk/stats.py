@@ -47,6 +47,8 @@ class Session:
     node_cache_hits: int = 0
     node_cache_misses: int = 0
     segtable_loads: int = 0
+    lookaside_hits: int = 0          # committed lookups answered by the lookaside cache
+    lookaside_misses: int = 0
 
     @property
     def write_amplification(self) -> float | None:
@@ -78,6 +80,8 @@ class Index:
     index_chunks: int = 0
     node_cache_entries: int = 0
     node_cache_limit: int = 0
+    lookaside_entries: int = 0
+    lookaside_limit: int = 0
     segtable_cached: int = 0
     segtable_dirty: int = 0
     journal_blocks_used: int = 0

@@ -745,8 +745,7 @@ def test_flush_never_enospc_after_write_accepted_head_holes():
             disk.flush()
         except NoSpaceError as e:
             pytest.fail(f"write() accepted 64 blocks with {64} free, then flush() raised "
-                        f"NoSpaceError: {e} (head segment {disk.debug.space.head_seg} offset "
-                        f"{disk.debug.space.head_off})")
+                        f"NoSpaceError: {e} (heads at {disk.debug.space.head_segments()})")
     assert_exact(disk, model, "after the 64-block write")
     check_reads(disk, model, "after the 64-block write")
     disk = reopen(disk, data, meta)
@@ -808,7 +807,7 @@ def test_full_thin_disk_random_edge_flush_never_enospc(seed):
             except NoSpaceError as e:
                 pytest.fail(f"seed {seed} step {step}: flush() raised NoSpaceError after write() had "
                             f"accepted the data: {e} ({brief_stats(disk)}; head segment "
-                            f"{disk.debug.space.head_seg} offset {disk.debug.space.head_off})")
+                            f"{disk.debug.space.head_segments()})")
             flushes += 1
             assert_exact(disk, model, f"edge step {step}")
             if flushes % 40 == 0:

@@ -1,0 +1,69 @@
+"""The lookaside cache: recently looked-up LBAs and their newest committed record.
+
+In the spirit of the paper's Search Lookaside Radix Tree: a read of an LBA that lives in
+the BITs walks every level-0 BIT and the levels below until one holds it; the cache
+remembers the answer (the record value, or that the LBA is unmapped) so that the next read
+of it searches nothing. It is consulted after the MemTable, which always has newer records.
+
+Exactness: an entry must be the LBA's newest committed record. Only a committed
+transaction changes that, and `CommittedState.apply` invalidates every LBA a transaction
+writes (user writes and the cleaner's moves alike) or discards. Compaction and
+checkpoints move records between the MemTable and the BITs but never change the newest
+record of any LBA, so they leave the cache valid. Uncommitted state is never cached: the
+pending batch answers for it before the committed state is asked.
+
+Bounded: at most `limit` entries (Config.lookaside_records); the oldest go first.
+"""
+from __future__ import annotations
+
+UNMAPPED = b""          # the cached answer "no record" (never a valid record value)
+
+
+class Lookaside:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._map: dict[int, bytes] = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def get(self, lba: int) -> bytes | None:
+        """The cached value (UNMAPPED if the LBA has no record), or None if not cached."""
+        v = self._map.get(lba)
+        if v is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return v
+
+    def put(self, lba: int, value: bytes | None) -> None:
+        if self.limit <= 0:
+            return
+        m = self._map
+        m[lba] = UNMAPPED if value is None else value
+        if len(m) > self.limit:
+            del m[next(iter(m))]
+
+    def invalidate(self, lbas) -> None:
+        m = self._map
+        if m:
+            for l in lbas:
+                m.pop(l, None)
+
+    def invalidate_range(self, lo: int, hi: int) -> None:
+        m = self._map
+        if not m:
+            return
+        if hi - lo <= len(m):
+            for l in range(lo, hi):
+                m.pop(l, None)
+        else:
+            for l in [l for l in m if lo <= l < hi]:
+                del m[l]
+
+    def clear(self) -> None:
+        self._map.clear()
+
+
+__all__ = ["Lookaside", "UNMAPPED"]
