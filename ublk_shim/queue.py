@@ -25,7 +25,7 @@ import mmap
 import signal
 import threading
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import sys as uapi
 from .target import (OP_FLUSH, OP_DISCARD, OP_READ, OP_WRITE, OP_WRITE_ZEROES, Outcome,
@@ -35,6 +35,11 @@ from .uring import TASKRUN_FLAG_SETS, Ring, open_ring
 log = logging.getLogger("ublk_shim")
 
 _DATA_OPS = (OP_READ, OP_WRITE)
+_unpack_desc = uapi.IO_DESC.unpack_from
+_DESC_SIZE = uapi.UBLK_DESC_SIZE
+_OP_MASK = uapi.UBLK_IO_OP_MASK
+_SECTOR_SHIFT = uapi.SECTOR_SHIFT
+_F_FUA = uapi.UBLK_IO_F_FUA
 _KNOWN_OPS = frozenset((OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES))
 _EMPTY = memoryview(b"")
 # Signals are for the main thread: a queue thread blocked in io_uring_enter must not be the
@@ -61,9 +66,11 @@ def request_result(op: int, ret: Optional[int], length: int) -> int:
 def outcome_result(req: Request, outcome: Outcome) -> int:
     """The COMMIT result for one entry of handle_batch's answer: an exception fails the
     request alone (OSError with its errno, anything else with EIO, logged)."""
+    if outcome is None or outcome.__class__ is int:          # the usual case, first
+        return request_result(req.op, outcome, req.length)
+    if isinstance(outcome, OSError):
+        return -(outcome.errno or errno.EIO)
     if isinstance(outcome, BaseException):
-        if isinstance(outcome, OSError):
-            return -(outcome.errno or errno.EIO)
         log.error("ublk: target failed on %s", req, exc_info=outcome)
         return -errno.EIO
     return request_result(req.op, outcome, req.length)
@@ -213,45 +220,49 @@ class Queue:
         here. Every tag gets a result whatever the target does: the kernel would wait
         forever for one left unanswered.
         """
-        results = [0] * len(tags)
         batch: List[Tuple[Request, memoryview]] = []
-        slots: List[int] = []                  # batch entry -> index in tags
+        refused: Dict[int, int] = {}           # index in tags -> result, for those answered here
+        descs, bufs, q_id = self._descs, self._bufs, self.q_id
         for i, tag in enumerate(tags):
-            op_flags, nr_sectors, start_sector, _ = uapi.IO_DESC.unpack_from(
-                self._descs, tag * uapi.UBLK_DESC_SIZE)
-            op = op_flags & uapi.UBLK_IO_OP_MASK
-            length = nr_sectors << uapi.SECTOR_SHIFT
-            if op not in _KNOWN_OPS:
-                results[i] = -errno.EOPNOTSUPP
-                self.failed += 1
-                continue
+            op_flags, nr_sectors, start_sector, _ = _unpack_desc(descs, tag * _DESC_SIZE)
+            op = op_flags & _OP_MASK
+            length = nr_sectors << _SECTOR_SHIFT
             if op in _DATA_OPS:
                 if length > self.max_io_bytes:
-                    results[i] = -errno.EIO
-                    self.failed += 1
+                    refused[i] = -errno.EIO
                     continue
-                buf = self._bufs[tag][:length]
-            else:
+                buf = bufs[tag][:length]
+            elif op in _KNOWN_OPS:
                 buf = _EMPTY
-            batch.append((Request(op, start_sector << uapi.SECTOR_SHIFT, length,
-                                  bool(op_flags & uapi.UBLK_IO_F_FUA), tag, self.q_id,
-                                  op_flags & ~uapi.UBLK_IO_OP_MASK), buf))
-            slots.append(i)
+            else:
+                refused[i] = -errno.EOPNOTSUPP
+                continue
+            batch.append((Request(op, start_sector << _SECTOR_SHIFT, length,
+                                  bool(op_flags & _F_FUA), tag, q_id, op_flags & ~_OP_MASK),
+                          buf))
+        self.failed += len(refused)
         if not batch:
-            return results
+            return [refused[i] for i in range(len(tags))]
         self.batches += 1
-        self.max_batch = max(self.max_batch, len(batch))
+        if len(batch) > self.max_batch:
+            self.max_batch = len(batch)
         try:
             outcomes = self._handle_batch(batch)
         finally:
             for _, buf in batch:
                 if buf is not _EMPTY:
                     _release(buf)
-        for (req, _), i, outcome in zip(batch, slots, outcomes):
-            res = results[i] = outcome_result(req, outcome)
-            self.counts[req.op] += 1
+        results = []
+        counts = self.counts
+        for (req, _), outcome in zip(batch, outcomes):
+            res = outcome_result(req, outcome)
+            counts[req.op] += 1
             if res < 0:
                 self.failed += 1
+            results.append(res)
+        if refused:                            # put them back where they were in `tags`
+            served = iter(results)
+            results = [refused[i] if i in refused else next(served) for i in range(len(tags))]
         return results
 
     def _handle_batch(self, batch: List[Tuple[Request, memoryview]]) -> Sequence[Outcome]:
