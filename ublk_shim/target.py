@@ -98,13 +98,15 @@ class Target:
         fails only its own request. Override it to overlap the requests' I/O or to share
         work between them; the queue commits all the results with one io_uring_enter.
         """
-        out: List[Outcome] = []
-        for req, buf in batch:
-            try:
-                out.append(self.handle(req, buf))
-            except Exception as e:          # the queue turns it into -errno (and logs it)
-                out.append(e)
-        return out
+        return [handle_one(self, req, buf) for req, buf in batch]
+
+
+def handle_one(target: Target, req: Request, buf: memoryview) -> Outcome:
+    """target.handle(), with its exception as the outcome (the queue makes it -errno, logged)."""
+    try:
+        return target.handle(req, buf)
+    except Exception as e:
+        return e
 
 
 class NullTarget(Target):
@@ -160,7 +162,8 @@ class LoopTarget(Target):
 
     FLUSH is fdatasync, FUA writes use RWF_DSYNC, DISCARD is BLKDISCARD or a punched hole,
     WRITE_ZEROES is BLKZEROOUT or a zeroed range. The size is the backing size rounded down
-    to 4 KiB. Stateless apart from the fd, so safe for any number of queues.
+    to 4 KiB. Stateless apart from the fd and a ring per queue thread, so safe for any
+    number of queues.
 
     The READs and WRITEs of a batch go to the backing store together, through an io_uring of
     the queue thread's own, so it sees the device's queue depth; a FLUSH, DISCARD or
@@ -225,15 +228,9 @@ class LoopTarget(Target):
                 continue
             self._data_run(batch, run, out)
             run = []
-            out[i] = self._handle_one(req, buf)
+            out[i] = handle_one(self, req, buf)
         self._data_run(batch, run, out)
         return out
-
-    def _handle_one(self, req: Request, buf: memoryview) -> Outcome:
-        try:
-            return self.handle(req, buf)
-        except Exception as e:
-            return e
 
     def _data_run(self, batch: Sequence[Tuple[Request, memoryview]], run: List[int],
                   out: List[Outcome]) -> None:
@@ -242,7 +239,7 @@ class LoopTarget(Target):
         ring = self._ring() if len(run) > 1 else None
         if ring is None:
             for i in run:
-                out[i] = self._handle_one(*batch[i])
+                out[i] = handle_one(self, *batch[i])
             return
         for start in range(0, len(run), ring.sq_entries):
             chunk = run[start:start + ring.sq_entries]
