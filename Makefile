@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,pycryptodome]'
+	$(PY) -m pip install -q -e '.[dev,pycryptodome,plot]'
 	touch $(STAMP)
 
 # Everything: engine tests natively, ublk end-to-end tests inside a QEMU VM.

@@ -14,6 +14,7 @@ setup(
     extras_require={
         "pycryptodome": ["pycryptodome>=3.15"],
         "dev": ["pytest>=7", "hypothesis>=6"],
+        "plot": ["matplotlib>=3.5"],     # python -m tools.bench --plot
     },
     entry_points={"console_scripts": ["sworndisk-ublk = sworndisk_ublk.cli:main"]},
 )

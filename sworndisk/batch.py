@@ -101,6 +101,17 @@ class PendingBatch:
         has made room for every block this adds (DataSpace.free_blocks)."""
         n = len(mv) // BLOCK_SIZE
         buf, slot_of, slots = self._buf, self._slot_of, self._slots
+        if n == 1:                                      # the common 4 KiB request
+            slot = slot_of.get(lba)
+            if slot is None:
+                if len(slots) == SEGMENT_BLOCKS:
+                    self.seal()
+                slot = len(slots)
+                slots.append(lba)
+                slot_of[lba] = slot
+            buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = mv
+            self.unflushed += 1
+            return
         if len(slots) + n <= SEGMENT_BLOCKS and (not slot_of or not any(
                 l in slot_of for l in range(lba, lba + n))):
             # Bulk path: new blocks that fit the buffer go in with one copy.

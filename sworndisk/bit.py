@@ -64,6 +64,12 @@ class NodeStore:
 
     def node(self, entry: bytes, what: str = "BIT node") -> tuple[int, np.ndarray]:
         """(kind, records) of the node that `entry` (a record value) points to."""
+        kind, recs, _ = self.keyed(entry, what)
+        return kind, recs
+
+    def keyed(self, entry: bytes, what: str = "BIT node") -> tuple[int, np.ndarray, np.ndarray]:
+        """(kind, records, LBAs as a contiguous array) of a node: lookups search the LBAs,
+        and a field view of the records would be rebuilt at every search."""
         mac = entry[-crypto.TAG_BYTES:]
         hit = self.cache.get(mac)
         if hit is not None:
@@ -77,22 +83,30 @@ class NodeStore:
         magic, kind, _height, _r, count, _r2 = NODE_HEADER.unpack_from(pt)
         if magic != NODE_MAGIC or kind not in (LEAF, INTERNAL) or count > self.capacity:
             raise IntegrityError(f"{what} at meta block {hba} is malformed")
+        return self._remember(mac, kind, pt, count)
+
+    def _remember(self, mac: bytes, kind: int, pt: bytes, count: int) -> tuple:
         recs = np.frombuffer(pt, self.fmt.dtype, count, NODE_HEADER.size)
-        node = (kind, recs)
+        node = (kind, recs, np.ascontiguousarray(recs["lba"]))
         self.cache[mac] = node
         if len(self.cache) > self.cache_limit:
             self.cache.popitem(last=False)
         return node
 
     def seal(self, kind: int, height: int, recs: np.ndarray) -> tuple[bytes, bytes, bytes, bytes]:
-        """Encrypts a node; returns (ciphertext, key, nonce, mac)."""
+        """Encrypts a node; returns (ciphertext, key, nonce, mac). The plaintext goes into
+        the cache as well (write-through): a new BIT replaces the ones it merged, so its
+        nodes are the ones the next lookups need, and reading them back would cost a
+        device read and a decryption each."""
         pt = bytearray(BLOCK_SIZE)
         NODE_HEADER.pack_into(pt, 0, NODE_MAGIC, kind, height, 0, len(recs), bytes(4))
         raw = recs.tobytes()
         pt[NODE_HEADER.size:NODE_HEADER.size + len(raw)] = raw
         key = crypto.random_bytes(self.fmt.key_bytes)
         nonce = crypto.random_bytes(crypto.NONCE_BYTES)
-        ct, mac = crypto.encrypt(key, nonce, bytes(pt))
+        pt = bytes(pt)
+        ct, mac = crypto.encrypt(key, nonce, pt)
+        self._remember(mac, kind, pt, len(recs))
         return ct, key, nonce, mac
 
 
@@ -104,37 +118,44 @@ class Bit:
         self.store = store
 
     def _node(self, entry: bytes, expect_leaf: bool) -> np.ndarray:
-        kind, recs = self.store.node(entry, f"BIT {self.meta.bit_id} node")
+        return self.keyed(entry, expect_leaf)[0]
+
+    def keyed(self, entry: bytes, expect_leaf: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(records, their LBAs) of a node, checked to be of the kind its depth needs."""
+        kind, recs, lbas = self.store.keyed(entry, f"BIT {self.meta.bit_id} node")
         if (kind == LEAF) != expect_leaf:
             raise IntegrityError(f"BIT {self.meta.bit_id}: node kind does not match its depth")
-        return recs
+        return recs, lbas
 
     def lookup_many(self, lbas: np.ndarray, found: np.ndarray, out: np.ndarray) -> None:
         """For sorted `lbas` not yet `found`, fills `out` with this BIT's records."""
         want = np.flatnonzero(~found & (lbas >= self.meta.lba_min) & (lbas <= self.meta.lba_max))
         if len(want) == 0:
             return
+        value_at = self.store.fmt.value_at
         stack = [(self.meta.root, self.meta.height, want)]
         while stack:
             entry, height, pos = stack.pop()
-            recs = self._node(entry, height == 0)
+            recs, keys_here = self.keyed(entry, height == 0)
             keys = lbas[pos]
             if height == 0:
-                i = np.searchsorted(recs["lba"], keys)
-                ok = i < len(recs)
-                ok[ok] = recs["lba"][i[ok]] == keys[ok]
+                i = np.minimum(np.searchsorted(keys_here, keys), len(keys_here) - 1)
+                ok = keys_here[i] == keys
                 found[pos[ok]] = True
                 out[pos[ok]] = recs[i[ok]]
                 continue
-            child = np.searchsorted(recs["lba"], keys, side="right") - 1
-            keep = child >= 0
-            pos, child = pos[keep], child[keep]
-            if len(pos) == 0:
+            child = np.searchsorted(keys_here, keys, side="right") - 1
+            first = int(np.searchsorted(child, 0))      # child < 0: before this subtree
+            if first == len(child):
                 continue
-            cuts = np.flatnonzero(np.diff(child)) + 1
-            for grp_pos, grp_child in zip(np.split(pos, cuts), np.split(child, cuts)):
-                c = int(grp_child[0])
-                stack.append((self.store.fmt.value_at(recs, c), height - 1, grp_pos))
+            if child[first] == child[-1]:               # one child: no grouping to do
+                stack.append((value_at(recs, int(child[-1])), height - 1, pos[first:]))
+                continue
+            starts = np.flatnonzero(np.diff(child[first:])) + first + 1
+            bounds = [first] + starts.tolist() + [len(child)]
+            kids = child[bounds[:-1]].tolist()
+            for c, a, b in zip(kids, bounds[:-1], bounds[1:]):
+                stack.append((value_at(recs, c), height - 1, pos[a:b]))
 
     def range(self, lo: int, hi: int) -> np.ndarray:
         """Records with lo <= lba < hi, in LBA order."""

@@ -24,6 +24,7 @@ from .segtable import SegmentTable
 from .space import DataSpace, IndexSpace
 
 _DISCARD_WINDOW = 1 << 16
+SCALAR_LOOKUPS = 2
 
 
 class CommittedState:
@@ -56,7 +57,10 @@ class CommittedState:
             if v != tomb and v != UNMAPPED:
                 out[l] = v
         if misses:
-            found = self.index.lookup_bits(misses)
+            # A few LBAs: walk each BIT scalar-wise (numpy's per-call overhead, paid per
+            # BIT, outweighs vectorising); many: per node over the sorted batch.
+            found = (self.index.lookup_each(misses) if len(misses) <= SCALAR_LOOKUPS
+                     else self.index.lookup_bits(misses))
             for l in misses:
                 v = found.get(l)
                 cache.put(l, v)

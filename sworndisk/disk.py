@@ -71,6 +71,9 @@ class SwornDisk:
                                         self._lifetime, self._session)
         self._cleaner = Cleaner(self._state, self._batch, self._data, self._lifetime)
         self._reader = Reader(fmt, self._batch, self._state, self._data, self.layout.data_blocks)
+        # Unflushed blocks (written or discarded) one commit may carry: bounds the
+        # MemTable's growth per commit, which sizes level 0 (layout.max_bit_records).
+        self._budget = self.config.autocommit_bytes // BLOCK_SIZE
         self._closed = False
         self._failed: BaseException | None = None
 
@@ -202,8 +205,12 @@ class SwornDisk:
         done = 0
         while done < n:
             k = self._make_room(lba + done, n - done)
-            self._guarded(lambda: self._batch.put(
-                lba + done, mv[done * BLOCK_SIZE:(done + k) * BLOCK_SIZE]))
+            try:
+                self._batch.put(lba + done, mv if k == n else
+                                mv[done * BLOCK_SIZE:(done + k) * BLOCK_SIZE])
+            except BaseException as e:          # a seal failed: latch, as _guarded does
+                self._failed = e
+                raise
             done += k
         self._lifetime.user_blocks_written += n
         self._session.user_blocks_written += n
@@ -227,15 +234,9 @@ class SwornDisk:
     def _room(self, lba: int, n: int) -> int:
         """The longest prefix of [lba, lba+n) that fits both the autocommit budget and the
         free blocks left once every buffered block is sealed."""
-        n = min(n, self._budget - self._batch.unflushed)
-        free = self._state.space.free_blocks() - self._batch.buffered
-        return self._batch.new_blocks(lba, n, free)
-
-    @property
-    def _budget(self) -> int:
-        """Unflushed blocks (written or discarded) one commit may carry: bounds the
-        MemTable's growth per commit, which sizes level 0 (layout.max_bit_records)."""
-        return self.config.autocommit_bytes // BLOCK_SIZE
+        batch = self._batch
+        n = min(n, self._budget - batch.unflushed)
+        return batch.new_blocks(lba, n, self._state.space.free_blocks() - batch.buffered)
 
     def discard(self, lba: int, nr_blocks: int) -> None:
         """Unmaps blocks. A large range goes in several commits (each at most the

@@ -29,12 +29,31 @@ MIN_MEMTABLE = 1024            # records: the smallest MemTable fit_config choos
 
 
 def fit_config(config: Config, nr_blocks: int) -> Config:
-    """The Config a disk of `nr_blocks` is formatted with: the MemTable shrinks to 1/64 of
-    the logical size (at least MIN_MEMTABLE records), because level 0 holds up to
-    level_ratio + 1 MemTables' worth of BITs and on a small disk that, not the live index,
-    would set the meta device's size. Recorded in the superblock like every Config."""
-    mem = min(config.memtable_records, max(MIN_MEMTABLE, nr_blocks // 64))
-    return replace(config, memtable_records=mem)
+    """The Config a disk of `nr_blocks` is formatted with: the largest MemTable (halving
+    from config.memtable_records, down to MIN_MEMTABLE) whose index and journal fit 3.5%
+    of the logical size plus 20 MiB. Level 0 holds about level_ratio MemTables' worth of
+    BITs, so on a small disk the MemTable, not the live index, would otherwise set the
+    meta device's size; a larger MemTable means fewer compactions. Recorded in the
+    superblock like every Config, so the meta device stays within 4% + 24 MiB."""
+    budget = (nr_blocks * BLOCK_SIZE * 35 // 1000 + (20 << 20)) // BLOCK_SIZE
+    rec = record_dtype(config.cipher_key_bytes).itemsize
+    live = nr_blocks
+    mem = config.memtable_records
+    while True:
+        fitted = replace(config, memtable_records=mem)
+        blocks = (index_chunks_needed(live, fitted, rec) * INDEX_CHUNK_BLOCKS
+                  + journal_blocks_needed(live, fitted, rec))
+        if blocks <= budget or mem <= MIN_MEMTABLE:
+            return fitted
+        mem = max(MIN_MEMTABLE, mem // 2)
+
+
+def journal_blocks_needed(live: int, config: Config, record_size: int) -> int:
+    """A checkpoint is due when the MemTable fills or the journal is half used; sized so
+    that the MemTable fills first, and at least 4 MiB (the largest transaction, an
+    autocommit's records, is a quarter of that)."""
+    return max(1024, 2 * -(-max_bit_records(live, config) * (record_size + 1)
+                            // (BLOCK_SIZE - 64)) + 64)
 
 
 def max_bit_records(live: int, config: Config) -> int:
@@ -180,11 +199,7 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
     body = (4096 + MAX_BITS * 256 + 12 * index_chunks + dir_entry * data_segments
             + index_chunks + 4096)
     checkpoint_blocks = 1 + -(-body // BLOCK_SIZE)
-    # Journal: a checkpoint is due when the MemTable fills or the journal is half used;
-    # sized so that the MemTable fills first, and at least 4 MiB (the largest transaction,
-    # an autocommit's records, is a quarter of that).
-    journal_blocks = max(1024, 2 * -(-max_bit_records(live, config) * (rec + 1)
-                                      // (BLOCK_SIZE - 64)) + 64)
+    journal_blocks = journal_blocks_needed(live, config, rec)
     # Segment table: one detail block per data segment, twice (out-of-place rewrites).
     segtable_blocks = 2 * data_segments + 16
     start = 2

@@ -77,8 +77,7 @@ class LsmIndex:
             return None
         entry, height = m.root, m.height
         while True:
-            recs = bit._node(entry, height == 0)
-            lbas = recs["lba"]
+            recs, lbas = bit.keyed(entry, height == 0)
             if height == 0:
                 i = int(lbas.searchsorted(lba))
                 return self.fmt.value_at(recs, i) if i < len(recs) and lbas[i] == lba else None
@@ -86,6 +85,17 @@ class LsmIndex:
             if c < 0:
                 return None
             entry, height = self.fmt.value_at(recs, c), height - 1
+
+    def lookup_each(self, lbas: list[int]) -> dict[int, bytes]:
+        """Newest BIT record for each LBA (MemTable not consulted), one walk per LBA."""
+        out = {}
+        for l in lbas:
+            for bit in self.bits():
+                v = self._bit_get(bit, l)
+                if v is not None:
+                    out[l] = v
+                    break
+        return out
 
     def lookup_bits(self, lbas: list[int]) -> dict[int, bytes]:
         """Newest BIT record for each LBA (MemTable not consulted), batched per node."""

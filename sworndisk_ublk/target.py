@@ -3,6 +3,7 @@
 The kernel sees a device with 4 KiB logical blocks, so every offset and length is a
 multiple of 4096 and maps to whole engine blocks.  Queue threads call `handle`
 concurrently but the engine is not thread-safe, so one lock serialises every call.
+A completion batch's READs go to the engine together (handle_batch, read_many).
 
 Errors become -errno for the kernel: the engine's IntegrityError (EIO) and NoSpaceError
 (ENOSPC) are OSErrors and carry their errno; anything unexpected is an -EIO, logged once
@@ -24,10 +25,11 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import ublk_shim
 from ublk_shim import Request, Target
+from ublk_shim.target import Outcome, handle_one
 
 from .table import BLOCK_SIZE
 from .wlog import WriteLog
@@ -122,6 +124,48 @@ class SwornDiskTarget(Target):
                 return -errno.EIO
             finally:
                 self._follow_commits()      # even a failed call may have committed
+
+    def handle_batch(self, batch: Sequence[Tuple[Request, memoryview]]) -> List[Outcome]:
+        """A completion batch: all its READs with one engine read_many (the engine looks
+        them up together and the backing device reads them all at once), then writes,
+        discards and flushes one by one, in order. The requests were all in flight
+        together, so no order among them is owed; a FLUSH covers the writes completed
+        before it, those of earlier batches. A bad block fails its own READ only."""
+        out: List[Outcome] = [None] * len(batch)
+        reads = [i for i, (req, _) in enumerate(batch) if req.op == ublk_shim.OP_READ]
+        if len(reads) > 1:
+            self._read_many(batch, reads, out)
+        for i, (req, buf) in enumerate(batch):
+            if out[i] is None:
+                out[i] = handle_one(self, req, buf)
+        return out
+
+    def _read_many(self, batch: Sequence[Tuple[Request, memoryview]], reads: List[int],
+                   out: List[Outcome]) -> None:
+        """Serves aligned READs together; leaves anything else (and a batch the engine
+        refuses as a whole, e.g. a range past the end) to handle()."""
+        todo = [i for i in reads
+                if not (batch[i][0].offset % BLOCK_SIZE or batch[i][0].length % BLOCK_SIZE)]
+        ranges = [(batch[i][0].offset // BLOCK_SIZE, batch[i][0].length // BLOCK_SIZE)
+                  for i in todo]
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                results = self.disk.read_many(ranges)
+            except Exception:               # noqa: BLE001 - handle() reports each one
+                return
+        for i, res in zip(todo, results):
+            req, buf = batch[i]
+            if isinstance(res, OSError):    # IntegrityError: EIO for this request alone
+                self._log_once(res, req)
+                out[i] = -(res.errno or errno.EIO)
+            elif isinstance(res, Exception):
+                self._log_once(res, req)
+                out[i] = -errno.EIO
+            else:
+                buf[:req.length] = res
+                out[i] = req.length
 
     def idle(self) -> None:
         """Give the engine's background work (segment cleaning) a turn when queues are idle.

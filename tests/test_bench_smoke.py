@@ -1,19 +1,21 @@
-"""tools/bench: the CryptDisk baseline is dm-crypt's format, and the benchmark runs end to end.
+"""tools/bench: the CryptDisk baseline is dm-crypt's format, and the benchmark runs end to end
+at depth, with charts.
 
-Correctness only (tiny sizes, CryptDisk only, so it does not depend on the engine); the
-numbers it prints are not checked.
+Correctness only (tiny sizes); the numbers it prints are not checked. The runs use CryptDisk
+alone, so they do not depend on the engine, except one small SwornDisk run at depth.
 """
 import json
+import sys
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sworndisk.device import MemoryDevice
-from sworndisk.errors import DiskClosedError, InvalidArgument
+from sworndisk.errors import DiskClosedError, IntegrityError, InvalidArgument
 from tools.bench.cli import main
 from tools.bench.cryptdisk import CryptDisk
 from tools.bench.disks import CountingDevice
-from tools.bench.workloads import Payload, VerifyError
+from tools.bench.workloads import Payload, VerifyError, random_read, random_write
 
 KEY = bytes(range(64))
 
@@ -48,22 +50,146 @@ def test_cryptdisk_is_aes_xts_in_place_with_lba_tweak():
         disk.read(0, 1)
 
 
-def test_bench_quick_runs_cryptdisk_suite_and_aging(tmp_path, capsys):
+def test_cryptdisk_batches_are_the_same_blocks_in_one_device_call_each():
+    dev = CountingDevice(MemoryDevice(64 * 4096))
+    disk = CryptDisk(dev, KEY)
+    payload = Payload(4, seed=2)
+    items = [(9, payload.blocks(9, 1)), (0, payload.blocks(0, 4)), (40, payload.blocks(40, 2))]
+    disk.write_many(items)
+    assert dev.writes == 3 and dev.bytes_written == 7 * 4096
+    for lba, data in items:
+        for i in range(len(data) // 4096):
+            block = data[i * 4096:(i + 1) * 4096]
+            assert dev.inner.buf[(lba + i) * 4096:(lba + i + 1) * 4096] == xts(lba + i, block)
+    reads = dev.reads
+    got = disk.read_many([(lba, len(data) // 4096) for lba, data in items])
+    assert dev.reads == reads + 3
+    assert [bytes(g) for g in got] == [data for _, data in items]
+    with pytest.raises(InvalidArgument):
+        disk.read_many([(0, 1), (63, 2)])                    # checked before any I/O
+    with pytest.raises(InvalidArgument):
+        disk.write_many([(0, payload.blocks(0, 1)), (64, payload.blocks(64, 1))])
+    assert dev.reads == reads + 3 and dev.writes == 3
+
+
+class _FailingReads:
+    """read_many as SwornDisk answers it when one range fails verification."""
+
+    def __init__(self, disk):
+        self.disk = disk
+
+    def read_many(self, ranges):
+        out = self.disk.read_many(ranges)
+        out[-1] = IntegrityError("tampered")
+        return out
+
+
+class _Batches(MemoryDevice):
+    """Records the size of every pread_many / pwrite_many call."""
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.batches = []
+        self.flushes = 0
+
+    def pwrite_many(self, items):
+        self.batches.append(("w", len(items)))
+        super().pwrite_many(items)
+
+    def pread_many(self, items):
+        self.batches.append(("r", len(items)))
+        return super().pread_many(items)
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_depth_batches_requests_and_a_failed_range_fails_the_workload():
+    dev = _Batches(64 * 4096)
+    disk = CryptDisk(dev, KEY)
+    payload = Payload(1, seed=3)
+    lbas = list(range(0, 40, 2))
+    assert random_write(disk, lbas, payload, depth=8)() == (20, 20 * 4096)
+    assert dev.batches == [("w", 8), ("w", 8), ("w", 4)] and dev.flushes == 1
+    assert random_read(disk, lbas, depth=8)() == (20, 20 * 4096)
+    assert dev.batches[3:] == [("r", 8), ("r", 8), ("r", 4)]
+    with pytest.raises(IntegrityError):
+        random_read(_FailingReads(disk), lbas, depth=8)()
+
+
+def _run_cryptdisk(tmp_path, *extra):
     out = tmp_path / "bench.json"
     rc = main(["--quick", "--disks", "cryptdisk", "--size", "8M", "--ops", "300", "--repeat", "1",
-               "--seq-size", "4M", "--aging", "--aging-size", "4M", "--aging-passes", "2",
-               "--utilisations", "50", "--dir", str(tmp_path), "--json", str(out)])
+               "--seq-size", "4M", "--dir", str(tmp_path), "--json", str(out), *extra])
+    return rc, json.loads(out.read_text())
+
+
+def test_bench_quick_runs_cryptdisk_suite_and_aging(tmp_path, capsys):
+    rc, doc = _run_cryptdisk(tmp_path, "--depth", "1", "--aging", "--aging-size", "4M",
+                             "--aging-passes", "2", "--utilisations", "50")
     assert rc == 0
     text = capsys.readouterr().out
     assert "rand write 4K" in text and "aging" in text
-    doc = json.loads(out.read_text())
-    (run,) = doc["suite"]["cryptdisk"]["runs"]
+    (depth1,) = doc["suite"]
+    assert depth1["depth"] == 1
+    (run,) = depth1["disks"]["cryptdisk"]["runs"]
     assert run["error"] is None and run["rss_peak_kib"] >= run["rss_start_kib"] > 0
-    best = doc["suite"]["cryptdisk"]["best"]["workloads"]
+    best = depth1["disks"]["cryptdisk"]["best"]["workloads"]
     assert set(best) == {"randwrite", "randread", "seqwrite", "seqread"}
     for result in best.values():
-        assert result["mb_per_s"] > 0 and result["ops"] > 0
+        assert result["mb_per_s"] > 0 and result["ops"] > 0 and result["cpu_us_per_block"] > 0
     assert best["randwrite"]["write_amplification"] == 1.0
     aging = doc["aging"][0]["cryptdisk"]
     assert aging["error"] is None and aging["steady"]["write_amplification"] == 1.0
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]   # images deleted
+
+
+def test_bench_depths_profile_and_plot(tmp_path, capsys):
+    charts = tmp_path / "charts"
+    rc, doc = _run_cryptdisk(tmp_path, "--depth", "1,4", "--workloads", "randwrite,randread",
+                             "--profile", "5", "--plot", str(charts), "--in-process")
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "CPU time per 4 KiB block" in text and "CryptDisk, rand read 4K, depth 4" in text
+    assert [e["depth"] for e in doc["suite"]] == [1, 4]
+    for entry in doc["suite"]:
+        best = entry["disks"]["cryptdisk"]["best"]
+        assert best["depth"] == entry["depth"] and set(best["workloads"]) == {"randwrite",
+                                                                              "randread"}
+        assert len(best["profiles"]["randread"]["rows"]) == 5
+    pngs = sorted(p.name for p in charts.iterdir())
+    assert pngs == ["cpu.png", "throughput.png"]               # no aging run: no aging chart
+    assert all((charts / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # charts again from the saved JSON, without running anything
+    again = tmp_path / "again"
+    assert main(["--plot", str(again), "--from-json", str(tmp_path / "bench.json")]) == 0
+    assert sorted(p.name for p in again.iterdir()) == pngs
+
+
+def test_bench_sworndisk_at_depth(tmp_path):
+    rc, doc = _run_cryptdisk(tmp_path, "--disks", "sworndisk,cryptdisk", "--depth", "1,8",
+                             "--in-process")
+    assert rc == 0
+    for entry in doc["suite"]:
+        assert set(entry["ratios"]) == {"randwrite", "randread", "seqwrite", "seqread"}
+        assert entry["disks"]["sworndisk"]["best"]["engine_stats"]
+    assert doc["suite"][1]["targets"] == {} and doc["suite"][0]["targets"]["randwrite"][
+        "minimum"] == 4.0
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib fails
+    assert main(["--quick", "--disks", "cryptdisk", "--plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []                     # nothing ran
+
+
+@pytest.mark.parametrize("argv", [["--depth", "0"], ["--depth", "x"], ["--from-json", "f"],
+                                  ["--size", "3k"]])
+def test_bad_arguments_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        rc = main(argv)
+        raise SystemExit(rc)
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -21,8 +21,8 @@ import pytest
 
 from sworndisk import Config, SwornDisk, SwornDiskError
 
-from .conftest import (BS, KEY16, MiB, Model, describe, make_blocks, meta_size_for, runs,
-                       scaled)
+from .conftest import (BS, KEY16, MiB, Model, describe, make_blocks, meta_size_for, read_batch,
+                       runs, scaled)
 from .crashdev import CrashController, crash_pair
 
 CFG = Config(memtable_records=16, level_ratio=2)
@@ -114,12 +114,8 @@ def matching_states(disk, states: list[Model], ctx: str, rng=None, lbas=None) ->
     lbas.update(rng.randrange(nr) for _ in range(24))
     alive = set(range(len(states)))
     diffs = {}
-    for start, count in runs(lbas):
-        try:
-            got = disk.read(start, count)
-        except Exception as e:
-            raise AssertionError(f"{ctx}: read({start}, {count}) after an honest crash "
-                                 f"raised {type(e).__name__}: {e}") from e
+    spans = runs(lbas)
+    for (start, count), got in zip(spans, read_batch(disk, spans, f"{ctx} (honest crash)")):
         for i in list(alive):
             exp = states[i].read(start, count)
             if exp != got:

@@ -1,8 +1,11 @@
-"""Command line: `python -m tools.bench [--quick] [--aging] [--json [PATH]] ...`.
+"""Command line: `python -m tools.bench [--quick] [--depth 1,32] [--aging] [--json [PATH]]
+[--plot DIR] ...`.
 
-Runs each disk kind's workloads in its own spawned process (see isolate.py), on sparse
-image files in a fresh directory under --dir (default /var/tmp: a real filesystem, where
-O_DIRECT works, unlike tmpfs), prints the tables and deletes the directory.
+Runs each disk kind's workloads at each depth in its own spawned process (see isolate.py),
+on sparse image files in a fresh directory under --dir (default /var/tmp: a real
+filesystem, where O_DIRECT works, unlike tmpfs), prints the tables and deletes the
+directory. `--plot` draws charts of the results (plot.py); with `--from-json` it draws
+them from an earlier run's JSON instead of running anything.
 """
 from __future__ import annotations
 
@@ -14,14 +17,16 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, List, Optional, TextIO
 
+from . import plot
 from .aging import AgingParams, make_plan, run_aging
 from .disks import DISK_KINDS, DISPLAY_NAMES, sworndisk_unavailable_reason
 from .isolate import Isolated, run_isolated
-from .report import AgingRow, BenchReport, aging_text, suite_text, to_json
-from .suite import WORKLOADS, SuiteParams, run_suite
+from .profiling import SORTS
+from .report import AgingRow, BenchReport, aging_text, profiles_text, suite_text, to_json
+from .suite import DEFAULT_DEPTHS, WORKLOADS, SuiteParams, run_suite
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -77,8 +82,25 @@ def _utilisations(text: str) -> List[float]:
     return us
 
 
+def _depths(text: str) -> List[int]:
+    try:
+        depths = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of depths: {text!r}") from None
+    if not depths or not all(1 <= d <= 4096 for d in depths):
+        raise argparse.ArgumentTypeError(f"depths must be integers in [1, 4096]: {text!r}")
+    return depths
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (--help for usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m tools.bench",
         description="SwornDisk vs CryptDisk (AES-XTS in place) on O_DIRECT image files.")
     p.add_argument("--quick", action="store_true", help="small sizes: a ~15 s smoke run")
@@ -89,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "quick 64M)")
     p.add_argument("--repeat", type=int, help="run each disk's workloads N times, alternating "
                                               "disks, and report the best (default 2; quick 1)")
+    p.add_argument("--depth", type=_depths, default=list(DEFAULT_DEPTHS), metavar="N[,N...]",
+                   help="requests per batch: SwornDisk reads a batch with one read_many and "
+                        "writes it with one write() per request, CryptDisk submits it through "
+                        "io_uring; each depth on a fresh disk (default 1,32)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--disks", type=_csv(DISK_KINDS), default=list(DISK_KINDS),
                    help="comma list of sworndisk,cryptdisk (default both)")
@@ -101,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the temporary image directory goes (default /var/tmp)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write results as JSON to PATH (no PATH: stdout, tables to stderr)")
+    p.add_argument("--plot", metavar="DIR",
+                   help="write PNG charts of the results to DIR (needs matplotlib: "
+                        "pip install -e '.[plot]')")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="with --plot: chart the JSON of an earlier run instead of running")
     g = p.add_argument_group("aging (random overwrites at high utilisation)")
     g.add_argument("--aging", action="store_true", help="also run the aging benchmark")
     g.add_argument("--aging-only", action="store_true", help="run only the aging benchmark")
@@ -114,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--in-process", action="store_true",
                    help="run everything in this process (for cProfile/pdb; RSS not per disk)")
     d.add_argument("--profile", type=int, nargs="?", const=25, default=0, metavar="LINES",
-                   help="cProfile the timed workloads, print the top LINES by cumulative time")
+                   help="cProfile each timed workload at each depth, print its top LINES "
+                        "functions in us per block")
+    d.add_argument("--profile-sort", choices=SORTS, default="own",
+                   help="order the profile by own time (default) or cumulative time")
     return p
 
 
@@ -155,7 +189,8 @@ class Runner:
             region_bytes=args.size or preset.size, rand_ops=args.ops or preset.ops,
             seq_bytes=args.seq_size or preset.seq_size, seed=args.seed,
             workloads=tuple(args.workloads), profile_lines=args.profile,
-            tight_data=args.tight_data)
+            profile_sort=args.profile_sort, tight_data=args.tight_data)
+        self.depths = list(args.depth)
         self.repeat = max(1, args.repeat or preset.repeat)
         self.aging = AgingParams(
             data_bytes=args.aging_size or preset.aging_size,
@@ -186,11 +221,15 @@ class Runner:
             self._warn_if_cramped(workdir)
             if not self.args.aging_only:
                 for rep in range(self.repeat):
-                    # alternate the order so neither disk always runs on a warmer machine
-                    for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
-                        self.report.suite.setdefault(kind, []).append(self._run(
-                            f"{DISPLAY_NAMES[kind]}: workloads (run {rep + 1}/{self.repeat})",
-                            run_suite, kind, workdir, self.suite))
+                    for depth in self.depths:
+                        params = replace(self.suite, depth=depth)
+                        runs = self.report.suite.setdefault(depth, {})
+                        # alternate the order so neither disk always runs on a warmer machine
+                        for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
+                            runs.setdefault(kind, []).append(self._run(
+                                f"{DISPLAY_NAMES[kind]}: workloads at depth {depth} "
+                                f"(run {rep + 1}/{self.repeat})", run_suite, kind, workdir,
+                                params))
             if self.args.aging or self.args.aging_only:
                 for u in self.aging.utilisations:
                     row = AgingRow(make_plan(self.aging, u, "sworndisk" in kinds))
@@ -199,11 +238,13 @@ class Runner:
                             f"{DISPLAY_NAMES[kind]}: aging at {u:.0%}", run_aging,
                             kind, workdir, row.plan)
                     self.report.aging.append(row)
+        self.report.settings["loadavg_end"] = os.getloadavg()[0]
         return self.report
 
     def _settings(self, workdir: str, kinds: List[str]) -> dict:
         import cryptography
-        return {"disks": kinds, "suite": asdict(self.suite), "repeat": self.repeat,
+        return {"disks": kinds, "suite": asdict(self.suite), "depths": self.depths,
+                "repeat": self.repeat,
                 "aging": asdict(self.aging), "isolated": not self.args.in_process,
                 "dir": workdir, "filesystem": _fs_type(os.path.realpath(workdir)),
                 "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0],
@@ -228,8 +269,9 @@ class Runner:
 def _suite_headline(settings: dict) -> str:
     s = settings["suite"]
     return (f"workloads: region {s['region_bytes'] >> 20} MiB, {s['rand_ops']} random 4 KiB ops, "
-            f"{s['seq_bytes'] >> 20} MiB sequential in {s['request_bytes'] >> 10} KiB requests; "
-            f"best of {settings['repeat']} run(s) per disk")
+            f"{s['seq_bytes'] >> 20} MiB sequential in {s['request_bytes'] >> 10} KiB requests, "
+            f"at depth {', '.join(map(str, settings['depths']))}; best of {settings['repeat']} "
+            f"run(s) per disk and depth")
 
 
 def _aging_headline(settings: dict) -> str:
@@ -240,17 +282,19 @@ def _aging_headline(settings: dict) -> str:
 
 def print_report(report: BenchReport, out: TextIO) -> None:
     st = report.settings
+    load = f"{st['loadavg_start']:.1f}"
+    if "loadavg_end" in st:
+        load += f" at start, {st['loadavg_end']:.1f} at end"
     print(f"\nSwornDisk engine benchmark: images in {st['dir']} ({st['filesystem']}), "
-          f"{st['cpus']} CPUs, load average {st['loadavg_start']:.1f}", file=out)
+          f"{st['cpus']} CPUs, load average {load}", file=out)
     for note in report.notes:
         print(f"note: {note}", file=out)
     if report.suite:
         print(f"\n{_suite_headline(st)}\n{suite_text(report)}", file=out)
-        for kind, runs in report.suite.items():
-            for outcome in runs:
-                if outcome.error is None and outcome.value.profile:
-                    print(f"\nprofile of {DISPLAY_NAMES[kind]}'s timed workloads:\n"
-                          f"{outcome.value.profile}", file=out)
+        profiles = profiles_text(report)
+        if profiles:
+            print(f"\nprofiles (first run of each disk and depth; its timings include the "
+                  f"profiler's overhead):\n\n{profiles}", file=out)
     if report.aging:
         print(f"\n{_aging_headline(st)}\n{aging_text(report)}", file=out)
 
@@ -259,13 +303,43 @@ def _failed(report: BenchReport) -> bool:
     """A run that crashed, or a disk that returned wrong data (running out of space while
     aging is a result, not a failure)."""
     aging = [o for row in report.aging for o in row.outcomes.values()]
-    suite = [o for runs in report.suite.values() for o in runs]
+    suite = [o for by_kind in report.suite.values() for runs in by_kind.values() for o in runs]
     return (any(o.error for o in [*suite, *aging])
             or any(o.value.wrong_data for o in aging if o.error is None))
 
 
+def _load_json(path: str) -> dict:
+    """An earlier run's --json document, or SystemExit with one line saying why not."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"python -m tools.bench: cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("suite", []), list):
+        raise SystemExit(f"python -m tools.bench: {path} is not the JSON of a benchmark run "
+                         "(of this version)")
+    return doc
+
+
+def _plot(doc: dict, outdir: str, out: TextIO) -> None:
+    try:
+        paths = plot.write_charts(doc, outdir)
+    except OSError as e:
+        raise SystemExit(f"python -m tools.bench: cannot write charts to {outdir}: {e}") from None
+    print(f"\ncharts: {', '.join(paths)}" if paths else "\nno results to chart", file=out)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json and not args.plot:
+        print("python -m tools.bench: --from-json only goes with --plot DIR", file=sys.stderr)
+        return 2
+    if args.plot and plot.missing():
+        print(f"python -m tools.bench: {plot.missing()}", file=sys.stderr)
+        return 2
+    if args.from_json:
+        _plot(_load_json(args.from_json), args.plot, sys.stdout)
+        return 0
     json_to_stdout = args.json == "-"
     human = sys.stderr if json_to_stdout else sys.stdout
     runner = Runner(args, sys.stderr)
@@ -274,12 +348,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     report = runner.run()
     print_report(report, human)
+    doc_text = json.dumps(to_json(report), indent=2, default=str)
     if args.json:
-        doc = json.dumps(to_json(report), indent=2, default=str)
         if json_to_stdout:
-            print(doc)
+            print(doc_text)
         else:
             with open(args.json, "w") as f:
-                f.write(doc + "\n")
+                f.write(doc_text + "\n")
             print(f"\nJSON written to {args.json}", file=human)
+    if args.plot:
+        _plot(json.loads(doc_text), args.plot, human)   # the same document --from-json reads
     return 1 if _failed(report) else 0

@@ -10,8 +10,11 @@ It is built from the same Python parts as the engine (a `sworndisk.device.BlockD
 not the language. A multi-block request is one pread/pwrite of the whole range with
 per-block encryption, as dm-crypt encrypts per sector inside one bio.
 
-The surface is the engine's (read/write/flush/discard/close/stats, block_size, nr_blocks)
-so the same workload code drives both. Unlike SwornDisk, reading a block that was never
+The surface is the engine's (read/write/flush/discard/close/stats, block_size, nr_blocks,
+read_many) so the same workload code drives both. At depth, `read_many` and `write_many`
+submit a whole batch of requests to the device together (`FileDevice.pread_many` /
+`pwrite_many`: io_uring with O_DIRECT), the way dm-crypt passes a queue's bios on to the
+device below without waiting for each one. Unlike SwornDisk, reading a block that was never
 written (or was discarded) returns the decryption of whatever the device holds, not zeros:
 that is dm-crypt's behaviour too.
 """
@@ -56,16 +59,52 @@ class CryptDisk:
         self._check_range(lba, nr_blocks)
         ciphertext = dev.pread(nr_blocks * BLOCK_SIZE, lba * BLOCK_SIZE)
         self._counters["blocks_read"] += nr_blocks
-        return bytes(self._transform(ciphertext, lba, encrypt=False))
+        return bytes(self._crypt(ciphertext, lba, encrypt=False))
+
+    def read_many(self, ranges) -> list:
+        """Each (lba, nr_blocks) range's plaintext, in order, all read with one
+        `pread_many` and decrypted into one reused buffer: the results are memoryviews,
+        valid until the next call (like dm-crypt, which decrypts into the request's own
+        pages, this allocates nothing per request). The engine's contract otherwise,
+        except that CryptDisk has no per-range error to return (a device error raises)."""
+        dev = self._live_device()
+        ranges = [(lba, n) for lba, n in ranges]
+        for lba, n in ranges:
+            self._check_range(lba, n)
+        raws = dev.pread_many([(n * BLOCK_SIZE, lba * BLOCK_SIZE) for lba, n in ranges])
+        out = self._buffer(sum(n for _, n in ranges) * BLOCK_SIZE)
+        views, pos = [], 0
+        for (lba, n), raw in zip(ranges, raws):
+            self._crypt_into(raw, lba, out[pos:], encrypt=False)
+            views.append(out[pos:pos + n * BLOCK_SIZE])
+            pos += n * BLOCK_SIZE
+        self._counters["blocks_read"] += pos // BLOCK_SIZE
+        return views
 
     def write(self, lba: int, data) -> None:
         dev = self._live_device()
-        if len(data) % BLOCK_SIZE or not data:
-            raise InvalidArgument(f"write length must be a positive multiple of {BLOCK_SIZE}")
-        nr_blocks = len(data) // BLOCK_SIZE
-        self._check_range(lba, nr_blocks)
-        dev.pwrite(self._transform(data, lba, encrypt=True), lba * BLOCK_SIZE)
+        nr_blocks = self._check_write(lba, data)
+        dev.pwrite(self._crypt(data, lba, encrypt=True), lba * BLOCK_SIZE)
         self._counters["blocks_written"] += nr_blocks
+
+    def write_many(self, items) -> None:
+        """Several (lba, data) writes, encrypted into one reused buffer and handed to the
+        device with one `pwrite_many` (which copies them before it returns). A single
+        write is a plain `write`: at depth 1 nothing is left in flight, as with
+        `pread_many`, which reads a single range with a plain pread."""
+        items = [(lba, data) for lba, data in items]
+        if len(items) == 1:
+            return self.write(*items[0])
+        dev = self._live_device()
+        sizes = [self._check_write(lba, data) * BLOCK_SIZE for lba, data in items]
+        out = self._buffer(sum(sizes))
+        writes, pos = [], 0
+        for (lba, data), nbytes in zip(items, sizes):
+            self._crypt_into(data, lba, out[pos:], encrypt=True)
+            writes.append((out[pos:pos + nbytes], lba * BLOCK_SIZE))
+            pos += nbytes
+        dev.pwrite_many(writes)
+        self._counters["blocks_written"] += pos // BLOCK_SIZE
 
     def flush(self) -> None:
         self._live_device().flush()
@@ -93,26 +132,42 @@ class CryptDisk:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _transform(self, data, lba: int, *, encrypt: bool) -> memoryview:
-        """En/decrypt each 4 KiB block of `data` under the tweak of its own LBA, into a
-        buffer reused across requests (valid until the next call). Reuse matters in
-        Python: a fresh 1 MiB object per request is an mmap/munmap with page faults in
-        glibc, which would charge the baseline for the allocator rather than the design."""
-        src = memoryview(data).cast("B")
-        nbytes = len(src)
+    def _crypt(self, data, lba: int, *, encrypt: bool) -> memoryview:
+        """En/decrypt `data` into a buffer reused across requests (valid until the next
+        call). Reuse matters in Python: a fresh 1 MiB object per request is an mmap/munmap
+        with page faults in glibc, which would charge the baseline for the allocator
+        rather than the design."""
+        nbytes = len(data)
+        out = self._buffer(nbytes)
+        self._crypt_into(data, lba, out, encrypt=encrypt)
+        return out[:nbytes]
+
+    def _buffer(self, nbytes: int) -> memoryview:
         if len(self._out) < nbytes + _XTS_SLACK:
             self._out = bytearray(nbytes + _XTS_SLACK)
-        out = memoryview(self._out)
-        for off in range(0, nbytes, BLOCK_SIZE):
+        return memoryview(self._out)
+
+    def _crypt_into(self, data, lba: int, out: memoryview, *, encrypt: bool) -> None:
+        """Each 4 KiB block of `data` under the tweak of its own LBA, into the start of
+        `out` (which has room for _XTS_SLACK bytes more)."""
+        src = memoryview(data).cast("B")
+        for off in range(0, len(src), BLOCK_SIZE):
             cipher = Cipher(self._aes, modes.XTS((lba + off // BLOCK_SIZE).to_bytes(16, "little")))
             ctx = cipher.encryptor() if encrypt else cipher.decryptor()
             ctx.update_into(src[off:off + BLOCK_SIZE], out[off:off + BLOCK_SIZE + _XTS_SLACK])
-        return out[:nbytes]
 
     def _live_device(self) -> BlockDevice:
         if self._device is None:
             raise DiskClosedError("CryptDisk is closed")
         return self._device
+
+    def _check_write(self, lba: int, data) -> int:
+        """The number of blocks `data` covers, or InvalidArgument."""
+        if len(data) % BLOCK_SIZE or not data:
+            raise InvalidArgument(f"write length must be a positive multiple of {BLOCK_SIZE}")
+        nr_blocks = len(data) // BLOCK_SIZE
+        self._check_range(lba, nr_blocks)
+        return nr_blocks
 
     def _check_range(self, lba: int, nr_blocks: int) -> None:
         if lba < 0 or nr_blocks <= 0 or lba + nr_blocks > self.nr_blocks:

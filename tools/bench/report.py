@@ -7,8 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .aging import AgingPlan, AgingResult
 from .disks import BLOCK_SIZE, DISPLAY_NAMES
 from .isolate import Isolated
-from .suite import LABELS, TARGETS, SuiteResult, cpu_ratios, ratios
-from .workloads import WorkloadResult
+from .suite import CPU_TARGETS, LABELS, TARGETS, SuiteResult, cpu_ratios, ratios
 
 
 @dataclass
@@ -43,25 +42,31 @@ class DiskSummary:
 class BenchReport:
     """Everything one invocation measured; outcomes hold SuiteResult / AgingResult values."""
     settings: dict
-    suite: Dict[str, List[Isolated]] = field(default_factory=dict)   # kind -> one per repeat
+    # depth -> kind -> one outcome per repeat
+    suite: Dict[int, Dict[str, List[Isolated]]] = field(default_factory=dict)
     aging: List[AgingRow] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
-    def summaries(self) -> Dict[str, DiskSummary]:
-        """Disks all of whose runs completed."""
-        return {k: DiskSummary.of(runs) for k, runs in self.suite.items()
+    @property
+    def depths(self) -> List[int]:
+        return sorted(self.suite)
+
+    def summaries(self, depth: int) -> Dict[str, DiskSummary]:
+        """Disks all of whose runs at `depth` completed."""
+        return {k: DiskSummary.of(runs) for k, runs in self.suite.get(depth, {}).items()
                 if runs and all(o.error is None for o in runs)}
 
-    def suite_results(self) -> Dict[str, SuiteResult]:
-        return {k: s.best for k, s in self.summaries().items()}
+    def suite_results(self, depth: int) -> Dict[str, SuiteResult]:
+        return {k: s.best for k, s in self.summaries(depth).items()}
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned first column, right-aligned others, columns as wide as their content."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """The first `left` columns left-aligned, the others right-aligned, columns as wide as
+    their content."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells):
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
@@ -72,58 +77,86 @@ def _fmt(x: Optional[float], spec: str = ".1f") -> str:
 
 # -- the micro-benchmark ---------------------------------------------------------------------
 
+def _verdict(value: Optional[float], meets: Callable[[float], bool], limit) -> str:
+    """'ok' or 'BELOW' where there is both a figure and a target, else nothing."""
+    if value is None or limit is None:
+        return ""
+    return "ok" if meets(value) else "BELOW"
+
+
 def suite_text(report: BenchReport) -> str:
-    res = report.suite_results()
-    kinds = list(res)
-    if not kinds:
+    """Throughput with the ratios and their targets, CPU per block with its targets, and
+    the per-disk figures: every depth, one row per (depth, workload)."""
+    thr_rows, cpu_rows, kinds = [], [], []
+    for depth in report.depths:
+        res = report.suite_results(depth)
+        kinds += [k for k in res if k not in kinds]
+        workloads = [w for w in LABELS if any(w in r.results for r in res.values())]
+        rat, cpu_rat = ratios(res, workloads), cpu_ratios(res, workloads)
+        for w in workloads:
+            got = {k: res[k].results.get(w) for k in res}
+            target, ratio = TARGETS.get(depth, {}).get(w), rat.get(w)
+            thr_rows.append((depth, w, got, [
+                _fmt(ratio, ".2f") + "x" if ratio is not None else "-",
+                target.text() if target else "-",
+                _verdict(ratio, lambda x: x >= target.minimum, target)]))
+            sw = got.get("sworndisk")
+            cpu_max = CPU_TARGETS.get(depth, {}).get(w)
+            cpu_rows.append((depth, w, got, [
+                _fmt(cpu_rat.get(w), ".2f") + "x" if w in cpu_rat else "-",
+                f"<={cpu_max:g}" if cpu_max else "-",
+                _verdict(sw and sw.cpu_us_per_block, lambda x: x <= cpu_max, cpu_max)]))
+    if not thr_rows:
         return "no disk completed the benchmark"
-    workloads = [w for w in LABELS if any(w in r.results for r in res.values())]
-    rat, cpu_rat = ratios(res, workloads), cpu_ratios(res, workloads)
 
-    headers = ["workload"]
-    for k in kinds:
-        headers += [f"{DISPLAY_NAMES[k]} MB/s", "IOPS"]
-    if rat:
-        headers += ["ratio", "target", "", "CPU ratio"]
-    rows = []
-    for w in workloads:
-        row = [LABELS[w]]
-        for k in kinds:
-            r = res[k].results.get(w)
-            row += [_fmt(r and r.mb_per_s), _fmt(r and r.iops, ".0f")]
-        if rat:
-            ok = w in rat and rat[w] >= TARGETS[w]
-            row += [_fmt(rat.get(w), ".2f") + "x", f">={TARGETS[w]}x", "ok" if ok else "BELOW",
-                    _fmt(cpu_rat.get(w), ".2f") + "x"]
-        rows.append(row)
-    return table(headers, rows) + "\n\n" + _per_disk_text(report.summaries())
+    def rows_of(rows, cells):
+        return [[str(d), LABELS[w], *(c for k in kinds for c in cells(got.get(k))), *extra]
+                for d, w, got, extra in rows]
+    names = [DISPLAY_NAMES[k] for k in kinds]
+    thr = table(["depth", "workload", *(h for n in names for h in (f"{n} MB/s", "IOPS")),
+                 "ratio", "target", ""],
+                rows_of(thr_rows, lambda r: [_fmt(r and r.mb_per_s), _fmt(r and r.iops, ".0f")]),
+                left=2)
+    cpu = table(["depth", "workload", *(f"{n} us/blk" for n in names), "CPU ratio",
+                 "SwornDisk target", ""],
+                rows_of(cpu_rows, lambda r: [_fmt(r and r.cpu_us_per_block)]), left=2)
+    return (f"{thr}\n\nCPU time per 4 KiB block (process CPU, all threads; CPU ratio = "
+            f"CryptDisk's / SwornDisk's)\n{cpu}\n\n{_per_disk_text(report)}")
 
 
-def _per_disk_text(summaries: Dict[str, DiskSummary]) -> str:
-    kinds = list(summaries)
-    res = {k: s.best for k, s in summaries.items()}
-    metrics: List[tuple] = []   # (label, fn(kind) -> str)
-
-    def workload_metric(label: str, name: str, get: Callable[[WorkloadResult], float], spec):
-        if any(name in res[k].results for k in kinds):
-            metrics.append((label, lambda k: _fmt(
-                get(res[k].results[name]) if name in res[k].results else None, spec)))
-
-    for name in LABELS:
-        workload_metric(f"CPU us/block, {LABELS[name]}", name, lambda r: r.cpu_us_per_block, ".1f")
+def _per_disk_text(report: BenchReport) -> str:
+    """Device traffic, memory and setup per disk and depth."""
+    columns = [(d, k, s) for d in report.depths for k, s in report.summaries(d).items()]
+    metrics: List[tuple] = []   # (label, fn(summary) -> str)
     for name in ("randwrite", "seqwrite"):
-        workload_metric(f"device WA, {LABELS[name]}", name, lambda r: r.write_amplification, ".3f")
+        if any(name in s.best.results for _, _, s in columns):
+            metrics.append((f"device WA, {LABELS[name]}", lambda s, name=name: _fmt(
+                s.best.results[name].write_amplification if name in s.best.results else None,
+                ".3f")))
     metrics += [
-        ("peak RSS MiB", lambda k: _fmt(summaries[k].rss_peak_kib / 1024)),
-        ("RSS before disk MiB", lambda k: _fmt(summaries[k].rss_start_kib / 1024)),
-        ("prefill MB/s (untimed)", lambda k: _fmt(res[k].prefill.mb_per_s)),
-        ("O_DIRECT", lambda k: "yes" if res[k].direct_io else "NO (page cache)"),
+        ("peak RSS MiB", lambda s: _fmt(s.rss_peak_kib / 1024)),
+        ("RSS before disk MiB", lambda s: _fmt(s.rss_start_kib / 1024)),
+        ("prefill MB/s (untimed)", lambda s: _fmt(s.best.prefill.mb_per_s)),
+        ("O_DIRECT", lambda s: "yes" if s.best.direct_io else "NO (page cache)"),
     ]
-    headers = ["per disk", *(DISPLAY_NAMES[k] for k in kinds)]
-    text = table(headers, [[label, *(fn(k) for k in kinds)] for label, fn in metrics])
-    if not all(summaries[k].isolated for k in kinds):
+    headers = ["per disk", *(f"{DISPLAY_NAMES[k]} d{d}" for d, k, _ in columns)]
+    text = table(headers, [[label, *(fn(s) for _, _, s in columns)] for label, fn in metrics])
+    if not all(s.isolated for _, _, s in columns):
         text += "\n(in-process run: RSS is the whole process's, not per disk)"
     return text
+
+
+def profiles_text(report: BenchReport) -> str:
+    """Each disk's profiled workloads at each depth (from its first complete run)."""
+    parts = []
+    for depth in report.depths:
+        for kind, runs in report.suite[depth].items():
+            run = next((o.value for o in runs if o.error is None), None)
+            for w, prof in (run.profiles.items() if run else ()):
+                cpu = run.results[w].cpu_us_per_block
+                parts.append(prof.text(f"{DISPLAY_NAMES[kind]}, {LABELS[w]}, depth {depth} "
+                                       f"(CPU {cpu:.1f} us/block)"))
+    return "\n\n".join(parts)
 
 
 # -- the aging run ----------------------------------------------------------------------------
@@ -182,10 +215,23 @@ def _outcome_dict(outcome: Isolated, body: Callable[[object], dict]) -> dict:
 
 
 def _suite_dict(r: SuiteResult) -> dict:
-    return {"direct_io": r.direct_io, "image_bytes": r.image_bytes,
+    return {"depth": r.depth, "direct_io": r.direct_io, "image_bytes": r.image_bytes,
             "prefill": r.prefill.to_dict(),
             "workloads": {w: x.to_dict() for w, x in r.results.items()},
-            "engine_stats": r.engine_stats}
+            "engine_stats": r.engine_stats,
+            "profiles": {w: asdict(p) for w, p in r.profiles.items()}}
+
+
+def _depth_dict(report: BenchReport, depth: int) -> dict:
+    res = report.suite_results(depth)
+    return {"depth": depth,
+            "disks": {k: {"runs": [_outcome_dict(o, _suite_dict) for o in runs],
+                          "best": _suite_dict(res[k]) if k in res else None}
+                      for k, runs in report.suite[depth].items()},
+            "ratios": ratios(res, list(LABELS)),
+            "cpu_ratios": cpu_ratios(res, list(LABELS)),
+            "targets": {w: asdict(t) for w, t in TARGETS.get(depth, {}).items()},
+            "cpu_targets_us": CPU_TARGETS.get(depth, {})}
 
 
 def _aging_dict(r: AgingResult) -> dict:
@@ -196,16 +242,10 @@ def _aging_dict(r: AgingResult) -> dict:
 
 
 def to_json(report: BenchReport) -> dict:
-    res = report.suite_results()
     return {
         "settings": report.settings,
         "notes": report.notes,
-        "suite": {k: {"runs": [_outcome_dict(o, _suite_dict) for o in runs],
-                      "best": _suite_dict(res[k]) if k in res else None}
-                  for k, runs in report.suite.items()},
-        "ratios": ratios(res, list(LABELS)),
-        "cpu_ratios": cpu_ratios(res, list(LABELS)),
-        "targets": TARGETS,
+        "suite": [_depth_dict(report, d) for d in report.depths],
         "aging": [{"plan": asdict(row.plan),
                    **{k: _outcome_dict(o, _aging_dict) for k, o in row.outcomes.items()}}
                   for row in report.aging],

@@ -1,7 +1,8 @@
 """The I/O patterns, and how one run of a pattern is timed.
 
-Every function here drives anything with the engine's surface (read/write/flush), so
-SwornDisk and CryptDisk run byte-for-byte the same requests in the same order: LBAs come
+Every function here drives anything with the engine's surface (read_many/write/flush), so
+SwornDisk and CryptDisk run byte-for-byte the same requests in the same order, `depth`
+requests at a time (a batch, as a ublk queue hands them over at that depth): LBAs come
 from a seeded generator, and every 4 KiB block written starts with its own LBA so that
 reads can check they got the right block back (a benchmark of a disk returning wrong data
 would be worse than none). The checks cost the same on both disks.
@@ -128,62 +129,101 @@ def random_lbas(seed: int, count: int, lo: int, hi: int) -> List[int]:
     return (np.concatenate(chunks) + lo).tolist() if chunks else []
 
 
-def random_write(disk, lbas: Sequence[int], payload: Payload,
-                 flush_every: int = 0, name: str = "randwrite") -> Body:
-    """4 KiB writes at `lbas`, a flush every `flush_every` writes (0: none) and one at the
-    end: the final flush is part of the work, or a write-back disk would look infinitely fast."""
+def batches(items: Sequence, depth: int):
+    """`items` in consecutive slices of `depth` (the last may be shorter)."""
+    for i in range(0, len(items), depth):
+        yield items[i:i + depth]
+
+
+def batch_writer(disk) -> Callable[[List[Tuple[int, bytes]]], None]:
+    """How a batch of (lba, data) writes reaches `disk`: CryptDisk's `write_many` (one
+    io_uring submission), or, for SwornDisk, one `write()` per request, as a ublk target
+    hands them on: the engine buffers writes, and a batch ends with nothing more (no
+    flush), just as a ublk batch completes its writes without one."""
+    write_many = getattr(disk, "write_many", None)
+    if write_many is not None:
+        return write_many
+
+    def one_by_one(items):
+        for lba, data in items:
+            disk.write(lba, data)
+    return one_by_one
+
+
+def read_checked(disk, ranges: List[Tuple[int, int]]) -> None:
+    """One batch of reads through `read_many`, each range checked; a range the disk
+    failed (SwornDisk returns its error in its place) raises that error."""
+    for (lba, _), data in zip(ranges, disk.read_many(ranges)):
+        if isinstance(data, BaseException):
+            raise data
+        Payload.check(lba, data)
+
+
+def _write_requests(name: str, disk, requests: Sequence[Tuple[int, int]], payload: Payload,
+                    depth: int, flush_every: int = 0) -> int:
+    """Writes (lba, nr_blocks) requests of payload in batches of `depth`, a flush after
+    every `flush_every` requests (0: none; at a batch boundary) and one at the end: the
+    final flush is part of the work, or a write-back disk would look infinitely fast."""
+    write, done, flushed = batch_writer(disk), 0, 0
+    try:
+        for batch in batches(requests, depth):
+            write([(lba, payload.blocks(lba, n)) for lba, n in batch])
+            done += len(batch)
+            if flush_every and done // flush_every > flushed:
+                flushed = done // flush_every
+                disk.flush()
+        disk.flush()
+    except Exception as e:
+        raise WorkloadError(name, done, e) from e
+    return done
+
+
+def random_write(disk, lbas: Sequence[int], payload: Payload, flush_every: int = 0,
+                 name: str = "randwrite", depth: int = 1) -> Body:
+    """4 KiB writes at `lbas`, `depth` at a time (see _write_requests)."""
+    requests = [(lba, 1) for lba in lbas]
+
     def body():
-        done = 0
-        try:
-            for lba in lbas:
-                disk.write(lba, payload.blocks(lba, 1))
-                done += 1
-                if flush_every and done % flush_every == 0:
-                    disk.flush()
-            disk.flush()
-        except Exception as e:
-            raise WorkloadError(name, done, e) from e
+        done = _write_requests(name, disk, requests, payload, depth, flush_every)
         return done, done * BLOCK_SIZE
     return body
 
 
-def random_read(disk, lbas: Sequence[int], name: str = "randread") -> Body:
-    """4 KiB reads at `lbas`, each checked against the LBA stamped in it."""
+def random_read(disk, lbas: Sequence[int], name: str = "randread", depth: int = 1) -> Body:
+    """4 KiB reads at `lbas`, `depth` at a time, each checked against the LBA stamped in it."""
+    requests = [(lba, 1) for lba in lbas]
+
     def body():
-        for lba in lbas:
-            Payload.check(lba, disk.read(lba, 1))
-        return len(lbas), len(lbas) * BLOCK_SIZE
+        for batch in batches(requests, depth):
+            read_checked(disk, batch)
+        return len(requests), len(requests) * BLOCK_SIZE
     return body
 
 
-def _extents(start: int, nr_blocks: int, request_blocks: int):
-    for lba in range(start, start + nr_blocks, request_blocks):
-        yield lba, min(request_blocks, start + nr_blocks - lba)
+def _extents(start: int, nr_blocks: int, request_blocks: int) -> List[Tuple[int, int]]:
+    return [(lba, min(request_blocks, start + nr_blocks - lba))
+            for lba in range(start, start + nr_blocks, request_blocks)]
 
 
 def sequential_write(disk, start: int, nr_blocks: int, request_blocks: int,
-                     payload: Payload, name: str = "seqwrite") -> Body:
-    """Ascending writes of `request_blocks` each over [start, start+nr_blocks), then flush."""
+                     payload: Payload, name: str = "seqwrite", depth: int = 1) -> Body:
+    """Ascending writes of `request_blocks` each over [start, start+nr_blocks), `depth`
+    at a time, then flush."""
+    requests = _extents(start, nr_blocks, request_blocks)
+
     def body():
-        done = 0
-        try:
-            for lba, n in _extents(start, nr_blocks, request_blocks):
-                disk.write(lba, payload.blocks(lba, n))
-                done += 1
-            disk.flush()
-        except Exception as e:
-            raise WorkloadError(name, done, e) from e
-        return done, nr_blocks * BLOCK_SIZE
+        return _write_requests(name, disk, requests, payload, depth), nr_blocks * BLOCK_SIZE
     return body
 
 
 def sequential_read(disk, start: int, nr_blocks: int, request_blocks: int,
-                    name: str = "seqread") -> Body:
-    """Ascending reads of `request_blocks` each over [start, start+nr_blocks), checked."""
+                    name: str = "seqread", depth: int = 1) -> Body:
+    """Ascending reads of `request_blocks` each over [start, start+nr_blocks), `depth`
+    at a time, checked."""
+    requests = _extents(start, nr_blocks, request_blocks)
+
     def body():
-        ops = 0
-        for lba, n in _extents(start, nr_blocks, request_blocks):
-            Payload.check(lba, disk.read(lba, n))
-            ops += 1
-        return ops, nr_blocks * BLOCK_SIZE
+        for batch in batches(requests, depth):
+            read_checked(disk, batch)
+        return len(requests), nr_blocks * BLOCK_SIZE
     return body
