@@ -8,14 +8,16 @@
 from .config import Config
 from .format import BLOCK_SIZE
 from .device import BlockDevice, FileDevice, MemoryDevice
-from .errors import (DeviceBusyError, DeviceTooSmall, DiskClosedError, IntegrityError,
-                     InvalidArgument, MetadataFullError, NoSpaceError, NotFormattedError,
+from .errors import (AnchorError, DeviceBusyError, DeviceTooSmall, DiskClosedError,
+                     IntegrityError, InvalidArgument, KeyKindError, MetadataFullError,
+                     NoSpaceError, NotFormattedError, ReadOnlyError, RollbackError,
                      SwornDiskError, UnsupportedFormatError, WrongKeyError)
 
 __all__ = [
     "SwornDisk", "Config", "BLOCK_SIZE", "BlockDevice", "FileDevice", "MemoryDevice",
     "SwornDiskError", "IntegrityError", "WrongKeyError", "NoSpaceError", "NotFormattedError",
-    "MetadataFullError", "UnsupportedFormatError",
+    "MetadataFullError", "UnsupportedFormatError", "KeyKindError", "RollbackError",
+    "AnchorError", "ReadOnlyError",
     "DiskClosedError", "DeviceBusyError", "InvalidArgument", "DeviceTooSmall",
 ]
 

@@ -15,11 +15,12 @@ the newest checkpoint, so the disk reads exactly as at the last completed commit
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 
 from . import crypto, superblock as sbmod
+from .anchor import Anchor
 from .batch import PendingBatch
 from .bit import NodeStore
 from .cleaner import Cleaner
@@ -28,15 +29,18 @@ from .debug import DebugView
 from .config import Config
 from .format import BLOCK_SIZE
 from .device import BlockDevice, CountingDevice, open_pair
-from .format import LABEL_DISK, LABEL_FRONTEND
-from .errors import DeviceTooSmall, DiskClosedError, InvalidArgument, SwornDiskError
+from .format import LABEL_ANCHOR, LABEL_DISK, LABEL_FRONTEND, MASTER_KEY_BYTES
+from .errors import (AnchorError, DeviceTooSmall, DiskClosedError, InvalidArgument,
+                     RollbackError, SwornDiskError)
+from .kdf import KdfParams
 from .layout import INDEX_CHUNK_BLOCKS, Layout, fit_config, plan, usable_blocks
 from .protocol import CommitProtocol
 from .reader import Reader
 from .records import RecordFormat
 from .segtable import SegmentTable
 from .stats import DiskStats, Index, Lifetime, Session, Space
-from .superblock import Superblock
+from .readonly import open_pair_readonly
+from .superblock import Credential, Superblock, Unlocked
 
 Dev = Union[str, BlockDevice]
 
@@ -45,16 +49,20 @@ class SwornDisk:
     block_size = BLOCK_SIZE
 
     # ------------------------------------------------------------------ construction
-    def __init__(self, data: BlockDevice, meta: BlockDevice, root: bytes, sb: Superblock,
-                 owned: list[BlockDevice]):
+    def __init__(self, data: BlockDevice, meta: BlockDevice, master: bytes, sb: Superblock,
+                 owned: list[BlockDevice], *, read_only: bool = False):
         self._owned = owned
+        self.read_only = read_only           # opened for inspection: close() writes nothing
+        self.key_slot: int | None = None     # the key slot that opened this disk
+        self.anchor: Anchor | None = None
         self._data = CountingDevice(data)    # close() is never called on these: the
         self._meta = CountingDevice(meta)    # caller owns devices it passed in
         self.sb = sb
         self.layout: Layout = sb.layout
         self.config: Config = sb.config
         self.nr_blocks = self.layout.nr_blocks
-        self._disk_key = crypto.derive(root, LABEL_DISK, *np.frombuffer(sb.uuid, "<u8").tolist())
+        self._disk_key = crypto.derive(master, LABEL_DISK,
+                                       *np.frombuffer(sb.uuid, "<u8").tolist())
         fmt = RecordFormat(self.config.cipher_key_bytes)
         self._fmt = fmt
         self._lifetime = Lifetime()
@@ -78,11 +86,17 @@ class SwornDisk:
         self._failed: BaseException | None = None
 
     @classmethod
-    def create(cls, data: Dev, meta: Dev, key, nr_blocks: int | None = None,
-               config: Config | None = None, *, kdf_salt: bytes | None = None) -> "SwornDisk":
-        """Formats the two devices and returns the open, empty disk."""
-        root = crypto.check_root_key(key)
+    def create(cls, data: Dev, meta: Dev, key=None, nr_blocks: int | None = None,
+               config: Config | None = None, *, passphrase: bytes | str | None = None,
+               kdf: KdfParams | None = None, anchor: str | None = None) -> "SwornDisk":
+        """Formats the two devices and returns the open, empty disk.
+
+        A random master key is made; key slot 0 wraps it under `key` (a raw 16 or 32-byte
+        key, as from a key file) or `passphrase` (Argon2id with `kdf`, calibrated to about
+        a second when None). With `anchor`, that file starts tracking the disk's commits."""
+        cred = Credential.of(key, passphrase)
         config = (config or Config()).validate()
+        master = crypto.random_bytes(MASTER_KEY_BYTES)
         d, m, owned = open_pair(data, meta)
         try:
             layout = plan(d.size, nr_blocks, config)
@@ -92,10 +106,12 @@ class SwornDisk:
                     f"meta device is {m.size} bytes; this disk needs at least "
                     f"{layout.meta_blocks * BLOCK_SIZE} bytes ({_mib(layout.meta_blocks)})")
             layout = Layout(**dict(layout.to_dict(), index_chunks=layout.index_chunks + extra))
-            sb = Superblock(Superblock.new_uuid(), layout, fit_config(config, layout.nr_blocks),
-                            kdf_salt)
-            disk = cls(d, m, root, sb, owned)
-            disk._protocol.format(sb.encode(root))
+            sb = Superblock.new(layout, fit_config(config, layout.nr_blocks), cred, master, kdf)
+            disk = cls(d, m, master, sb, owned)
+            disk.key_slot = 0
+            disk._protocol.format(sb.encode(master))
+            if anchor is not None:
+                disk._attach_anchor(anchor, accept_rollback=True)
             return disk
         except BaseException:
             for dev in owned:
@@ -103,50 +119,71 @@ class SwornDisk:
             raise
 
     @classmethod
-    def open(cls, data: Dev, meta: Dev, key) -> "SwornDisk":
-        """Opens a disk, recovering to the last completed flush after a crash."""
-        root = crypto.check_root_key(key)
-        d, m, owned = open_pair(data, meta)
+    def open(cls, data: Dev, meta: Dev, key=None, *, passphrase: bytes | str | None = None,
+             anchor: str | None = None, accept_rollback: bool = False,
+             read_only: bool = False) -> "SwornDisk":
+        """Opens a disk, recovering to the last completed flush after a crash.
+
+        `key` opens any key-file slot, `passphrase` any passphrase slot. With `anchor`, a
+        committed state older than the anchor raises RollbackError, and a missing or
+        forged anchor AnchorError, unless `accept_rollback` (the anchor then moves to the
+        disk's state). `read_only` opens for inspection: nothing is ever written, and
+        close() commits nothing."""
+        cred = Credential.of(key, passphrase)
+        return cls._open(data, meta, lambda blocks: sbmod.unlock(blocks, cred), anchor=anchor,
+                         accept_rollback=accept_rollback, read_only=read_only)
+
+    @classmethod
+    def _open(cls, data: Dev, meta: Dev, unlock: Callable[[list[bytes]], Unlocked], *,
+              anchor: str | None = None, accept_rollback: bool = False,
+              read_only: bool = False) -> "SwornDisk":
+        """open() with the unlocking step given (check.py keeps what it unlocked)."""
+        d, m, owned = (open_pair_readonly if read_only else open_pair)(data, meta)
         try:
             if m.size < 2 * BLOCK_SIZE:
                 raise DeviceTooSmall(f"meta device is {m.size} bytes; too small for a SwornDisk")
-            sb = sbmod.decode(sbmod.read_copies(m), root)
-            lay = sb.layout
+            unlocked = unlock(sbmod.read_copies(m))
+            lay = unlocked.superblock.layout
             if d.size < lay.data_blocks * BLOCK_SIZE or m.size < lay.meta_blocks * BLOCK_SIZE:
                 raise DeviceTooSmall(
                     f"devices are smaller than when formatted: data needs "
                     f"{lay.data_blocks * BLOCK_SIZE} bytes, meta {lay.meta_blocks * BLOCK_SIZE}")
-            disk = cls(d, m, root, sb, owned)
+            disk = cls(d, m, unlocked.master, unlocked.superblock, owned, read_only=read_only)
+            disk.key_slot = unlocked.slot
             disk._protocol.recover()
+            if anchor is not None:
+                disk._attach_anchor(anchor, accept_rollback)
             return disk
         except BaseException:
             for dev in owned:
                 dev.close()
             raise
 
+    def _attach_anchor(self, path: str, accept_rollback: bool) -> None:
+        """Checks the disk against its anchor, moves the anchor to the disk's commit, and
+        keeps it moving with every commit (not for a read-only disk: it only checks)."""
+        anchor = Anchor(path, self.sb.uuid, crypto.derive(self._disk_key, LABEL_ANCHOR))
+        try:
+            seq: int | None = anchor.read()
+        except AnchorError:
+            if not accept_rollback:
+                raise
+            seq = None
+        if seq is not None and self.commit_seq < seq and not accept_rollback:
+            raise RollbackError(
+                f"the disk was rolled back: its last commit is {self.commit_seq}, but the "
+                f"anchor {path} says commit {seq} was made", self.commit_seq, seq)
+        if not self.read_only:
+            if seq != self.commit_seq:
+                anchor.write(self.commit_seq)
+            self._protocol.on_commit = anchor.write
+        self.anchor = anchor
+
     # ------------------------------------------------------------------ static helpers
     @staticmethod
     def probe(meta: Dev) -> bool:
         """True if the meta device carries a SwornDisk superblock magic (in either copy)."""
         return any(sbmod.has_magic(b) for b in sbmod.read_copies(meta))
-
-    @staticmethod
-    def read_kdf_salt(meta: Dev) -> bytes | None:
-        """The KDF salt of the first superblock copy that has one (see passphrase_key)."""
-        salts = sbmod.salts(sbmod.read_copies(meta))
-        return salts[0] if salts else None
-
-    @staticmethod
-    def read_kdf_salts(meta: Dev) -> list[bytes]:
-        """Every distinct KDF salt the superblock copies hold, copy 0's first."""
-        return sbmod.salts(sbmod.read_copies(meta))
-
-    @staticmethod
-    def passphrase_key(meta: Dev, passphrase: bytes | str) -> bytes:
-        """The root key a passphrase gives for this disk. Tries the salt of every
-        superblock copy and keeps the key whose key check verifies, so one damaged salt
-        does not read as a wrong passphrase. WrongKeyError if none verifies."""
-        return sbmod.passphrase_key(sbmod.read_copies(meta), passphrase)
 
     @staticmethod
     def min_meta_size(data_size: int, nr_blocks: int | None = None,
@@ -276,7 +313,7 @@ class SwornDisk:
         if self._closed:
             return
         try:
-            if self._failed is None:
+            if self._failed is None and not self.read_only:
                 self._guarded(self._protocol.commit)
                 if self._protocol.journal.used() > 1:
                     self._guarded(self._protocol.checkpoint)

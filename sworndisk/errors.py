@@ -4,6 +4,8 @@ Everything the engine raises on purpose derives from SwornDiskError; those that
 correspond to an errno (EIO, ENOSPC, EBUSY) are also OSErrors so that a front end can
 turn them into a request result or an exit status without a lookup table.
 """
+from __future__ import annotations
+
 import errno
 
 
@@ -23,7 +25,28 @@ class IntegrityError(SwornDiskError, OSError):
 
 
 class WrongKeyError(SwornDiskError):
-    """The root key does not belong to this disk."""
+    """The key or passphrase opens none of the disk's key slots."""
+
+
+class KeyKindError(WrongKeyError):
+    """The disk has no key slot of the kind given: a key file for a disk with passphrase
+    slots only, or the reverse. The message says which kind it wants."""
+
+
+class RollbackError(SwornDiskError):
+    """The disk's committed state is older than its anchor says it was: the data and meta
+    devices were rolled back to an earlier consistent state (or replaced by an old copy).
+    `disk_seq` and `anchor_seq` are the two commit sequence numbers."""
+
+    def __init__(self, message: str, disk_seq: int | None = None, anchor_seq: int | None = None):
+        super().__init__(message)
+        self.disk_seq, self.anchor_seq = disk_seq, anchor_seq
+
+
+class AnchorError(RollbackError):
+    """The anchor cannot vouch for the disk: the file is missing, is not an anchor, belongs
+    to another disk or fails authentication. Rollback detection never passes silently, so
+    this refuses the open like a rollback does (accept_rollback=True replaces the anchor)."""
 
 
 class NoSpaceError(SwornDiskError, OSError):
@@ -69,6 +92,17 @@ class NotFormattedError(SwornDiskError):
 
 class DiskClosedError(SwornDiskError):
     """The disk was closed, or failed and was shut down."""
+
+
+class ReadOnlyError(SwornDiskError, OSError):
+    """A write reached a disk opened read-only (`open(..., read_only=True)`, for `check`)."""
+
+    def __init__(self, message: str):
+        SwornDiskError.__init__(self, message)
+        OSError.__init__(self, errno.EROFS, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 class InvalidArgument(ValueError):

@@ -12,9 +12,8 @@ import struct
 import numpy as np
 
 # ---- versions and features (superblock) ------------------------------------------------
-FORMAT_VERSION = 2
-INCOMPAT_PASSPHRASE = 1 << 0     # the root key is scrypt(passphrase, superblock salt)
-KNOWN_INCOMPAT = INCOMPAT_PASSPHRASE
+FORMAT_VERSION = 3               # 3: a random master key wrapped in key slots
+KNOWN_INCOMPAT = 0               # none yet; an unknown required feature is refused
 KNOWN_COMPAT = 0                 # none yet; unknown compatible features are ignored
 
 # ---- sizes -------------------------------------------------------------------------------
@@ -49,9 +48,10 @@ class Fields:
 
 
 # ---- key derivation labels (crypto.derive) ------------------------------------------------
-LABEL_KEY_CHECK = b"sworndisk key check"    # HMAC-SHA256(root, label || uuid)
-LABEL_SUPERBLOCK = "superblock"             # derive(root, label)
-LABEL_DISK = "disk"                         # derive(root, label, uuid as two u64)
+LABEL_KEY_FILE_KEK = b"sworndisk key slot"  # HMAC-SHA256(key file key, label || slot salt)
+LABEL_SUPERBLOCK = "superblock"             # derive(master, label)
+LABEL_DISK = "disk"                         # derive(master, label, uuid as two u64)
+LABEL_ANCHOR = "anchor"                     # derive(disk key, label): the anchor file's MAC key
 LABEL_CHECKPOINT = "checkpoint"             # derive(disk key, label, pack seq)
 LABEL_JOURNAL = "journal"                   # journal KDK = derive(disk key, label)
 LABEL_JOURNAL_BLOCK = "block"               # derive(journal KDK, label, seq)[0:16]
@@ -70,10 +70,32 @@ def record_dtype(key_bytes: int) -> np.dtype:
 
 
 # ---- superblock (superblock.py) -------------------------------------------------------------
+# One 4 KiB block: header | key slots | encrypted body | tag | ... | checksum (last 32 bytes).
 SUPERBLOCK_MAGIC = b"SWORNDSK"
-SUPERBLOCK_HEADER = Fields(           # plaintext; the AAD of the encrypted body after it
+SUPERBLOCK_HEADER = Fields(           # plaintext; with the slots, the AAD of the body
     ("magic", "8s"), ("version", "I"), ("incompat", "I"), ("compat", "I"), ("uuid", "16s"),
-    ("kdf_salt", "32s"), ("key_check", "32s"), ("nonce", "12s"), ("body_length", "I"))
+    ("generation", "Q"), ("created", "Q"), ("nr_blocks", "Q"), ("data_blocks", "Q"),
+    ("meta_blocks", "Q"), ("cipher_key_bytes", "B"), ("key_slots", "B"), ("reserved", "H"),
+    ("nonce", "12s"), ("body_length", "I"))
+MASTER_KEY_BYTES = 32                 # random at format; every disk key derives from it
+KEY_SLOTS = 8
+KEY_SLOT = Fields(                    # the master key wrapped under a key-encryption key
+    ("kind", "B"), ("kdf", "B"), ("reserved", "H"), ("memory_kib", "I"), ("iterations", "I"),
+    ("lanes", "I"), ("salt", "32s"), ("nonce", "12s"), ("wrapped_key", "32s"), ("tag", "16s"),
+    ("reserved2", "20s"))
+SLOT_EMPTY, SLOT_KEY_FILE, SLOT_PASSPHRASE = 0, 1, 2
+KDF_NONE, KDF_HMAC_SHA256, KDF_ARGON2ID = 0, 1, 2
+SLOT_AAD_BYTES = 48                   # kind .. salt: bound to the wrapped key with uuid, index
+SUPERBLOCK_SLOTS_AT = SUPERBLOCK_HEADER.size
+SUPERBLOCK_BODY_AT = SUPERBLOCK_SLOTS_AT + KEY_SLOTS * KEY_SLOT.size
+SUPERBLOCK_CHECKSUM_AT = BLOCK_SIZE - 32     # SHA-256 of every byte before it
+HEADER_BACKUP_BYTES = SUPERBLOCK_COPIES * BLOCK_SIZE     # header-backup: both copies
+
+# ---- rollback anchor (anchor.py): a file on storage the user trusts -------------------------
+ANCHOR_MAGIC = b"SDANCHOR"
+ANCHOR_VERSION = 1
+ANCHOR = Fields(("magic", "8s"), ("version", "I"), ("reserved", "I"), ("uuid", "16s"),
+                ("commit_seq", "Q"), ("mac", "32s"))   # mac: HMAC-SHA256 of the bytes before it
 
 # ---- BIT nodes (bit.py) ---------------------------------------------------------------------
 NODE_MAGIC = b"BITN"

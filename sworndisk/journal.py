@@ -97,7 +97,8 @@ class Journal:
         raw = self.meta.pread(count * BLOCK_SIZE, (self.start + pos) * BLOCK_SIZE)
         return [raw[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] for i in range(count)]
 
-    def _open_block(self, blk: bytes, seq: int, prev_mac: bytes) -> tuple[int, bytes, bytes] | None:
+    def _open_block(self, blk: bytes, seq: int,
+                    prev_mac: bytes | None) -> tuple[int, bytes, bytes] | None:
         magic, bseq, nonce = _HDR.unpack_from(blk)
         if magic != BLOCK_MAGIC or bseq != seq:
             return None
@@ -108,9 +109,18 @@ class Journal:
         except IntegrityError:
             return None
         prev, flags, n = _BODY_HDR.unpack_from(body)
-        if prev != prev_mac or n > PAYLOAD_BYTES:
+        if (prev_mac is not None and prev != prev_mac) or n > PAYLOAD_BYTES:
             return None
         return flags, body[_BODY_HDR.size:_BODY_HDR.size + n], tag
+
+    def block(self, seq: int) -> bytes:
+        """The raw block at `seq`'s position, whatever it holds now (for check)."""
+        return self._read(seq, 1)[0]
+
+    def verifies(self, blk: bytes, seq: int) -> bool:
+        """True if `blk` is block `seq`, intact by its own tag; the chain is not followed
+        (for check, which looks at blocks recovery does not read)."""
+        return self._open_block(blk, seq, None) is not None
 
     def scan(self, seq: int, prev_mac: bytes) -> Iterator[Txn]:
         """Whole transactions from `seq` on, following the chain until it breaks."""

@@ -16,6 +16,7 @@ writes of a checkpoint.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from .batch import PendingBatch
 from .checkpoint import Pack, read_pack
@@ -48,6 +49,9 @@ class CommitProtocol:
         self.commit_seq = 0
         self.pack_seq = 0
         self._pack_slot = 0        # the slot holding the trusted pack; the next goes to the other
+        # Run with the new commit seq once a commit is durable and applied, before commit()
+        # returns (the rollback anchor); an exception fails the commit's caller.
+        self.on_commit: Callable[[int], None] | None = None
 
     # ---- format ----
     def format(self, superblock: bytes) -> None:
@@ -73,6 +77,8 @@ class CommitProtocol:
         self.state.space.set_busy(busy, False)
         self.state.space.clock = seq
         self.lifetime.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(seq)
         if self._checkpoint_due():
             self.checkpoint()
 

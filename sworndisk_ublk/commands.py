@@ -82,9 +82,11 @@ def read_table_text(words: List[str], stdin: Any) -> str:
 
 def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverable: bool,
         queues: int, depth: int, stdin_free: bool,
-        on_ready: Callable[[Ready], None], yes: bool = False) -> None:
+        on_ready: Callable[[Ready], None], yes: bool = False, anchor: Optional[str] = None,
+        accept_rollback: bool = False, kdf: Any = None) -> None:
     """Parse and check everything, confirm the overwrite of an existing SwornDisk (unless
-    `yes`), ask for the key, then start the server."""
+    `yes`), ask for the key, then start the server. `anchor` is the rollback anchor file,
+    `kdf` the Argon2id cost of a new passphrase slot (None: calibrated)."""
     table = resolve_devices(parse_table(table_text))
     if table.rounding_note:
         print(f"sworndisk-ublk: note: {table.rounding_note}", file=sys.stderr)
@@ -96,13 +98,16 @@ def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverab
         check_meta_size(table)
         confirm_overwrite(table, assume_yes=yes)
     source = get_key_source(key_file, table.meta_dev, new=formatting, stdin_free=stdin_free)
-    opts = ServerOptions(table=table, recoverable=recoverable, queues=queues, depth=depth)
+    opts = ServerOptions(table=table, recoverable=recoverable, queues=queues, depth=depth,
+                         anchor=os.path.abspath(anchor) if anchor else None,
+                         accept_rollback=accept_rollback, kdf=kdf)
     _launch(opts, source, foreground, on_ready)
 
 
 def recover(dev_id: int, *, key_file: Optional[str], foreground: bool,
-            on_ready: Callable[[Ready], None]) -> None:
-    """Start a new server for a --recoverable device whose server died."""
+            on_ready: Callable[[Ready], None], accept_rollback: bool = False) -> None:
+    """Start a new server for a --recoverable device whose server died (with the anchor
+    it was added with)."""
     require_ublk()
     require_root()
     st = _load_state(dev_id)
@@ -119,7 +124,8 @@ def recover(dev_id: int, *, key_file: Optional[str], foreground: bool,
     table = resolve_devices(parse_table(st.table)).with_format("false")
     source = get_key_source(key_file, table.meta_dev, new=False, stdin_free=True)
     opts = ServerOptions(table=table, recoverable=True, queues=st.queues, depth=st.depth,
-                         recover_dev_id=dev_id)
+                         recover_dev_id=dev_id, anchor=st.anchor,
+                         accept_rollback=accept_rollback)
 
     def report(ready: Ready) -> None:
         on_ready(ready)

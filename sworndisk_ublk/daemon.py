@@ -41,7 +41,7 @@ from . import restore, state
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource
 from .table import Table
-from .volume import capacity, open_disk
+from .volume import OpenOptions, capacity, open_disk
 
 log = logging.getLogger("sworndisk_ublk.daemon")
 
@@ -62,6 +62,9 @@ class ServerOptions:
     queues: int = 1
     depth: int = 64
     recover_dev_id: Optional[int] = None      # set: resume a dead server's device
+    anchor: Optional[str] = None              # the rollback anchor file (absolute)
+    accept_rollback: bool = False             # open a disk older than its anchor
+    kdf: Any = None                           # Argon2id cost of a new passphrase slot
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,8 @@ class Server:
         from .target import SwornDiskTarget
         table, opts = self.opts.table, self.opts
         recovering = opts.recover_dev_id is not None
-        disk = open_disk(table, self.source, format=False if recovering else None)
+        disk = open_disk(table, self.source, format=False if recovering else None,
+                         opts=OpenOptions(opts.anchor, opts.accept_rollback, opts.kdf))
         self.source = KeySource(self.source.description)     # drop the secret reference
         self.target = SwornDiskTarget(disk, size=table.size)
         outcome = restore.RestoreOutcome(0)
@@ -134,7 +138,7 @@ class Server:
             table=table.line(), data=table.data_dev, meta=table.meta_dev, size=table.size,
             recoverable=opts.recoverable, queues=self._granted("nr_queues", opts.queues),
             depth=self._granted("queue_depth", opts.depth),
-            log=self.log_file))
+            log=self.log_file, key_slot=disk.key_slot, anchor=opts.anchor))
         log.info("serving /dev/ublkb%d: %s (%s)", self.dev_id, table.line(), cap.describe())
         lost = outcome.message(f"/dev/ublkb{self.dev_id}") if outcome.loss else None
         return Ready(self.dev_id, os.getpid(), cap.size, cap.usable, self.log_file,

@@ -20,6 +20,8 @@ class ExitCode(enum.IntEnum):
     NOT_FOUND = 4       # a file, device, driver or state entry does not exist
     BUSY = 5            # a device is in use
     PERMISSION = 6      # not root
+    ROLLBACK = 7        # the disk is older than its anchor, or the anchor cannot vouch
+    CHECK_FAILED = 8    # check could not run (fsck's 8; check's 4 is "problems found")
 
 
 class CliError(Exception):
@@ -52,9 +54,17 @@ def to_cli_error(exc: BaseException, meta: str = "the meta device") -> CliError:
     import sworndisk.errors as se
     if isinstance(exc, se.DeviceBusyError):       # names the device and its holder
         return CliError(str(exc), ExitCode.BUSY)
+    if isinstance(exc, se.KeyKindError):
+        return CliError(f"{meta}: {exc}", ExitCode.KEY)
     if isinstance(exc, se.WrongKeyError):
-        return CliError(f"wrong key for the SwornDisk on {meta} (or its superblock was "
-                        f"tampered with)", ExitCode.KEY)
+        return CliError(f"wrong key for the SwornDisk on {meta}: {exc}", ExitCode.KEY)
+    if isinstance(exc, se.AnchorError):
+        return CliError(f"{exc}; the SwornDisk on {meta} was not opened (--accept-rollback "
+                        f"opens it as it is and writes a new anchor)", ExitCode.ROLLBACK)
+    if isinstance(exc, se.RollbackError):
+        return CliError(f"the SwornDisk on {meta} was rolled back: its last commit is "
+                        f"{exc.disk_seq}, its anchor says {exc.anchor_seq}; it was not opened "
+                        f"(--accept-rollback opens it as it is)", ExitCode.ROLLBACK)
     if isinstance(exc, se.NotFormattedError):
         return CliError(f"{meta} holds no SwornDisk; use <format> true or force in the "
                         f"table to create one", ExitCode.NOT_FOUND)

@@ -1,4 +1,4 @@
-"""Where the root key comes from: a key file, or a passphrase stretched by a memory-hard KDF.
+"""Where a key comes from: a key file, or a passphrase (which the engine stretches with Argon2id).
 
 Keys never travel on a command line (every user sees argv through ps) and are never
 written to the state directory or the server log.  A key file holds either the raw key
@@ -7,10 +7,10 @@ both ``head -c 32 /dev/urandom > key`` and ``openssl rand -hex 32 > key`` work. 
 file of exactly 32 or 64 hex digits is read as hex: a random raw key is all hex digits
 with negligible probability (about 2^-113 for 32 bytes).
 
-A passphrase is read without echo from the controlling terminal (getpass); with no
-terminal, one line is read from stdin when stdin is not the table's source, as
-cryptsetup does for scripts.  The key is derived with scrypt (`sworndisk.kdf`); the salt
-lives in the SwornDisk superblock, so the same passphrase opens the disk again.
+A passphrase is read as one line from stdin when stdin is not a terminal (and not the
+table's source), as cryptsetup does for scripts; otherwise without echo from the
+controlling terminal (getpass), twice for a new one. The engine turns it into a key slot's
+key with Argon2id, with the parameters stored in the slot (`sworndisk.kdf`).
 """
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ class KeySource:
     @property
     def is_passphrase(self) -> bool:
         return self.passphrase is not None
+
+    def engine_args(self, prefix: str = "") -> dict:
+        """`key=` or `passphrase=` (with `prefix`, e.g. new_key=) for the engine's API."""
+        if self.is_passphrase:
+            return {f"{prefix}passphrase": self.passphrase}
+        return {f"{prefix}key": self.key}
 
 
 def parse_key_bytes(content: bytes, path: str) -> bytes:
@@ -93,27 +99,40 @@ def _read_terminal(prompt: str, confirm: bool) -> bytes:
 
 def _read_stdin() -> bytes:
     line = sys.stdin.buffer.readline(_MAX_PASSPHRASE + 1)
+    if not line:
+        raise CliError("no key: standard input is empty; use --key-file PATH, or give the "
+                       "passphrase as one line on standard input", ExitCode.USAGE)
     if len(line) > _MAX_PASSPHRASE:
         raise CliError(f"passphrase on stdin longer than {_MAX_PASSPHRASE} bytes",
                        ExitCode.USAGE)
     return line.rstrip(b"\r\n")
 
 
+NO_KEY_MESSAGE = "no key: use --key-file PATH (there is no terminal to ask for a passphrase)"
+
+
+def _stdin_is_a_pipe() -> bool:
+    try:
+        return not sys.stdin.isatty()
+    except (AttributeError, ValueError):      # closed or replaced stdin
+        return False
+
+
 def ask_passphrase(target: str, *, new: bool, stdin_free: bool) -> KeySource:
     """Ask for a passphrase for the disk on `target` (a meta device path).
 
-    `new` asks twice (a typo would lock the data away); `stdin_free` says whether stdin
-    may be read (it may not when the table itself came from stdin).
+    One line from stdin when it is a pipe or a file (and `stdin_free`: it is not the
+    table's source), as cryptsetup reads it in scripts; else the terminal, where `new`
+    asks twice (a typo would lock the data away).
     """
     prompt = (f"Enter a new passphrase for the SwornDisk on {target}: " if new
               else f"Enter passphrase for {target}: ")
-    if _terminal_available():
-        passphrase = _read_terminal(prompt, confirm=new)
-    elif stdin_free and not sys.stdin.isatty():
+    if stdin_free and _stdin_is_a_pipe():
         passphrase = _read_stdin()
+    elif _terminal_available():
+        passphrase = _read_terminal(prompt, confirm=new)
     else:
-        raise CliError("no key: use --key-file PATH (there is no terminal to ask for a "
-                       "passphrase)", ExitCode.USAGE)
+        raise CliError(NO_KEY_MESSAGE, ExitCode.USAGE)
     if not passphrase:
         raise CliError("empty passphrase", ExitCode.USAGE)
     return KeySource("passphrase", passphrase=passphrase)
@@ -125,12 +144,3 @@ def get_key_source(key_file: Optional[str], meta: str, *, new: bool,
     if key_file is not None:
         return load_key_file(key_file)
     return ask_passphrase(meta, new=new, stdin_free=stdin_free)
-
-
-def derive_key(source: KeySource, salt: bytes) -> bytes:
-    """The root key: the key file's bytes, or scrypt(passphrase, salt)."""
-    if source.key is not None:
-        return source.key
-    from sworndisk import kdf  # imported late: scrypt parameters live with the engine
-    assert source.passphrase is not None
-    return kdf.derive_key(source.passphrase, salt)

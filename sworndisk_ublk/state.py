@@ -89,6 +89,8 @@ class DeviceState:
     depth: int
     log: str
     started: float = field(default_factory=time.time)
+    key_slot: Optional[int] = None        # the key slot that opened the disk
+    anchor: Optional[str] = None          # the rollback anchor file, if any
 
     @property
     def dev_path(self) -> str:

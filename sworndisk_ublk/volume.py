@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from . import terminal
 from .errors import CliError, ExitCode, to_cli_error
-from .keys import KeySource, derive_key
+from .keys import KeySource
 from .table import BLOCK_SIZE, Table, device_size, format_bytes
 
 
@@ -96,35 +96,24 @@ def check_meta_size(table: Table) -> None:
             f"({format_bytes(need)})", ExitCode.USAGE)
 
 
-def _read_salt(table: Table, source: KeySource) -> Optional[bytes]:
-    """The KDF salt from the superblock, when the key is a passphrase."""
-    if not source.is_passphrase:
-        return None
-    engine = _engine()
-    if not hasattr(engine, "read_kdf_salt"):
-        raise CliError("this engine cannot open a disk with a passphrase "
-                       "(SwornDisk.read_kdf_salt is missing): use --key-file", ExitCode.FAILED)
-    salt = engine.read_kdf_salt(table.meta_dev)
-    if salt is None:
-        raise CliError(f"the SwornDisk on {table.meta_dev} was formatted with a key file, "
-                       f"not a passphrase: use --key-file", ExitCode.KEY)
-    return salt
+@dataclass(frozen=True)
+class OpenOptions:
+    """How `add` and `recover` open the engine, besides the key."""
+
+    anchor: Optional[str] = None      # the rollback anchor file
+    accept_rollback: bool = False     # open a disk older than its anchor, and move the anchor
+    kdf: Any = None                   # sworndisk.kdf.KdfParams for a new passphrase slot
 
 
-def _format(table: Table, source: KeySource) -> Any:
+def _format(table: Table, source: KeySource, opts: OpenOptions) -> Any:
     check_meta_size(table)
-    kwargs: dict = {"nr_blocks": table.nr_blocks}
-    salt = None
-    if source.is_passphrase:
-        from sworndisk import kdf
-        salt = kdf.new_salt()
-        kwargs["kdf_salt"] = salt
-    return _engine().create(table.data_dev, table.meta_dev, derive_key(source, salt), **kwargs)
+    return _engine().create(table.data_dev, table.meta_dev, nr_blocks=table.nr_blocks,
+                            kdf=opts.kdf, anchor=opts.anchor, **source.engine_args())
 
 
-def _open(table: Table, source: KeySource) -> Any:
-    disk = _engine().open(table.data_dev, table.meta_dev,
-                          derive_key(source, _read_salt(table, source)))
+def _open(table: Table, source: KeySource, opts: OpenOptions) -> Any:
+    disk = _engine().open(table.data_dev, table.meta_dev, anchor=opts.anchor,
+                          accept_rollback=opts.accept_rollback, **source.engine_args())
     if disk.nr_blocks != table.nr_blocks:
         formatted = disk.nr_blocks * (BLOCK_SIZE // 512)
         disk.close()
@@ -134,7 +123,8 @@ def _open(table: Table, source: KeySource) -> Any:
     return disk
 
 
-def open_disk(table: Table, source: KeySource, *, format: Optional[bool] = None) -> Any:
+def open_disk(table: Table, source: KeySource, *, format: Optional[bool] = None,
+              opts: OpenOptions = OpenOptions()) -> Any:
     """Format or open the engine for `table`; every failure is a one-line CliError.
 
     `format` overrides the table's rule (recover passes False: a crashed disk is reopened,
@@ -142,6 +132,6 @@ def open_disk(table: Table, source: KeySource, *, format: Optional[bool] = None)
     """
     formatting = will_format(table) if format is None else format
     try:
-        return _format(table, source) if formatting else _open(table, source)
+        return _format(table, source, opts) if formatting else _open(table, source, opts)
     except Exception as e:             # noqa: BLE001
         raise to_cli_error(e, table.meta_dev) from None

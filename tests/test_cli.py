@@ -216,12 +216,9 @@ def test_terminal_prompt_confirms_new_passphrases(monkeypatch):
         keys.ask_passphrase("meta.img", new=False, stdin_free=False)
 
 
-def test_derive_key_uses_the_kdf_for_passphrases():
-    salt = bytes(32)
-    src = keys.KeySource("passphrase", passphrase=b"pw")
-    k1 = keys.derive_key(src, salt)
-    assert len(k1) == 32 and k1 == keys.derive_key(src, salt) != keys.derive_key(src, bytes(31) + b"\1")
-    assert keys.derive_key(keys.KeySource("file", key=b"k" * 16), salt) == b"k" * 16
+def test_key_sources_become_the_engines_arguments():
+    assert keys.KeySource("passphrase", passphrase=b"pw").engine_args() == {"passphrase": b"pw"}
+    assert keys.KeySource("file", key=b"k" * 16).engine_args("new_") == {"new_key": b"k" * 16}
 
 
 # --- state --------------------------------------------------------------------------------
@@ -396,19 +393,22 @@ def test_format_rules_and_wrong_key(tmp_path):
     assert f"<sectors> {sectors}" in e.value.message
 
 
-def test_passphrase_disks_keep_their_salt(tmp_path):
+def test_passphrase_disks_open_with_their_passphrase(tmp_path):
+    from sworndisk.kdf import KdfParams
+    from sworndisk.keyslots import read_header
     from sworndisk_ublk import volume
-    SwornDisk = engine_or_skip()
-    if not hasattr(SwornDisk, "read_kdf_salt"):
-        pytest.skip("engine has no SwornDisk.read_kdf_salt yet")
     data, meta = sized_images(tmp_path)
     t = tbl.parse_table(f"0 {32 * MiB // 512} sworndisk {data} {meta} 0 force")
-    volume.open_disk(t, keys.KeySource("passphrase", passphrase=b"pw")).close()
-    assert SwornDisk.read_kdf_salt(meta)
+    opts = volume.OpenOptions(kdf=KdfParams(64, 1))
+    volume.open_disk(t, keys.KeySource("passphrase", passphrase=b"pw"), opts=opts).close()
+    assert [(s.kind, s.memory_kib) for s in read_header(meta).slots] == [("passphrase", 64)]
     volume.open_disk(t.with_format("false"), keys.KeySource("passphrase", passphrase=b"pw")).close()
     with pytest.raises(CliError) as e:
         volume.open_disk(t.with_format("false"), keys.KeySource("passphrase", passphrase=b"no"))
     assert e.value.code == ExitCode.KEY
+    with pytest.raises(CliError) as e:          # a key file on a passphrase-only disk
+        volume.open_disk(t.with_format("false"), keys.KeySource("file", key=b"k" * 16))
+    assert e.value.code == ExitCode.KEY and "only passphrase key slots" in e.value.message
 
 
 # --- target -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def _record(fmt: RecordFormat, lba: int, hba: int) -> np.ndarray:
 # ---- golden bytes ----------------------------------------------------------------------
 
 def test_version():
-    assert F.FORMAT_VERSION == 2
+    assert F.FORMAT_VERSION == 3
     assert (F.BLOCK_SIZE, F.SEGMENT_BLOCKS, F.INDEX_CHUNK_BLOCKS) == (4096, 1024, 64)
 
 
@@ -49,25 +49,56 @@ def test_index_record_golden():
 
 
 def test_superblock_header_golden():
-    hdr = F.SUPERBLOCK_HEADER.pack(F.SUPERBLOCK_MAGIC, 2, F.INCOMPAT_PASSPHRASE, 0,
-                                   bytes(range(16)), b"\x11" * 32, b"\x22" * 32, b"\x33" * 12, 200)
+    hdr = F.SUPERBLOCK_HEADER.pack(F.SUPERBLOCK_MAGIC, 3, 0, 0, bytes(range(16)), 2, 1700000000,
+                                   16384, 16384, 3000, 16, 8, 0, b"\x33" * 12, 200)
     assert hdr.hex() == (
-        "53574f524e44534b" "02000000" "01000000" "00000000"
-        "000102030405060708090a0b0c0d0e0f" + "11" * 32 + "22" * 32 + "33" * 12 + "c8000000")
-    assert F.SUPERBLOCK_HEADER.size == 116
+        "53574f524e44534b" "03000000" "00000000" "00000000"
+        "000102030405060708090a0b0c0d0e0f" "0200000000000000" "00f1536500000000"
+        "0040000000000000" "0040000000000000" "b80b000000000000" "10" "08" "0000"
+        + "33" * 12 + "c8000000")
+    assert F.SUPERBLOCK_HEADER.size == 96
+
+
+def test_key_slot_golden():
+    slot = F.KEY_SLOT.pack(F.SLOT_PASSPHRASE, F.KDF_ARGON2ID, 0, 65536, 4, 2, b"\x11" * 32,
+                           b"\x22" * 12, b"\x44" * 32, b"\x55" * 16, bytes(20))
+    assert slot.hex() == (
+        "02" "02" "0000" "00000100" "04000000" "02000000" + "11" * 32 + "22" * 12
+        + "44" * 32 + "55" * 16 + "00" * 20)
+    assert (F.KEY_SLOT.size, F.KEY_SLOTS, F.SLOT_AAD_BYTES) == (128, 8, 48)
+    assert (F.SUPERBLOCK_SLOTS_AT, F.SUPERBLOCK_BODY_AT, F.SUPERBLOCK_CHECKSUM_AT) == \
+        (96, 1120, 4064)
+    assert (F.SLOT_EMPTY, F.SLOT_KEY_FILE, F.SLOT_PASSPHRASE) == (0, 1, 2)
+    assert (F.KDF_NONE, F.KDF_HMAC_SHA256, F.KDF_ARGON2ID) == (0, 1, 2)
+
+
+def test_anchor_golden():
+    raw = F.ANCHOR.pack(F.ANCHOR_MAGIC, F.ANCHOR_VERSION, 0, bytes(range(16)), 7, b"\x66" * 32)
+    assert raw.hex() == ("5344414e43484f52" "01000000" "00000000"
+                         "000102030405060708090a0b0c0d0e0f" "0700000000000000" + "66" * 32)
+    assert F.ANCHOR.size == 72
 
 
 def test_superblock_as_written():
-    """What format writes: both copies carry the header above, version 2, no features
-    for a raw key, and the body is not plaintext."""
+    """What format writes: both copies carry the header above, version 3, no features,
+    slot 0 a key-file slot and the rest empty, a checksum that matches, and the body is
+    not plaintext."""
+    import hashlib
     data, meta = MemoryDevice(64 * MiB), MemoryDevice(SwornDisk.min_meta_size(64 * MiB))
-    SwornDisk.create(data, meta, KEY16).close()
+    disk = SwornDisk.create(data, meta, KEY16)
+    lay = disk.layout
+    disk.close()
     for copy in (0, 1):
         blk = bytes(meta.buf[copy * 4096:(copy + 1) * 4096])
         h = header(blk)
-        assert (h["magic"], h["version"], h["incompat"], h["compat"]) == \
-            (b"SWORNDSK", 2, 0, 0)
-        assert h["kdf_salt"] == bytes(32)
+        assert (h["magic"], h["version"], h["incompat"], h["compat"], h["generation"]) == \
+            (b"SWORNDSK", 3, 0, 0, 1)
+        assert (h["nr_blocks"], h["data_blocks"], h["meta_blocks"], h["cipher_key_bytes"],
+                h["key_slots"]) == (lay.nr_blocks, lay.data_blocks, lay.meta_blocks, 16, 8)
+        slots = [F.KEY_SLOT.unpack_from(blk, F.SUPERBLOCK_SLOTS_AT + i * 128) for i in range(8)]
+        assert slots[0][:2] == (F.SLOT_KEY_FILE, F.KDF_HMAC_SHA256)
+        assert all(s == F.KEY_SLOT.unpack_from(bytes(128)) for s in slots[1:])
+        assert hashlib.sha256(blk[:4064]).digest() == blk[4064:]
         assert b"layout" not in blk and b"nr_blocks" not in blk
 
 
@@ -122,18 +153,24 @@ def _formatted():
 
 
 def _set_header(meta: MemoryDevice, copies, **fields) -> None:
+    """Sets header fields and recomputes the checksum, as a newer sworndisk would write."""
+    import hashlib
     offsets = {name: (off, size) for name, off, size in F.SUPERBLOCK_HEADER.offsets()}
     for copy in copies:
+        base = copy * 4096
         for name, value in fields.items():
             off, size = offsets[name]
-            meta.buf[copy * 4096 + off:copy * 4096 + off + size] = value.to_bytes(size, "little")
+            meta.buf[base + off:base + off + size] = value.to_bytes(size, "little")
+        meta.buf[base + 4064:base + 4096] = hashlib.sha256(meta.buf[base:base + 4064]).digest()
 
 
-@pytest.mark.parametrize("field,value", [("version", 3), ("incompat", 1 << 7)])
-def test_unknown_version_or_required_feature_is_refused(field, value):
+@pytest.mark.parametrize("field,value,says", [("version", 4, "upgrade sworndisk"),
+                                              ("incompat", 1 << 7, "upgrade sworndisk"),
+                                              ("version", 2, "older sworndisk")])
+def test_unknown_version_or_required_feature_is_refused(field, value, says):
     data, meta = _formatted()
     _set_header(meta, (0, 1), **{field: value})
-    with pytest.raises(UnsupportedFormatError, match="upgrade sworndisk"):
+    with pytest.raises(UnsupportedFormatError, match=says):
         SwornDisk.open(data, meta, KEY16)
 
 
@@ -182,6 +219,8 @@ CASES = [
     ("The index record (`sworndisk/records.py`)", 0,
      F.Fields(("lba", "Q"), ("hba", "Q"), ("key", "16s"), ("nonce", "12s"), ("mac", "16s"))),
     ("Superblock (`sworndisk/superblock.py`)", 0, F.SUPERBLOCK_HEADER),
+    ("Superblock (`sworndisk/superblock.py`)", 1, F.KEY_SLOT),
+    ("Rollback anchor (`sworndisk/anchor.py`)", 0, F.ANCHOR),
     ("BIT nodes (`sworndisk/bit.py`)", 0, F.NODE_HEADER),
     ("Journal (`sworndisk/journal.py`)", 0, F.JOURNAL_HEADER),
     ("Journal (`sworndisk/journal.py`)", 1, F.JOURNAL_BODY_HEADER),
@@ -210,5 +249,8 @@ def test_doc_tails_match_the_block_sizes():
     pack = tables["Checkpoint packs (`sworndisk/checkpoint.py`)"][0]
     assert (_value(pack[4][0], 0), _value(pack[4][1], 0)) == (F.PACK_HEADER.size, F.TAG_BYTES)
     sb = tables["Superblock (`sworndisk/superblock.py`)"][0]
-    assert sb[len(F.SUPERBLOCK_HEADER.fields)][0] == str(F.SUPERBLOCK_HEADER.size)
-    assert "version 2" in open(DOC, encoding="utf-8").readline()
+    tail = [(_value(o, 0), _value(n, 0)) for o, n in sb[len(F.SUPERBLOCK_HEADER.fields):]]
+    assert tail[0] == (F.SUPERBLOCK_SLOTS_AT, F.KEY_SLOTS * F.KEY_SLOT.size)
+    assert tail[1][0] == F.SUPERBLOCK_BODY_AT
+    assert tail[-1] == (F.SUPERBLOCK_CHECKSUM_AT, 32)
+    assert "version 3" in open(DOC, encoding="utf-8").readline()

@@ -103,12 +103,13 @@ def test_devices_passed_in_stay_locked_until_their_caller_closes_them(paths):
 
 
 def test_probe_of_a_live_disk_only_reads(paths):
-    """probe and read_kdf_salt answer for an owned disk (they write nothing, so they need
-    no ownership); anything that writes must own the disk first."""
+    """probe and the header dump answer for an owned disk (they write nothing, so they
+    need no ownership); anything that writes must own the disk first."""
+    from sworndisk.keyslots import read_header
     data, meta = paths["same path"]
     owner = own("create", data, meta)
     assert SwornDisk.probe(paths["symlink"][1])
-    assert SwornDisk.read_kdf_salt(paths["hard link"][1]) is None
+    assert [s.kind for s in read_header(paths["hard link"][1]).slots] == ["key file"]
     owner.release()
 
 
