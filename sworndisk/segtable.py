@@ -107,10 +107,6 @@ class SegmentTable:
             else:
                 return          # everything cached is dirty: the engine checkpoints soon
 
-    def lba_of(self, hba: int) -> int | None:
-        v = self.detail(hba // SEGMENT_BLOCKS)[hba % SEGMENT_BLOCKS]
-        return None if v == NONE else int(v)
-
     def validate(self, hba: int, lba: int) -> None:
         seg, off = divmod(hba, SEGMENT_BLOCKS)
         if seg >= self.nseg:
