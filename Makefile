@@ -4,7 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-e2e demo bench clean
+PREFIX ?= /usr/local
+
+.PHONY: setup test test-fast test-e2e demo bench install uninstall clean
 
 setup: $(STAMP)
 
@@ -30,6 +32,15 @@ demo: setup
 
 bench: setup
 	$(PY) -m tools.bench
+
+# sworndisk-ublk on PATH, root's too (sudo's secure_path has /usr/local/bin): a link to
+# the command in .venv, which keeps working as long as the checkout does.
+install: setup
+	install -d $(DESTDIR)$(PREFIX)/bin
+	ln -sfn $(abspath $(VENV))/bin/sworndisk-ublk $(DESTDIR)$(PREFIX)/bin/sworndisk-ublk
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/sworndisk-ublk
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

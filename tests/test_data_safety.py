@@ -266,28 +266,22 @@ def test_thin_disk_at_minimum_meta_survives_churn(seed, memtable):
 
 # ---- 5. one damaged block must not lose the disk --------------------------------------------
 
-def test_damaged_salt_in_one_superblock_copy():
-    """A passphrase disk with a byte of copy 0's salt flipped opens with its passphrase:
-    every distinct salt is tried, and the key whose key check verifies is kept."""
-    from sworndisk import kdf
-    from sworndisk.format import SUPERBLOCK_HEADER
-    salt = kdf.new_salt()
+def test_damaged_slot_salt_in_one_superblock_copy():
+    """A passphrase disk with a byte of copy 0's slot salt flipped opens with its
+    passphrase: the damaged copy fails its checksum and copy 1 is used."""
+    from sworndisk.format import KEY_SLOT, SUPERBLOCK_SLOTS_AT
+    from sworndisk.kdf import KdfParams
     data, meta = MemoryDevice(64 * MiB), MemoryDevice(SwornDisk.min_meta_size(64 * MiB))
-    key = kdf.derive_key(b"correct horse", salt)
-    disk = SwornDisk.create(data, meta, key, kdf_salt=salt)
+    disk = SwornDisk.create(data, meta, passphrase=b"correct horse", kdf=KdfParams(64, 1))
     disk.write(3, b"p" * BS)
     disk.close()
-    salt_offset = {n: o for n, o, _ in SUPERBLOCK_HEADER.offsets()}["kdf_salt"]
-    assert bytes(meta.buf[salt_offset:salt_offset + 32]) == salt
-    meta.buf[salt_offset + 5] ^= 0x40
-    assert SwornDisk.read_kdf_salts(meta)[1] == salt
-    key2 = SwornDisk.passphrase_key(meta, "correct horse")
-    assert key2 == key
-    disk = SwornDisk.open(data, meta, key2)
+    salt_at = SUPERBLOCK_SLOTS_AT + {n: o for n, o, _ in KEY_SLOT.offsets()}["salt"]
+    meta.buf[salt_at + 5] ^= 0x40
+    disk = SwornDisk.open(data, meta, passphrase="correct horse")
     assert disk.read(3, 1) == b"p" * BS
     disk.close()
     with pytest.raises(WrongKeyError):
-        SwornDisk.passphrase_key(meta, "wrong horse")
+        SwornDisk.open(data, meta, passphrase="wrong horse")
 
 
 class TornSlotWrite(WrapDevice):
