@@ -23,8 +23,9 @@ KEK_BYTES = 32
 DEFAULT_ITER_TIME_MS = 1000      # cryptsetup's --iter-time, for Argon2id
 MAX_MEMORY_KIB = 1 << 20         # 1 GiB, as cryptsetup
 MIN_ITERATIONS = 4               # cryptsetup's floor for a calibrated Argon2id
-MIN_CALIBRATED_KIB = 32 * 1024   # a calibrated slot never uses less, however slow the CPU
-_PROBE_KIB = 32 * 1024
+MIN_CALIBRATED_KIB = 1024        # below this, a slow machine gets fewer KiB, not more time
+_PROBE_MAX_KIB = 32 * 1024       # probes grow (x4) to this size or until one takes _PROBE_S
+_PROBE_S = 0.1
 LIMIT_MEMORY_KIB = 4 << 20       # 4 GiB
 LIMIT_ITERATIONS = 1000
 LIMIT_LANES = 64
@@ -97,10 +98,7 @@ def calibrate(iter_time_ms: int = DEFAULT_ITER_TIME_MS, memory_kib: int | None =
     if memory_kib is not None and iterations is not None:
         return KdfParams(memory_kib, iterations, lanes).validate()
     cap = memory_cap_kib()
-    probe = KdfParams(min(_PROBE_KIB, cap), 1, lanes)
-    t0 = time.perf_counter()
-    argon2id(b"calibration", bytes(SALT_BYTES), probe)
-    per_kib_pass = max(time.perf_counter() - t0, 1e-6) / probe.memory_kib
+    per_kib_pass = _per_kib_pass(lanes, min(_PROBE_MAX_KIB, cap))
     budget = iter_time_ms / 1000 / per_kib_pass          # KiB x passes in the target time
     if memory_kib is not None:
         return KdfParams(memory_kib, max(1, int(budget // memory_kib)), lanes).validate()
@@ -108,7 +106,31 @@ def calibrate(iter_time_ms: int = DEFAULT_ITER_TIME_MS, memory_kib: int | None =
         mem = int(min(cap, max(MIN_CALIBRATED_KIB, budget // iterations)))
         return KdfParams(mem, iterations, lanes).validate()
     mem = int(min(cap, max(MIN_CALIBRATED_KIB, budget // MIN_ITERATIONS)))
+    # Larger memory costs more per KiB (caches, TLB): time one pass at the chosen size
+    # (a quarter of the target at most) and settle the passes on that.
+    per_kib_pass = max(_timed(KdfParams(mem, 1, lanes)), 1e-6) / mem
+    budget = iter_time_ms / 1000 / per_kib_pass
+    if budget < mem * MIN_ITERATIONS:
+        mem = int(max(MIN_CALIBRATED_KIB, budget // MIN_ITERATIONS))
     return KdfParams(mem, max(MIN_ITERATIONS, int(budget // mem)), lanes).validate()
+
+
+def _per_kib_pass(lanes: int, largest: int) -> float:
+    """Seconds per KiB and pass: from a probe large enough to time (and to leave the CPU
+    caches), small enough not to take long on a slow machine (an emulator)."""
+    argon2id(b"warm-up", bytes(SALT_BYTES), KdfParams(8 * lanes, 1, lanes))   # not timed
+    kib = min(1024, largest)
+    while True:
+        took = min(_timed(KdfParams(kib, 1, lanes)) for _ in range(2))   # the less disturbed
+        if took >= _PROBE_S or kib >= largest:
+            return max(took, 1e-6) / kib
+        kib = min(largest, kib * 4)
+
+
+def _timed(params: KdfParams) -> float:
+    t0 = time.perf_counter()
+    argon2id(b"calibration", bytes(SALT_BYTES), params)
+    return time.perf_counter() - t0
 
 
 __all__ = ["KdfParams", "argon2id", "calibrate", "key_file_kek", "memory_cap_kib", "new_salt"]
