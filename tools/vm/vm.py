@@ -157,7 +157,7 @@ class Kernel:
         self.dir = CACHE / kver
         self.vmlinuz = self.dir / "root" / "boot" / f"vmlinuz-{kver}"
         self.moddir = self.dir / "root" / "lib" / "modules" / kver
-        self.initramfs = self.dir / "initramfs.cpio"
+        self.initramfs = None  # set by ensure_initramfs()
 
     def boot_modules(self):
         """BOOT_MODULES and their dependencies, each after what it depends on."""
@@ -187,10 +187,17 @@ class Kernel:
         return h.hexdigest()
 
     def ensure_initramfs(self):
+        """Build the initramfs for the current inputs unless it is cached.
+
+        Each version is its own file, named by its key: runs from checkouts with a different
+        tools/vm/init (a clean clone of an older commit, say) neither rebuild each other's
+        nor swap it under a run that is about to boot it. Versions unused for a day go.
+        """
         modules = self.boot_modules()
         key = self.initramfs_key(modules)
-        stamp = self.dir / "initramfs.key"
-        if self.initramfs.exists() and stamp.exists() and stamp.read_text() == key:
+        self.initramfs = self.dir / f"initramfs-{key[:16]}.cpio"
+        if self.initramfs.exists():
+            os.utime(self.initramfs)  # in use: keeps it from being pruned
             return
         note(f"building the initramfs for {self.kver}")
         cpio = Cpio()
@@ -204,7 +211,9 @@ class Kernel:
         tmp = self.initramfs.with_suffix(".tmp")
         tmp.write_bytes(cpio.finish())
         tmp.replace(self.initramfs)
-        stamp.write_text(key)
+        for old in [*self.dir.glob("initramfs-*.cpio"), *self.dir.glob("initramfs.*")]:
+            if old != self.initramfs and time.time() - old.stat().st_mtime > 86400:
+                old.unlink()
 
 
 def module_name(path):
