@@ -148,16 +148,19 @@ def _measured(outcome: Optional[dict]) -> Optional[dict]:
 
 
 def _aging(plt, rows: List[dict], settings: dict):
-    fig, (wa_ax, mb_ax) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    fig, (wa_ax, mb_ax) = plt.subplots(1, 2, figsize=(9.5, 4.4))
     utils = [row["plan"]["utilisation"] * 100 for row in rows]
     for k in COLOURS:
         points = [(u, _measured(row.get(k))) for u, row in zip(utils, rows) if k in row]
         points = [(u, m) for u, m in points if m]
         if not points:
             continue
-        xs = [u for u, _ in points]
-        wa_ax.plot(xs, [m["write_amplification"] for _, m in points], "o-", color=COLOURS[k],
-                   label=f"{DISPLAY_NAMES[k]} (measured)")
+        xs, was = [u for u, _ in points], [m["write_amplification"] for _, m in points]
+        wa_ax.plot(xs, was, "o-", color=COLOURS[k], label=f"{DISPLAY_NAMES[k]} (measured)")
+        if k == "sworndisk":
+            for x, wa in zip(xs, was):
+                wa_ax.annotate(f"{wa:.3f}", (x, wa), textcoords="offset points", xytext=(0, 6),
+                               ha="center", fontsize=7)
         mb_ax.plot(xs, [m["mb_per_s"] for _, m in points], "o-", color=COLOURS[k],
                    label=DISPLAY_NAMES[k])
     engine = [(u, row["sworndisk"].get("engine_write_amplification"))
@@ -168,14 +171,16 @@ def _aging(plt, rows: List[dict], settings: dict):
                    color=COLOURS["sworndisk"], alpha=0.6, label="SwornDisk (engine's count)")
     u, limit = AGING_WA_TARGET
     wa_ax.plot([u * 100], [limit], "v", color="red", label=f"target <={limit:g} at {u:.0%}")
-    wa_ax.set_ylim(bottom=0)
-    wa_ax.set_title("Write amplification", fontsize=10)
+    top = max([limit, *(line.get_ydata().max() for line in wa_ax.get_lines())])
+    wa_ax.set_ylim(0.95, top + (top - 0.95) * 0.15)   # WA >= 1: the excess over 1 matters
+    wa_ax.set_title("Write amplification (device bytes / user bytes)", fontsize=10)
     mb_ax.set_ylim(bottom=0)
-    mb_ax.set_title("Random 4 KiB overwrites, MB/s (steady state)", fontsize=10)
+    mb_ax.set_title("Random 4 KiB overwrites at depth 1, MB/s (steady)", fontsize=10)
     for ax in (wa_ax, mb_ax):
         ax.set_xlabel("utilisation, %")
         ax.set_xticks(utils)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                  frameon=False)
         ax.grid(alpha=0.3)
     a = settings.get("aging", {})
     size = f"data device {a['data_bytes'] >> 20} MiB, {a['passes']} passes; " if a else ""
