@@ -90,7 +90,7 @@ def check(data, meta, key=None, *, passphrase=None, data_blocks: bool = False,
     except IntegrityError as e:
         if "unlocked" in kept:
             _superblocks(report, kept["blocks"], kept["unlocked"])
-            report.problem("checkpoint and journal (recovery)", str(e))
+            report.problem("recovery (the newest checkpoint and the journal after it)", str(e))
         return report
     try:
         _Checker(disk, report, progress or (lambda stage, done, total: None)).run(
