@@ -4,6 +4,10 @@ The engine performs all of its device I/O through the public methods of BlockDev
 (pread, pwrite, flush, discard, size), so a subclass that overrides just those sees
 every byte: that is how the crash and tamper tests interpose.
 
+Host plumbing (opening a file or block device with O_DIRECT, its size, discard) is the
+shim's block-I/O layer, `ublk_shim.blockio`, shared with its loop target; batches go
+through the shim's io_uring (`ublk_shim.uring`).
+
 A disk has one owner at a time: two writers on the same images destroy it. `open_pair`
 locks both devices (`BlockDevice.lock`) before the engine reads or writes them, and the
 lock lives as long as the device stays open: a regular file gets an OFD write lock, which
@@ -21,15 +25,14 @@ import stat
 import struct
 import threading
 
+from ublk_shim import blockio
+from ublk_shim.sys import IORING_OP_READ, IORING_OP_WRITE
+from ublk_shim.uring import Ring, buffer_address
+
 from .errors import InvalidArgument
 from .holders import busy_error
 
-_BLKGETSIZE64 = 0x80081272
-_BLKDISCARD = 0x1277
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_ALIGN = 4096
-_IORING_OP_READ, _IORING_OP_WRITE = 22, 23
+_ALIGN = blockio.DIRECT_ALIGN
 _RING_BATCH = 256
 _LOCK_BUSY = (errno.EAGAIN, errno.EACCES)
 
@@ -181,72 +184,40 @@ class _AlignedBuffers(threading.local):
 
 
 class FileDevice(BlockDevice):
-    """A regular file or a block device, opened with O_DIRECT where the filesystem allows it.
+    """A regular file or a block device (a `blockio.BlockFile`), opened with O_DIRECT where
+    the filesystem allows it. Where it does not (tmpfs), the file is buffered and flush()
+    still calls fdatasync: durability is the same, only the page cache is used.
 
-    tmpfs and some other filesystems refuse O_DIRECT; then the file is opened buffered and
-    flush() still calls fdatasync, so durability is the same, only the page cache is used.
+    pwrite_many and pread_many go through an io_uring; where the kernel refuses io_uring
+    (disabled by sysctl or seccomp: an OSError at ring setup) they are plain writes/reads.
     """
 
     def __init__(self, path: str, *, direct: bool = True, readonly: bool = False):
-        self.path = str(path)
         try:
-            st = os.stat(self.path)
+            self.file = blockio.BlockFile(os.fspath(path), readonly=readonly, direct=direct)
         except FileNotFoundError:
-            raise InvalidArgument(f"{self.path}: no such file or device") from None
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise InvalidArgument(f"{self.path}: not a regular file or block device")
-        self.is_blockdev = stat.S_ISBLK(st.st_mode)
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
-        self.direct = False
-        fd = -1
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                fd = os.open(self.path, flags | os.O_DIRECT)
-                self.direct = True
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-        if fd < 0:
-            fd = os.open(self.path, flags)
-        self.fd = fd
-        self.readonly = readonly
+            raise InvalidArgument(f"{path}: no such file or device") from None
+        except blockio.NotStorageError as e:
+            raise InvalidArgument(str(e)) from None
         self._claim = -1                    # block device: the O_EXCL descriptor of lock()
         self._locked = False
-        if self.is_blockdev:
-            self._size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
-        else:
-            self._size = os.fstat(fd).st_size
         self._bufs = _AlignedBuffers()
-        self._ring = False                  # io_uring for pwrite_many, created on first use
+        self._ring = False                  # io_uring for the *_many calls, made on first use
         self._ring_lock = threading.Lock()
         self._inflight = None               # the batch pwrite_many left in flight
-        if self.direct and not self._probe_direct():
-            os.close(self.fd)
-            self.fd = os.open(self.path, flags)
-            self.direct = False
 
-    def _probe_direct(self) -> bool:
-        """Some filesystems accept O_DIRECT at open but fail the first read with EINVAL."""
-        if self._size < _ALIGN:
-            return True
-        try:
-            os.preadv(self.fd, [self._bufs.get(_ALIGN)], 0)
-            return True
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                return False
-            raise
+    @property
+    def path(self) -> str:
+        return self.file.path
+
+    @property
+    def direct(self) -> bool:
+        """O_DIRECT in effect (False where the filesystem refused it)."""
+        return self.file.direct
 
     @property
     def size(self) -> int:
-        return self._size
-
-    @property
-    def identity(self) -> tuple:
-        """What the path names: ('blk', rdev) or ('file', st_dev, st_ino), so that two
-        paths (a symlink, a hard link) to one device compare equal."""
-        st = os.fstat(self.fd)
-        return ("blk", st.st_rdev) if self.is_blockdev else ("file", st.st_dev, st.st_ino)
+        return self.file.size
 
     def lock(self, what: str) -> None:
         """Own the device until close(): an OFD lock on this open file (a write lock, or a
@@ -254,18 +225,18 @@ class FileDevice(BlockDevice):
         waits: a device someone else owns raises DeviceBusyError at once. Idempotent."""
         if self._locked:
             return
-        if self.is_blockdev:
+        if self.file.is_blockdev:
             try:        # the same device node, reopened through this descriptor
-                self._claim = os.open(f"/proc/self/fd/{self.fd}",
+                self._claim = os.open(f"/proc/self/fd/{self.file.fd}",
                                       os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise
-                raise busy_error(self.path, what, own_fd=self.fd) from None
+                raise busy_error(self.path, what, own_fd=self.file.fd) from None
         else:
-            kind = fcntl.F_RDLCK if self.readonly else fcntl.F_WRLCK
+            kind = fcntl.F_RDLCK if self.file.readonly else fcntl.F_WRLCK
             try:
-                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(kind))
+                fcntl.fcntl(self.file.fd, fcntl.F_OFD_SETLK, _flock(kind))
             except OSError as e:
                 if e.errno not in _LOCK_BUSY:
                     raise
@@ -276,10 +247,10 @@ class FileDevice(BlockDevice):
         _check_range(self, nbytes, offset)
         self._drain()
         if not self.direct:
-            data = os.pread(self.fd, nbytes, offset)
+            data = os.pread(self.file.fd, nbytes, offset)
         else:
             buf = self._bufs.get(nbytes)
-            n = os.preadv(self.fd, [memoryview(buf)[:nbytes]], offset)
+            n = os.preadv(self.file.fd, [memoryview(buf)[:nbytes]], offset)
             data = buf[:n]
         if len(data) != nbytes:
             raise OSError(errno.EIO, f"{self.path}: short read at {offset} ({len(data)}/{nbytes})")
@@ -296,15 +267,15 @@ class FileDevice(BlockDevice):
             buf = self._bufs.get(nbytes)
             mv = memoryview(buf)[:nbytes]
             mv[:] = data
-            n = os.pwritev(self.fd, [mv], offset)
+            n = os.pwritev(self.file.fd, [mv], offset)
         else:
-            n = os.pwrite(self.fd, data, offset)
+            n = os.pwrite(self.file.fd, data, offset)
         if n != nbytes:
             raise OSError(errno.EIO, f"{self.path}: short write at {offset} ({n}/{nbytes})")
 
     def flush(self) -> None:
         self._drain()
-        os.fdatasync(self.fd)
+        os.fdatasync(self.file.fd)
 
     def pwrite_many(self, items: list) -> None:
         """Writes as io_uring batches. With O_DIRECT each write is a device round trip:
@@ -341,25 +312,17 @@ class FileDevice(BlockDevice):
                 out += self._read_batch_locked(ring, items[i:i + _RING_BATCH])
         return out
 
-    def _read_batch_locked(self, ring, items: list) -> list:
-        import ctypes
+    def _read_batch_locked(self, ring: Ring, items: list) -> list:
         buf = self._bufs.get(sum(n for n, _ in items))
-        anchor = ctypes.c_char.from_buffer(buf)
-        try:
-            base, pos, places = ctypes.addressof(anchor), 0, []
-            for i, (nbytes, offset) in enumerate(items):
-                ring.prep(_IORING_OP_READ, fd=self.fd, off=offset, addr=base + pos,
-                          length=nbytes, user_data=i)
-                places.append(pos)
-                pos += nbytes
-            results = [0] * len(items)
-            done = 0
-            while done < len(items):
-                for user_data, res, _flags in ring.submit_and_wait(len(items) - done):
-                    results[user_data] = res
-                    done += 1
-        finally:
-            del anchor
+        base, pos, places = buffer_address(buf), 0, []
+        for i, (nbytes, offset) in enumerate(items):
+            ring.prep(IORING_OP_READ, fd=self.file.fd, off=offset, addr=base + pos,
+                      length=nbytes, user_data=i)
+            places.append(pos)
+            pos += nbytes
+        results = [0] * len(items)
+        for user_data, res, _flags in ring.complete(len(items)):
+            results[user_data] = res
         out = []
         for (nbytes, offset), pos, res in zip(items, places, results):
             if res == nbytes:
@@ -368,21 +331,14 @@ class FileDevice(BlockDevice):
                 out.append(self.pread(nbytes, offset))   # so a real error is raised here
         return out
 
-    def _submit_locked(self, ring, items: list) -> None:
-        import ctypes
-        total = sum(len(d) for d, _ in items)
-        buf = self._bufs.get(total)
-        anchor = ctypes.c_char.from_buffer(buf)
-        try:
-            base = ctypes.addressof(anchor)
-            pos = 0
-            for i, (data, offset) in enumerate(items):
-                buf[pos:pos + len(data)] = data
-                ring.prep(_IORING_OP_WRITE, fd=self.fd, off=offset, addr=base + pos,
-                          length=len(data), user_data=i)
-                pos += len(data)
-        finally:
-            del anchor              # the buffer itself stays alive in self._bufs
+    def _submit_locked(self, ring: Ring, items: list) -> None:
+        buf = self._bufs.get(sum(len(d) for d, _ in items))   # stays alive in self._bufs
+        base, pos = buffer_address(buf), 0
+        for i, (data, offset) in enumerate(items):
+            buf[pos:pos + len(data)] = data
+            ring.prep(IORING_OP_WRITE, fd=self.file.fd, off=offset, addr=base + pos,
+                      length=len(data), user_data=i)
+            pos += len(data)
         self._inflight = items
         while ring.pending:
             ring.submit()
@@ -397,21 +353,17 @@ class FileDevice(BlockDevice):
         if items is None:
             return
         self._inflight = None
-        failed, done = [], 0
-        while done < len(items):
-            for user_data, res, _flags in self._ring.submit_and_wait(len(items) - done):
-                if res != len(items[user_data][0]):
-                    failed.append(user_data)
-                done += 1
+        failed = [user_data for user_data, res, _flags in self._ring.complete(len(items))
+                  if res != len(items[user_data][0])]
         for i in failed:                        # error or short write: redo it plainly,
             self._pwrite_now(*items[i])         # so a real error is raised here
 
-    def _uring(self):
+    def _uring(self) -> Ring | None:
+        """The ring of the *_many calls; None where the kernel refuses io_uring."""
         if self._ring is False:
             try:
-                from ublk_shim.uring import Ring
                 self._ring = Ring(_RING_BATCH)
-            except (ImportError, OSError):
+            except OSError:
                 self._ring = None
         return self._ring
 
@@ -419,15 +371,12 @@ class FileDevice(BlockDevice):
         _check_range(self, nbytes, offset)
         self._drain()
         try:
-            if self.is_blockdev:
-                fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("QQ", offset, nbytes))
-            else:
-                _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, nbytes)
-        except OSError:
-            pass  # discard is a hint
+            self.file.discard(offset, nbytes)
+        except OSError:     # a hint: the engine no longer refers to the range, and what
+            pass            # stays there is ciphertext under keys it has dropped
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if self.file.fd >= 0:
             self._drain()
         if self._ring:
             self._ring.close()
@@ -435,20 +384,8 @@ class FileDevice(BlockDevice):
         if self._claim >= 0:
             os.close(self._claim)
             self._claim = -1
-        if self.fd >= 0:
-            os.close(self.fd)           # releases the OFD lock with the open file
-            self.fd = -1
+        self.file.close()               # releases the OFD lock with the open file
         self._locked = False
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def as_device(dev, what: str) -> BlockDevice:
@@ -480,9 +417,10 @@ def open_pair(data, meta) -> tuple[BlockDevice, BlockDevice, list[BlockDevice]]:
                 owned.append(d)
             devs.append(d)
         d, m = devs
-        if isinstance(d, FileDevice) and isinstance(m, FileDevice) and d.identity == m.identity:
+        if (isinstance(d, FileDevice) and isinstance(m, FileDevice)
+                and d.file.identity == m.file.identity):
             raise InvalidArgument(f"data and meta devices must differ ({d.path} and {m.path} "
-                                  f"are the same {'device' if d.is_blockdev else 'file'})")
+                                  f"are the same {'device' if d.file.is_blockdev else 'file'})")
         for dev, what in ((d, "data"), (m, "meta")):
             dev.lock(f"{what} device")
     except BaseException:

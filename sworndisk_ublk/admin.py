@@ -14,10 +14,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
+from sworndisk import BLOCK_SIZE
+
 from . import state
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource, get_key_source, load_key_file
-from .table import BLOCK_SIZE, format_bytes
+from .table import format_bytes
 
 MiB = 1 << 20
 

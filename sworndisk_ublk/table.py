@@ -14,18 +14,18 @@ Error messages never quote the table text: it might hold a key.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from typing import Optional
+
+from sworndisk import BLOCK_SIZE
+from ublk_shim import blockio
 
 from .errors import CliError, ExitCode
 
 SECTOR_SIZE = 512
-BLOCK_SIZE = 4096
 SECTORS_PER_BLOCK = BLOCK_SIZE // SECTOR_SIZE
 TARGET_NAME = "sworndisk"
 FORMATS = ("force", "true", "false")
-BLOCK_SIZE_BYTES = 4096
 FIELDS = "<start> <sectors> sworndisk <data_dev> <meta_dev> <key> <format>"
 
 KEY_IN_TABLE_MESSAGE = (
@@ -54,7 +54,7 @@ class Table:
     @property
     def size(self) -> int:
         """Logical size in bytes: whole 4 KiB blocks."""
-        return self.nr_blocks * BLOCK_SIZE_BYTES
+        return self.nr_blocks * BLOCK_SIZE
 
     @property
     def rounding_note(self) -> str:
@@ -128,37 +128,23 @@ def parse_table(text: str) -> Table:
     return Table(start, sectors, data_dev, meta_dev, fmt)
 
 
-def device_size(path: str) -> int:
-    """Size in bytes of a regular file or a block device."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def _check_device(path: str, role: str) -> os.stat_result:
     try:
-        st = os.stat(path)
+        return blockio.storage_stat(path)
     except FileNotFoundError:
         raise TableError(f"{role} device {path}: no such file or device",
                          ExitCode.NOT_FOUND) from None
     except PermissionError:
         raise TableError(f"{role} device {path}: permission denied",
                          ExitCode.PERMISSION) from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise TableError(f"{role} device {path}: not a block device or regular file")
-    return st
-
-
-def _identity(st: os.stat_result) -> tuple:
-    return ("blk", st.st_rdev) if stat.S_ISBLK(st.st_mode) else ("file", st.st_dev, st.st_ino)
+    except blockio.NotStorageError:
+        raise TableError(f"{role} device {path}: not a block device or regular file") from None
 
 
 def same_device(a: str, b: str) -> bool:
     """True if both paths name one device or file (through symlinks or hard links)."""
     try:
-        return _identity(os.stat(a)) == _identity(os.stat(b))
+        return blockio.identity(os.stat(a)) == blockio.identity(os.stat(b))
     except OSError:
         return False
 
@@ -172,9 +158,9 @@ def resolve_devices(table: Table) -> Table:
     meta = os.path.abspath(table.meta_dev)
     data_st = _check_device(data, "data")
     meta_st = _check_device(meta, "meta")
-    if _identity(data_st) == _identity(meta_st):
+    if blockio.identity(data_st) == blockio.identity(meta_st):
         raise TableError(f"data and meta devices must differ (both are {data})")
-    data_size = device_size(data)
+    data_size = blockio.path_size(data)
     if table.size > data_size:
         raise TableError(
             f"logical size {table.sectors} sectors ({format_bytes(table.size)}) is larger "

@@ -28,10 +28,10 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import ublk_shim
+from sworndisk import BLOCK_SIZE
 from ublk_shim import Request, Target
 from ublk_shim.target import Outcome, handle_one
 
-from .table import BLOCK_SIZE
 from .wlog import WriteLog
 
 log = logging.getLogger("sworndisk_ublk.target")

@@ -14,10 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from sworndisk import BLOCK_SIZE
+from ublk_shim import blockio
+
 from . import terminal
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource
-from .table import BLOCK_SIZE, Table, device_size, format_bytes
+from .table import Table, format_bytes
 
 
 def _engine() -> Any:
@@ -78,15 +81,15 @@ def confirm_overwrite(table: Table, *, assume_yes: bool) -> None:
 
 
 def capacity(table: Table) -> Capacity:
-    data_size = device_size(table.data_dev)
+    data_size = blockio.path_size(table.data_dev)
     usable = _engine().usable_blocks(data_size) * BLOCK_SIZE
     return Capacity(table.size, min(usable, table.size), data_size)
 
 
 def check_meta_size(table: Table) -> None:
     """Refuse a meta device too small for the index of this logical size, naming the minimum."""
-    data_size = device_size(table.data_dev)
-    meta_size = device_size(table.meta_dev)
+    data_size = blockio.path_size(table.data_dev)
+    meta_size = blockio.path_size(table.meta_dev)
     need = _engine().min_meta_size(data_size, table.nr_blocks)
     if meta_size < need:
         raise CliError(

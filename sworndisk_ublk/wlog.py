@@ -52,8 +52,8 @@ from typing import Any, List, Optional
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sworndisk import BLOCK_SIZE
 
-BLOCK_SIZE = 4096
 KEY_LABEL = "ublk-write-log"
 MAGIC = b"SDWLOG\x00\x01"
 _HEAD = struct.Struct("<8s16sQ16sI4x")        # everything the header tag covers

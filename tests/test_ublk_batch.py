@@ -242,9 +242,9 @@ def test_loop_other_ops_wait_for_the_data_before_them(loop):
 
 def test_loop_error_fails_only_its_request(loop):
     t, bufs, path = loop
-    good = os.open(path, os.O_RDONLY)                # writes through it fail with EBADF
-    os.close(t.fd)
-    t.fd = good
+    readonly = os.open(path, os.O_RDONLY)            # writes through it fail with EBADF
+    os.dup2(readonly, t.file.fd)
+    os.close(readonly)
     batch = [(req(OP_READ, 0, 0), bufs[0]), (req(OP_WRITE, 1, 1), bufs[1]),
              (req(OP_READ, 2, 2), bufs[2])]
     assert t.handle_batch(batch) == [BS, -errno.EBADF, BS]

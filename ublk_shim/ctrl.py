@@ -104,8 +104,8 @@ class DeviceParams:
     sends FLUSH) with FUA, DISCARD and WRITE_ZEROES in single-segment requests.
     """
     size: int                              # bytes
-    logical_block_size: int = 4096
-    physical_block_size: int = 4096
+    logical_block_size: int = uapi.BLOCK_SIZE
+    physical_block_size: int = uapi.BLOCK_SIZE
     max_io_bytes: int = 512 * 1024         # largest READ/WRITE the kernel sends
     volatile_cache: bool = True
     fua: bool = True

@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import sys as uapi
 from .target import (OP_FLUSH, OP_DISCARD, OP_READ, OP_WRITE, OP_WRITE_ZEROES, Outcome,
-                     Request, Target, buffer_address)
-from .uring import TASKRUN_FLAG_SETS, Ring, open_ring
+                     Request, Target)
+from .uring import TASKRUN_FLAG_SETS, Ring, buffer_address, open_ring
 
 log = logging.getLogger("ublk_shim")
 

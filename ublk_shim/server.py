@@ -261,9 +261,9 @@ class UblkServer:
         self.target.open()
         self._target_open = True
         size = self.target.size
-        if size <= 0 or size % 4096:
+        if size <= 0 or size % uapi.BLOCK_SIZE:
             raise UblkError(errno.EINVAL, f"target size {size} is not a positive multiple "
-                                          "of 4096 bytes")
+                                          f"of {uapi.BLOCK_SIZE} bytes")
 
     def _open_char(self) -> None:
         """Open /dev/ublkcN (exclusive: one server per device), waiting briefly for udev."""

@@ -351,6 +351,11 @@ UBLK_PARAM_TYPE_DEVT = 1 << 2
 
 SECTOR_SHIFT = 9
 
+# Not a kernel constant (ublk takes 512 bytes up to the page size) but this binding's
+# choice: the logical and physical block size of every device it serves, so a target's
+# size is a multiple of it.
+BLOCK_SIZE = 4096
+
 # Hot-path codecs: one FETCH/COMMIT SQE in one pack_into, one descriptor in one unpack_from.
 IO_CMD_FIELDS: List[Tuple[str, str]] = [("q_id", "H"), ("tag", "H"), ("result", "i"),
                                         ("addr", "Q")]

@@ -18,20 +18,16 @@ for it forever.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
-import mmap
-import os
-import stat
-import struct
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 from . import sys as uapi
-from .uring import TASKRUN_FLAG_SETS, Ring, open_ring
+from .blockio import BlockFile
+from .uring import TASKRUN_FLAG_SETS, Ring, buffer_address, open_ring
 
 log = logging.getLogger("ublk_shim")
 
@@ -42,8 +38,6 @@ OP_DISCARD = uapi.UBLK_IO_OP_DISCARD
 OP_WRITE_ZEROES = uapi.UBLK_IO_OP_WRITE_ZEROES
 OP_NAMES = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush", OP_DISCARD: "discard",
             OP_WRITE_ZEROES: "write_zeroes"}
-
-BLOCK_SIZE = 4096
 
 # What handle_batch answers per request: like handle's return value (None = all done, bytes
 # done, or -errno), or the exception that request alone raised.
@@ -132,38 +126,15 @@ class NullTarget(Target):
         return req.length if req.op in (OP_READ, OP_WRITE) else 0
 
 
-def buffer_address(buf) -> int:
-    """The address of a writable buffer's first byte (for an SQE), holding no export."""
-    anchor = ctypes.c_char.from_buffer(buf)
-    address = ctypes.addressof(anchor)
-    del anchor                      # releases the export, so the buffer can be released
-    return address
-
-
-_BLKGETSIZE64 = 0x80081272
-_BLKDISCARD = 0x1277
-_BLKZEROOUT = 0x127F
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-
-uapi.libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if uapi.libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 class LoopTarget(Target):
     """A regular file or block device, read and written with O_DIRECT straight from the
     request buffers (no copy); buffered I/O where the filesystem refuses O_DIRECT (tmpfs).
 
-    FLUSH is fdatasync, FUA writes use RWF_DSYNC, DISCARD is BLKDISCARD or a punched hole,
-    WRITE_ZEROES is BLKZEROOUT or a zeroed range. The size is the backing size rounded down
-    to 4 KiB. Stateless apart from the fd and a ring per queue thread, so safe for any
-    number of queues.
+    FLUSH is fdatasync, FUA writes use RWF_DSYNC, DISCARD and WRITE_ZEROES are the backing
+    store's (blockio.BlockFile: BLKDISCARD or a punched hole, BLKZEROOUT or a zeroed range).
+    The size is the backing size rounded down to the device's block size (sys.BLOCK_SIZE).
+    Stateless apart from the open file and a ring per queue thread, so safe for any number
+    of queues.
 
     The READs and WRITEs of a batch go to the backing store together, through an io_uring of
     the queue thread's own, so it sees the device's queue depth; a FLUSH, DISCARD or
@@ -174,39 +145,19 @@ class LoopTarget(Target):
 
     def __init__(self, path: str, *, direct: bool = True):
         self.path = os.fspath(path)
-        self.direct = direct
-        self.fd = -1
-        self.is_blockdev = False
+        self._direct = direct                # asked for; self.file.direct: in effect
+        self.file: Optional[BlockFile] = None
         self._local = threading.local()      # .ring: this thread's ring, None if unavailable
         self._rings: List[Ring] = []
         self._rings_lock = threading.Lock()
 
     def open(self) -> None:
-        st = os.stat(self.path)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise OSError(errno.EINVAL, f"{self.path}: not a regular file or block device")
-        self.is_blockdev = stat.S_ISBLK(st.st_mode)
-        flags = os.O_RDWR | os.O_CLOEXEC
-        fd = -1
-        if self.direct:
-            try:
-                fd = os.open(self.path, flags | os.O_DIRECT)
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-        if fd < 0:
-            self.direct = False
-            fd = os.open(self.path, flags)
-        self.fd = fd
-        if self.is_blockdev:
-            raw = fcntl.ioctl(fd, _BLKGETSIZE64, bytes(8))
-            size = struct.unpack("=Q", raw)[0]
-        else:
-            size = os.fstat(fd).st_size
-        self.size = size // BLOCK_SIZE * BLOCK_SIZE
+        self.file = BlockFile(self.path, direct=self._direct)
+        self.size = self.file.size // uapi.BLOCK_SIZE * uapi.BLOCK_SIZE
         if self.size == 0:
             self.close()
-            raise OSError(errno.EINVAL, f"{self.path}: smaller than one {BLOCK_SIZE}-byte block")
+            raise OSError(errno.EINVAL,
+                          f"{self.path}: smaller than one {uapi.BLOCK_SIZE}-byte block")
 
     def close(self) -> None:
         """After the queue threads ended: their rings, then the backing fd."""
@@ -214,9 +165,8 @@ class LoopTarget(Target):
             rings, self._rings = self._rings, []
         for ring in rings:
             ring.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.file is not None:
+            self.file.close()
 
     def handle_batch(self, batch: Sequence[Tuple[Request, memoryview]]) -> List[Outcome]:
         """Runs of READ/WRITE are submitted together; other ops are done alone, in order."""
@@ -246,15 +196,11 @@ class LoopTarget(Target):
             for i in chunk:
                 req, buf = batch[i]
                 write = req.op == OP_WRITE
-                ring.prep(uapi.IORING_OP_WRITE if write else uapi.IORING_OP_READ, fd=self.fd,
-                          off=req.offset, addr=buffer_address(buf), length=req.length,
-                          op_flags=os.RWF_DSYNC if write and req.fua else 0, user_data=i)
-            left = len(chunk)
-            while left:
-                ring.submit(wait_nr=left)
-                for i, res, _flags in ring.reap():
-                    out[i] = res
-                    left -= 1
+                ring.prep(uapi.IORING_OP_WRITE if write else uapi.IORING_OP_READ,
+                          fd=self.file.fd, off=req.offset, addr=buffer_address(buf),
+                          length=req.length, op_flags=os.RWF_DSYNC if write and req.fua else 0, user_data=i)
+            for i, res, _flags in ring.complete(len(chunk)):
+                out[i] = res
 
     def _ring(self) -> Optional[Ring]:
         """This queue thread's ring, made on first use (io_uring's single issuer); None where
@@ -276,56 +222,16 @@ class LoopTarget(Target):
     def handle(self, req: Request, buf: memoryview) -> int:
         op = req.op
         if op == OP_READ:
-            return os.preadv(self.fd, [buf], req.offset)
+            return os.preadv(self.file.fd, [buf], req.offset)
         if op == OP_WRITE:
-            return os.pwritev(self.fd, [buf], req.offset, os.RWF_DSYNC if req.fua else 0)
+            return os.pwritev(self.file.fd, [buf], req.offset, os.RWF_DSYNC if req.fua else 0)
         if op == OP_FLUSH:
-            os.fdatasync(self.fd)
+            os.fdatasync(self.file.fd)
             return 0
-        if op == OP_DISCARD:
-            self._discard(req.offset, req.length)
+        if op == OP_DISCARD:            # a hint: nothing happens where it is unsupported
+            self.file.discard(req.offset, req.length)
             return 0
         if op == OP_WRITE_ZEROES:
-            self._write_zeroes(req.offset, req.length, req.nounmap)
+            self.file.write_zeroes(req.offset, req.length, unmap=not req.nounmap)
             return 0
         return -errno.EOPNOTSUPP
-
-    def _discard(self, offset: int, length: int) -> None:
-        """A hint: where the backing store cannot discard, nothing happens."""
-        try:
-            if self.is_blockdev:
-                fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("=QQ", offset, length))
-            else:
-                _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                raise
-
-    def _write_zeroes(self, offset: int, length: int, nounmap: bool) -> None:
-        """Must leave zeros: the cheap way if the backing store has one, else write them."""
-        try:
-            if self.is_blockdev:
-                fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
-            else:
-                mode = _FALLOC_FL_ZERO_RANGE if nounmap else _FALLOC_FL_PUNCH_HOLE
-                _fallocate(self.fd, mode | _FALLOC_FL_KEEP_SIZE, offset, length)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                raise
-        self._write_zero_blocks(offset, length)
-
-    def _write_zero_blocks(self, offset: int, length: int) -> None:
-        chunk = min(length, 1 << 20)
-        zeros = mmap.mmap(-1, chunk)        # page aligned, zero filled: fine for O_DIRECT
-        try:
-            view = memoryview(zeros)
-            try:
-                end = offset + length
-                while offset < end:
-                    n = min(chunk, end - offset)
-                    offset += os.pwritev(self.fd, [view[:n]], offset)
-            finally:
-                view.release()
-        finally:
-            zeros.close()

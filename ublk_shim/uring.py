@@ -95,7 +95,6 @@ class Ring:
             sq_map = self._mmap(sq_size, uapi.IORING_OFF_SQ_RING)
             cq_map = self._mmap(cq_size, uapi.IORING_OFF_CQ_RING)
         self._sqes = self._mmap(p.sq_entries * self.sqe_size, uapi.IORING_OFF_SQES)
-        self._cq_map = cq_map
 
         self._sq_head = self._u32(sq_map, p.sq_off.head)
         self._sq_tail = self._u32(sq_map, p.sq_off.tail)
@@ -220,10 +219,6 @@ class Ring:
 
     # ---- completion ---------------------------------------------------------------------
 
-    def cq_ready(self) -> int:
-        """CQEs waiting to be reaped."""
-        return (self._cq_tail.value - self._cq_head.value) & _U32
-
     def reap(self, max_nr: int = 0) -> List[Cqe]:
         """Take every available CQE (at most `max_nr` if given) as (user_data, res, flags).
 
@@ -256,6 +251,14 @@ class Ring:
         """submit() then reap(): the one-syscall-per-batch loop body."""
         self.submit(wait_nr, timeout)
         return self.reap()
+
+    def complete(self, count: int) -> List[Cqe]:
+        """Submit what is prepared and wait until `count` CQEs were reaped; returns them in
+        completion order. For a caller that knows how many of its requests are in flight."""
+        cqes: List[Cqe] = []
+        while len(cqes) < count:
+            cqes += self.submit_and_wait(count - len(cqes))
+        return cqes
 
     # ---- teardown -----------------------------------------------------------------------
 
@@ -297,6 +300,16 @@ def _setup_hint(err: int) -> str:
     if err == errno.EPERM:
         return " (io_uring disabled: see sysctl kernel.io_uring_disabled)"
     return ""
+
+
+def buffer_address(buf) -> int:
+    """The address of a writable buffer's first byte, for an SQE's addr. The caller keeps
+    the buffer alive and unmoved (an mmap, or a bytearray it does not resize) until the
+    request completed; no export is held, so the buffer can be released afterwards."""
+    anchor = ctypes.c_char.from_buffer(buf)
+    address = ctypes.addressof(anchor)
+    del anchor
+    return address
 
 
 def open_ring(entries: int, flag_sets: Iterable[int], **kwargs) -> Ring:
