@@ -10,16 +10,25 @@
 #   tools/vm/run --disk 256M --disk 256M --disk 128M --disk 256M -- sh tools/fio/compare.sh
 #
 # Disks: /dev/vdb backs loop, /dev/vdc and /dev/vdd are SwornDisk's data and meta, /dev/vde
-# is under dm-crypt. Environment (set it in the guest: `-- env FIO_RUNTIME=8 sh ...`):
-# COMPARE_TARGETS (default "null loop sworndisk dmcrypt"), COMPARE_DEPTHS ("1 16"),
-# FIO_RUNTIME (seconds per job, 4), FIO_SIZE (region, 64m).
+# is under dm-crypt, /dev/vdf backs loop_ref. Environment (set it in the guest:
+# `-- env FIO_RUNTIME=8 sh ...`): COMPARE_TARGETS (default "null loop sworndisk dmcrypt"),
+# COMPARE_DEPTHS ("1 16"), FIO_RUNTIME (seconds per job, 4), FIO_SIZE (region, 64m),
+# COMPARE_REF: another checkout whose shim serves the targets null_ref and loop_ref, for a
+# before/after in one boot:
 #
-# Prints "TABLE <target> <job> <depth> <IOPS> <MiB/s>" per job as it runs, then three tables:
-# IOPS, each target / dm-crypt, and each target's depth-16 / depth-1. A target that cannot
-# be set up prints "FAILED <target>: <why>"; the others still run and the exit status is 1.
+#   mkdir /tmp/ref && git archive REV | tar -x -C /tmp/ref   # the shim is stdlib only
+#   tools/vm/run --disk 256M --disk 256M --disk 128M --disk 256M --disk 256M -- env \
+#       COMPARE_REF=/tmp/ref COMPARE_TARGETS="null null_ref loop loop_ref dmcrypt" \
+#       sh tools/fio/compare.sh
+#
+# Prints "TABLE <target> <job> <depth> <IOPS> <MiB/s>" per job as it runs, then the tables:
+# IOPS, each target / dm-crypt, each target's depth-16 / depth-1 and, with COMPARE_REF,
+# X / X_ref. A target that cannot be set up prints "FAILED <target>: <why>"; the others
+# still run and the exit status is 1.
 set -u
 cd "$(dirname "$0")/../.."
-PY=.venv/bin/python
+PY=$PWD/.venv/bin/python
+REF=${COMPARE_REF:-}
 TARGETS=${COMPARE_TARGETS:-null loop sworndisk dmcrypt}
 DEPTHS=${COMPARE_DEPTHS:-1 16}
 RUNTIME=${FIO_RUNTIME:-4}
@@ -50,9 +59,10 @@ prefill() {   # prefill DEV: write the region once, so that reads read written b
         || { cat "$WORK/fio.out"; return 1; }
 }
 
-serve() {     # serve NAME ARGS...: background `python -m ublk_shim ARGS`; prints its device
-    name=$1; shift
-    $PY -m ublk_shim "$@" >"$WORK/$name.out" 2>&1 &
+serve() {     # serve NAME DIR ARGS...: background `python -m ublk_shim ARGS` with DIR's shim;
+    name=$1; dir=$2; shift 2               # prints the device
+    [ -d "$dir/ublk_shim" ] || { echo "no ublk_shim in '$dir' (COMPARE_REF?)" >&2; return 1; }
+    (cd "$dir" && exec "$PY" -m ublk_shim "$@") >"$WORK/$name.out" 2>&1 &
     echo $! >"$WORK/$name.pid"
     i=0
     until grep -q '^/dev/ublkb' "$WORK/$name.out"; do
@@ -69,10 +79,10 @@ unserve() {   # unserve NAME: SIGTERM the server, show its stats line (batch siz
     grep 'stats:' "$WORK/$1.out" | sed "s/^/$1 /"
 }
 
-up_null() { serve null null --size 256M; }
-up_loop() { serve loop loop /dev/vdb; }
-down_null() { unserve null; }
-down_loop() { unserve loop; }
+up_null() { serve null . null --size 256M; }
+up_loop() { serve loop . loop /dev/vdb; }
+up_null_ref() { serve null_ref "$REF" null --size 256M; }
+up_loop_ref() { serve loop_ref "$REF" loop /dev/vdf; }
 
 up_sworndisk() {
     head -c 32 /dev/urandom >"$WORK/key"
@@ -116,10 +126,12 @@ for depth in $DEPTHS; do
     done
 done
 for live in $LIVE; do
-    "down_${live%%=*}" || failed "${live%%=*}: teardown"
+    name=${live%%=*}
+    if [ -e "$WORK/$name.pid" ]; then unserve "$name"; else "down_$name"; fi \
+        || failed "$name: teardown"
 done
 
-# The tables: IOPS; target / dmcrypt at the same job and depth; depth N / depth 1.
+# The tables: IOPS; target / dmcrypt at the same job and depth; depth N / depth 1; X / X_ref.
 awk -v targets="$TARGETS" '
     { iops[$2, $3, $4] = $5; if (!(($3, $4) in seen)) { seen[$3, $4] = 1; rows[++n] = $3 " " $4 } }
     function header(title) {
@@ -150,6 +162,17 @@ awk -v targets="$TARGETS" '
             for (i = 1; i <= nt; i++) {
                 v = iops[t[i], k[1], k[2]]; one = iops[t[i], k[1], 1]
                 if (one > 0 && v != "") printf " %10.2f", v / one; else printf " %10s", "-"
+            }
+            printf "\n"
+        }
+        for (i = 1; i <= nt; i++) if (t[i] ~ /_ref$/) refs = 1
+        if (!refs) exit
+        header("X / X_ref (same job and depth)")
+        for (r = 1; r <= n; r++) {
+            split(rows[r], k, " "); printf "%-13s %5s", k[1], k[2]
+            for (i = 1; i <= nt; i++) {
+                v = iops[t[i], k[1], k[2]]; ref = iops[t[i] "_ref", k[1], k[2]]
+                if (ref > 0 && v != "") printf " %10.2f", v / ref; else printf " %10s", "-"
             }
             printf "\n"
         }
