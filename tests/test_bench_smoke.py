@@ -193,3 +193,22 @@ def test_bad_arguments_are_one_line(argv, capsys):
         raise SystemExit(rc)
     assert e.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_failed_run_is_reported_and_the_others_still_count(tmp_path, capsys, monkeypatch):
+    import tools.bench.cli as cli
+    real, calls = cli.run_suite, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ImportError("a half-edited module")
+        return real(*args)
+    monkeypatch.setattr(cli, "run_suite", flaky)
+    rc, doc = _run_cryptdisk(tmp_path, "--depth", "1", "--repeat", "2", "--workloads",
+                             "randread", "--in-process")
+    assert rc == 1 and len(calls) == 2
+    text = capsys.readouterr().out
+    assert "CryptDisk at depth 1: 1 of 2 run(s) failed" in text
+    (entry,) = doc["suite"]
+    assert entry["disks"]["cryptdisk"]["best"]["workloads"]["randread"]["mb_per_s"] > 0

@@ -52,9 +52,18 @@ class BenchReport:
         return sorted(self.suite)
 
     def summaries(self, depth: int) -> Dict[str, DiskSummary]:
-        """Disks all of whose runs at `depth` completed."""
-        return {k: DiskSummary.of(runs) for k, runs in self.suite.get(depth, {}).items()
-                if runs and all(o.error is None for o in runs)}
+        """Per disk, its completed runs at `depth` (a failed run is reported where it
+        failed, and makes the exit status 1)."""
+        done = {k: [o for o in runs if o.error is None]
+                for k, runs in self.suite.get(depth, {}).items()}
+        return {k: DiskSummary.of(runs) for k, runs in done.items() if runs}
+
+    def failures(self) -> List[str]:
+        """One line per disk and depth with failed runs."""
+        return [f"{DISPLAY_NAMES[k]} at depth {d}: {n} of {len(runs)} run(s) failed (the "
+                f"error is above); its figures come from the others"
+                for d in self.depths for k, runs in self.suite[d].items()
+                if (n := sum(o.error is not None for o in runs))]
 
     def suite_results(self, depth: int) -> Dict[str, SuiteResult]:
         return {k: s.best for k, s in self.summaries(depth).items()}
@@ -120,7 +129,8 @@ def suite_text(report: BenchReport) -> str:
     cpu = table(["depth", "workload", *(f"{n} us/blk" for n in names), "CPU ratio",
                  "SwornDisk target", ""],
                 rows_of(cpu_rows, lambda r: [_fmt(r and r.cpu_us_per_block)]), left=2)
-    return (f"{thr}\n\nCPU time per 4 KiB block (process CPU, all threads; CPU ratio = "
+    failed = "".join(f"\nnote: {line}" for line in report.failures())
+    return (f"{thr}{failed}\n\nCPU time per 4 KiB block (process CPU, all threads; CPU ratio = "
             f"CryptDisk's / SwornDisk's)\n{cpu}\n\n{_per_disk_text(report)}")
 
 
