@@ -15,6 +15,8 @@ import traceback
 from dataclasses import asdict
 from typing import List, NoReturn, Optional
 
+from ublk_shim.sys import block_dev_id
+
 from . import admin, commands
 from .daemon import Ready
 from .errors import CliError, ExitCode, to_cli_error
@@ -55,12 +57,11 @@ def _seconds(text: str) -> float:
 
 def _device_number(text: str) -> int:
     """N, or the device path /dev/ublkbN (or ublkbN)."""
-    name = os.path.basename(text)
-    digits = name[len("ublkb"):] if name.startswith("ublkb") else text
-    if not digits.isdigit():
+    dev_id = int(text) if text.isdigit() else block_dev_id(text)
+    if dev_id is None:
         raise CliError(f"not a SwornDisk device: {text!r} (give /dev/ublkbN or -n N)",
                        ExitCode.USAGE)
-    return int(digits)
+    return dev_id
 
 
 def _which_device(args: argparse.Namespace, what: str) -> int:

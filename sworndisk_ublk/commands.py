@@ -13,15 +13,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+from sworndisk.device import check_unowned
+from sworndisk.errors import DeviceBusyError
+from ublk_shim import DriverMissing, NotRoot, ctrl, holders
+from ublk_shim.sys import UBLK_BLOCK_PATH
+
 from . import restore, state
-from .busy import device_users
 from .daemon import Ready, ServerOptions, run_foreground, start_background
-from .errors import DRIVER_MISSING_MESSAGE, NOT_ROOT_MESSAGE, CliError, ExitCode, to_cli_error
+from .errors import CliError, ExitCode, to_cli_error
 from .keys import get_key_source
 from .table import Table, format_bytes, parse_table, resolve_devices, same_device
 from .volume import check_meta_size, confirm_overwrite, will_format
 
-CONTROL_DEVICE = "/dev/ublk-control"
 POLL = 0.2
 
 
@@ -29,19 +32,13 @@ POLL = 0.2
 
 def require_ublk() -> None:
     """The driver must be loaded; say how to load it and what the kernel needs."""
-    if not os.path.exists(CONTROL_DEVICE):
-        raise CliError(DRIVER_MISSING_MESSAGE, ExitCode.NOT_FOUND)
+    if not ctrl.driver_available():
+        raise to_cli_error(DriverMissing())
 
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        raise CliError(NOT_ROOT_MESSAGE, ExitCode.PERMISSION)
-
-
-def device_exists(dev_id: int) -> bool:
-    """The kernel still has ublk device N (its disk, or its char device while it has none)."""
-    return (os.path.exists(f"/sys/block/ublkb{dev_id}")
-            or os.path.exists(f"/sys/class/ublk-char/ublkc{dev_id}"))
+        raise to_cli_error(NotRoot())
 
 
 def _require_devices_free(table: Table) -> None:
@@ -49,8 +46,6 @@ def _require_devices_free(table: Table) -> None:
     engine's lock, whatever path it was opened by), a device whose server died and that
     waits for `recover`, or a block device that is mounted or open. The server's own open
     is the check that counts (two racing adds both get here); this one fails early."""
-    from sworndisk.device import check_unowned
-    from sworndisk.errors import DeviceBusyError
     for role, path in (("data", table.data_dev), ("meta", table.meta_dev)):
         try:
             check_unowned(path, f"{role} device")
@@ -62,11 +57,11 @@ def _require_devices_free(table: Table) -> None:
             if st.server_alive():
                 raise CliError(f"{role} device {path} is used by {st.dev_path} (server pid "
                                f"{st.pid})", ExitCode.BUSY)
-            if device_exists(st.dev_id):
+            if ctrl.device_exists(st.dev_id):
                 raise CliError(f"{role} device {path} belongs to {st.dev_path}, whose server "
                                f"died: recover -n {st.dev_id} to resume it, or del -n "
                                f"{st.dev_id} to drop it, first", ExitCode.BUSY)
-        users = device_users(path)
+        users = holders.block_users(path)
         if users:
             raise CliError(f"{role} device {path} is busy: {', '.join(users)}", ExitCode.BUSY)
 
@@ -117,7 +112,7 @@ def recover(dev_id: int, *, key_file: Optional[str], foreground: bool,
     if st.server_alive():
         raise CliError(f"{st.dev_path} is served by pid {st.pid}: nothing to recover",
                        ExitCode.BUSY)
-    if not device_exists(dev_id):
+    if not ctrl.device_exists(dev_id):
         state.remove(dev_id)
         raise CliError(f"{st.dev_path} no longer exists; add it again (format false)",
                        ExitCode.NOT_FOUND)
@@ -157,16 +152,17 @@ def _load_state(dev_id: int) -> state.DeviceState:
     st = state.load(dev_id)
     if st is not None:
         return st
-    if device_exists(dev_id):
-        raise CliError(f"/dev/ublkb{dev_id} is not a SwornDisk device (no state in "
-                       f"{state.state_path(dev_id)})", ExitCode.NOT_FOUND)
-    raise CliError(f"no SwornDisk device {dev_id} (no /dev/ublkb{dev_id})", ExitCode.NOT_FOUND)
+    if ctrl.device_exists(dev_id):
+        raise CliError(f"{UBLK_BLOCK_PATH.format(dev_id)} is not a SwornDisk device (no state "
+                       f"in {state.state_path(dev_id)})", ExitCode.NOT_FOUND)
+    raise CliError(f"no SwornDisk device {dev_id} (no {UBLK_BLOCK_PATH.format(dev_id)})",
+                   ExitCode.NOT_FOUND)
 
 
 def _wait_unused(st: state.DeviceState, wait: float) -> None:
     deadline = time.monotonic() + wait
     while True:
-        users = device_users(st.dev_path)
+        users = holders.block_users(st.dev_path)     # del's policy: nothing may use it
         if not users:
             return
         if time.monotonic() >= deadline:
@@ -196,7 +192,7 @@ def delete(dev_id: int, *, wait: float = 0.0, timeout: float = 120.0) -> None:
     require_ublk()
     require_root()
     st = _load_state(dev_id)
-    if device_exists(dev_id):
+    if ctrl.device_exists(dev_id):
         _wait_unused(st, wait)
     if st.server_alive():
         try:
@@ -207,8 +203,7 @@ def delete(dev_id: int, *, wait: float = 0.0, timeout: float = 120.0) -> None:
             raise CliError(f"the server of {st.dev_path} (pid {st.pid}) did not stop within "
                            f"{timeout:g} s (log {st.log}); kill -9 {st.pid}, then "
                            f"del -n {dev_id} again", ExitCode.FAILED)
-    if device_exists(dev_id):          # server dead (killed) or it failed to delete
-        from ublk_shim import ctrl
+    if ctrl.device_exists(dev_id):          # server dead (killed) or it failed to delete
         try:
             ctrl.stop_device(dev_id)
         except Exception:              # noqa: BLE001 - may already be stopped
@@ -252,7 +247,7 @@ def list_devices() -> List[DeviceRow]:
     rows = []
     for st in state.load_all():
         alive = st.server_alive()
-        if not alive and not device_exists(st.dev_id):
+        if not alive and not ctrl.device_exists(st.dev_id):
             state.remove(st.dev_id)
             restore.forget(st.dev_id)
             continue

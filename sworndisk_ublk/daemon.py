@@ -25,7 +25,6 @@ released, a warning, `list`).
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -37,11 +36,17 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
+import ublk_shim
+from ublk_shim import holders
+from ublk_shim.sys import UBLK_BLOCK_PATH
+
 from . import restore, state
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource
 from .table import Table
+from .target import SwornDiskTarget
 from .volume import OpenOptions, capacity, open_disk
+from .wlog import LogKeys, WriteLog
 
 log = logging.getLogger("sworndisk_ublk.daemon")
 
@@ -81,7 +86,7 @@ class Ready:
 
     @property
     def dev_path(self) -> str:
-        return f"/dev/ublkb{self.dev_id}"
+        return UBLK_BLOCK_PATH.format(self.dev_id)
 
 
 class Server:
@@ -98,12 +103,14 @@ class Server:
         self._stop_requested = False
         self._stats_requested = False
 
+    @property
+    def dev_path(self) -> str:
+        return UBLK_BLOCK_PATH.format(self.dev_id)
+
     # --- start-up ---------------------------------------------------------------------------
 
     def start(self) -> Ready:
         """Open the engine, create (or recover) the ublk device, record the state."""
-        import ublk_shim          # late: `add` must report a bad table even without the shim
-        from .target import SwornDiskTarget
         table, opts = self.opts.table, self.opts
         recovering = opts.recover_dev_id is not None
         disk = open_disk(table, self.source, format=False if recovering else None,
@@ -134,13 +141,13 @@ class Server:
         self._adopt_log()
         cap = capacity(table)
         state.save(state.DeviceState(
-            dev_id=self.dev_id, pid=os.getpid(), pid_start=state.process_start_time(os.getpid()),
+            dev_id=self.dev_id, pid=os.getpid(), pid_start=holders.start_time(os.getpid()),
             table=table.line(), data=table.data_dev, meta=table.meta_dev, size=table.size,
             recoverable=opts.recoverable, queues=self._granted("nr_queues", opts.queues),
             depth=self._granted("queue_depth", opts.depth),
             log=self.log_file, key_slot=disk.key_slot, anchor=opts.anchor))
-        log.info("serving /dev/ublkb%d: %s (%s)", self.dev_id, table.line(), cap.describe())
-        lost = outcome.message(f"/dev/ublkb{self.dev_id}") if outcome.loss else None
+        log.info("serving %s: %s (%s)", self.dev_path, table.line(), cap.describe())
+        lost = outcome.message(self.dev_path) if outcome.loss else None
         return Ready(self.dev_id, os.getpid(), cap.size, cap.usable, self.log_file,
                      replayed=outcome.replayed, lost=lost)
 
@@ -157,7 +164,6 @@ class Server:
         return outcome
 
     def _start_log(self, disk: Any, loss: str) -> None:
-        from .wlog import LogKeys, WriteLog
         self.target.start_log(WriteLog.create(restore.log_path(self.dev_id), LogKeys.of(disk),
                                               disk.commit_seq, loss))
 
@@ -206,15 +212,13 @@ class Server:
             if self.target.loss_pending:
                 self._release_when_unused()
         reason = "stop requested" if self._stop_requested else "device stopped"
-        log.info("shutting down /dev/ublkb%d: %s", self.dev_id, reason)
+        log.info("shutting down %s: %s", self.dev_path, reason)
         self.shutdown(waiter)
 
     def _release_when_unused(self) -> None:
         """End the EIO on flushes once nothing that saw the lost writes uses the device:
         no mount, no stacked holder, no process with it open."""
-        from ublk_shim import ctrl
-        users = ctrl.users(self.dev_id, openers=True)
-        if not users:
+        if not holders.block_users(self.dev_path):
             self.target.release_loss()
 
     def _wait_device(self) -> None:
@@ -233,13 +237,7 @@ class Server:
         users before it sends SIGTERM).
         """
         try:
-            try:
-                self.ublk.stop()
-            except OSError as e:
-                if e.errno != errno.EBUSY:
-                    raise
-                log.warning("/dev/ublkb%d is in use (%s); stopping it anyway", self.dev_id, e)
-                self.ublk.stop(force=True)
+            self.ublk.stop()
         except Exception as e:          # noqa: BLE001 - still close the engine
             log.error("stopping the device failed: %s", e)
         if waiter is not None:
@@ -254,7 +252,7 @@ class Server:
             if st is None or st.pid == os.getpid():     # not a newer device's log
                 restore.forget(self.dev_id)
         state.remove(self.dev_id, expect_pid=os.getpid())
-        log.info("/dev/ublkb%d deleted", self.dev_id)
+        log.info("%s deleted", self.dev_path)
 
     def write_stats(self) -> None:
         if self.target is None:

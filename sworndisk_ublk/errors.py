@@ -11,6 +11,9 @@ from __future__ import annotations
 import enum
 import errno
 
+import sworndisk.errors as se
+from ublk_shim import DriverMissing, NotRoot, UblkError
+
 
 class ExitCode(enum.IntEnum):
     OK = 0
@@ -44,14 +47,9 @@ _ERRNO_CODES = {
 
 
 def to_cli_error(exc: BaseException, meta: str = "the meta device") -> CliError:
-    """Translate an engine, shim or OS exception into the one-line error a user sees.
-
-    The engine and the shim are imported late: the CLI must be able to print "no driver"
-    or "bad table" even where those packages fail to import.
-    """
+    """Translate an engine, shim or OS exception into the one-line error a user sees."""
     if isinstance(exc, CliError):
         return exc
-    import sworndisk.errors as se
     if isinstance(exc, se.DeviceBusyError):       # names the device and its holder
         return CliError(str(exc), ExitCode.BUSY)
     if isinstance(exc, se.KeyKindError):
@@ -85,21 +83,10 @@ def to_cli_error(exc: BaseException, meta: str = "the meta device") -> CliError:
 
 
 def _shim_error(exc: BaseException) -> "CliError | None":
-    try:
-        import ublk_shim
-    except ImportError:
-        return None
-    if isinstance(exc, getattr(ublk_shim, "DriverMissing", ())):
-        return CliError(DRIVER_MISSING_MESSAGE, ExitCode.NOT_FOUND)
-    if isinstance(exc, getattr(ublk_shim, "NotRoot", ())):
-        return CliError(NOT_ROOT_MESSAGE, ExitCode.PERMISSION)
-    if isinstance(exc, getattr(ublk_shim, "UblkError", ())):
-        code = _ERRNO_CODES.get(getattr(exc, "errno", 0) or 0, ExitCode.FAILED)
-        return CliError(str(exc), code)
+    if isinstance(exc, DriverMissing):
+        return CliError(str(exc), ExitCode.NOT_FOUND)
+    if isinstance(exc, NotRoot):            # one message for every refusal of root rights
+        return CliError(str(NotRoot()), ExitCode.PERMISSION)
+    if isinstance(exc, UblkError):
+        return CliError(str(exc), _ERRNO_CODES.get(exc.errno or 0, ExitCode.FAILED))
     return None
-
-
-DRIVER_MISSING_MESSAGE = (
-    "the ublk driver is not available (no /dev/ublk-control): run 'modprobe ublk_drv' as "
-    "root; the kernel needs CONFIG_BLK_DEV_UBLK=m or =y (Linux 6.0 or later)")
-NOT_ROOT_MESSAGE = "must be run as root (creating ublk devices needs CAP_SYS_ADMIN)"

@@ -6,8 +6,8 @@ options without talking to it.  The file holds no secrets: the table's key field
 always 0 and the key source is not recorded.  /run is a tmpfs, so the state goes away
 with a reboot, as the devices do.
 
-A pid alone is not proof of life (pids are reused), so the server's start time from
-/proc/<pid>/stat is stored beside it.
+A pid alone is not proof of life (pids are reused), so the server's start time
+(`ublk_shim.holders.start_time`) is stored beside it.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
+
+from ublk_shim import holders
+from ublk_shim.sys import UBLK_BLOCK_PATH
 
 DEFAULT_RUN_DIR = "/run/sworndisk"
 
@@ -44,35 +47,6 @@ def stats_path(dev_id: int) -> str:
     return os.path.join(run_dir(), f"{dev_id}.stats.json")
 
 
-def process_start_time(pid: int) -> Optional[int]:
-    """Start time of `pid` in clock ticks since boot, or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[19])          # field 22 overall: starttime
-
-
-def process_alive(pid: int, start_time: Optional[int]) -> bool:
-    """True if `pid` is running and is the process that was started at `start_time`."""
-    if pid <= 0:
-        return False
-    now = process_start_time(pid)
-    if now is None:
-        return False
-    if start_time is not None and now != start_time:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            status = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return status != b"Z"
-
-
 @dataclass
 class DeviceState:
     """What a running (or crashed) server left behind for the other commands."""
@@ -94,10 +68,10 @@ class DeviceState:
 
     @property
     def dev_path(self) -> str:
-        return f"/dev/ublkb{self.dev_id}"
+        return UBLK_BLOCK_PATH.format(self.dev_id)
 
     def server_alive(self) -> bool:
-        return process_alive(self.pid, self.pid_start)
+        return holders.pid_alive(self.pid, self.pid_start)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

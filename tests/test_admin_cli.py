@@ -13,13 +13,14 @@ import types
 
 import pytest
 
+import ublk_shim
 from sworndisk import SwornDisk
 from sworndisk.device import create_image
 from sworndisk_ublk import cli, keys
 from sworndisk_ublk.errors import CliError, ExitCode
 
 from .conftest import KEY16, OTHER16
-from .test_cli import FakeUblkServer, fake_driver, run_dir, shim_or_skip  # noqa: F401 (fixtures)
+from .test_cli import FakeUblkServer, fake_driver, run_dir  # noqa: F401 (fixtures)
 
 MiB = 1 << 20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,8 +150,7 @@ def test_passphrases_from_a_pipe_in_a_real_process(disk):
 
 def test_status_of_a_running_device(capsys, tmp_path, fake_driver, monkeypatch, run_dir):
     """`add --anchor` for real up to the kernel (fake ublk server), then status."""
-    shim, _ = shim_or_skip()
-    monkeypatch.setattr(shim, "UblkServer", FakeUblkServer)
+    monkeypatch.setattr(ublk_shim, "UblkServer", FakeUblkServer)
     data, meta = str(tmp_path / "data.img"), str(tmp_path / "meta.img")
     create_image(data, 64 * MiB)
     create_image(meta, SwornDisk.min_meta_size(64 * MiB))

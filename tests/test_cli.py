@@ -1,7 +1,7 @@
 """Native tests of sworndisk-ublk (no VM): table, keys, state, target, CLI errors, daemon.
 
-The ublk driver is not needed: where a test goes past the driver check it points
-commands.CONTROL_DEVICE at an ordinary file, and the daemon test replaces the shim's
+The ublk driver is not needed: where a test goes past the driver check it points the
+shim's UBLK_CONTROL_PATH at an ordinary file, and the daemon test replaces the shim's
 UblkServer with an in-process fake (fork inherits the replacement).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import pty
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -21,8 +22,13 @@ import types
 
 import pytest
 
+import ublk_shim
+from sworndisk import IntegrityError, MemoryDevice, NoSpaceError, SwornDisk
 from sworndisk_ublk import cli, commands, keys, state, table as tbl
 from sworndisk_ublk.errors import CliError, ExitCode
+from sworndisk_ublk.target import SwornDiskTarget
+from ublk_shim import ctrl, holders
+from ublk_shim import sys as uapi
 
 from .owner_process import digest, mark_of, own, path_forms
 
@@ -52,7 +58,7 @@ def fake_driver(tmp_path, monkeypatch):
     """Pretend /dev/ublk-control exists (the checks only look for the file)."""
     ctl = tmp_path / "ublk-control"
     ctl.write_bytes(b"")
-    monkeypatch.setattr(commands, "CONTROL_DEVICE", str(ctl))
+    monkeypatch.setattr(uapi, "UBLK_CONTROL_PATH", str(ctl))
     return ctl
 
 
@@ -61,14 +67,6 @@ def run_cli(capsys, *argv):
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return code, out, err
-
-
-def engine_or_skip():
-    try:
-        from sworndisk import SwornDisk
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"engine not available: {e}")
-    return SwornDisk
 
 
 # --- table --------------------------------------------------------------------------------
@@ -225,7 +223,7 @@ def test_key_sources_become_the_engines_arguments():
 
 def make_state(dev_id=3, pid=None, **kw):
     pid = os.getpid() if pid is None else pid
-    base = dict(dev_id=dev_id, pid=pid, pid_start=state.process_start_time(pid),
+    base = dict(dev_id=dev_id, pid=pid, pid_start=holders.start_time(pid),
                 table="0 8 sworndisk /d /m 0 true", data="/d", meta="/m", size=4096,
                 recoverable=False, queues=1, depth=64, log="/x.log")
     base.update(kw)
@@ -250,14 +248,6 @@ def test_state_ignores_garbage(run_dir):
     (run_dir / "7.json").write_text("{not json")
     (run_dir / "notes.json").write_text("{}")
     assert state.load_all() == []
-
-
-def test_process_alive():
-    me = os.getpid()
-    assert state.process_alive(me, state.process_start_time(me))
-    assert not state.process_alive(me, state.process_start_time(me) + 1)   # pid reused
-    assert not state.process_alive(2 ** 22 + 12345, None)
-    assert not state.process_alive(0, None)
 
 
 # --- CLI errors ---------------------------------------------------------------------------
@@ -286,12 +276,13 @@ def test_cli_table_from_stdin(capsys, monkeypatch, tmp_path):
 
 
 def test_cli_no_driver(capsys, images, tmp_path, monkeypatch):
-    monkeypatch.setattr(commands, "CONTROL_DEVICE", str(tmp_path / "no-ublk-control"))
+    monkeypatch.setattr(uapi, "UBLK_CONTROL_PATH", str(tmp_path / "no-ublk-control"))
     data, meta = images
     code, _, err = run_cli(capsys, "add", f"0 8 sworndisk {data} {meta} 0 force")
     assert code == ExitCode.NOT_FOUND
-    assert "modprobe ublk_drv" in err and "CONFIG_BLK_DEV_UBLK" in err
-    assert len(err.strip().splitlines()) == 1
+    assert err == ("sworndisk-ublk: error: the ublk driver is not available (no "
+                   "/dev/ublk-control): run 'modprobe ublk_drv' as root; the kernel needs "
+                   "CONFIG_BLK_DEV_UBLK=m or =y (Linux 6.0 or later)\n")
 
 
 def test_cli_not_root(capsys, images, fake_driver, monkeypatch):
@@ -301,6 +292,32 @@ def test_cli_not_root(capsys, images, fake_driver, monkeypatch):
                  ["recover", "-n", "0"]):
         code, _, err = run_cli(capsys, *argv)
         assert code == ExitCode.PERMISSION and "root" in err, argv
+
+
+def test_del_refuses_a_device_in_use_and_leaves_its_server_alone(capsys, fake_driver,
+                                                                monkeypatch):
+    """The policy is the CLI's (the shim stops whatever it is told to): while anything
+    uses the device, `del` says who in one line, exits BUSY and signals no server."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(ctrl, "device_exists", lambda dev_id: dev_id == 7)
+    asked = []
+
+    def users(path):
+        asked.append(path)
+        return ["mounted on /mnt", "open by pid 123 (dd)"]
+
+    monkeypatch.setattr(holders, "block_users", users)
+    server = subprocess.Popen(["sleep", "60"])
+    try:
+        state.save(make_state(dev_id=7, pid=server.pid))
+        code, out, err = run_cli(capsys, "del", "/dev/ublkb7")
+        assert (code, out) == (ExitCode.BUSY, "") and asked == ["/dev/ublkb7"]
+        assert err == ("sworndisk-ublk: error: /dev/ublkb7 is busy: mounted on /mnt, open by "
+                       "pid 123 (dd); unmount or close it first\n")
+        assert server.poll() is None and state.load(7) is not None
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_cli_usage_errors_are_one_line(capsys):
@@ -339,7 +356,6 @@ def test_cli_list_cleans_stale_state(capsys, run_dir):
 
 
 def test_cli_meta_too_small(capsys, tmp_path, fake_driver):
-    engine_or_skip()
     data, meta = tmp_path / "d", tmp_path / "m"
     data.write_bytes(b"")
     os.truncate(data, 64 * MiB)
@@ -353,7 +369,6 @@ def test_cli_meta_too_small(capsys, tmp_path, fake_driver):
 # --- volume (engine rules) ----------------------------------------------------------------
 
 def sized_images(tmp_path, data_size=32 * MiB):
-    SwornDisk = engine_or_skip()
     data, meta = str(tmp_path / "d.img"), str(tmp_path / "m.img")
     need = SwornDisk.min_meta_size(data_size, data_size // 4096)
     for p, n in ((data, data_size), (meta, (need + 4095) // 4096 * 4096)):
@@ -413,15 +428,6 @@ def test_passphrase_disks_open_with_their_passphrase(tmp_path):
 
 # --- target -------------------------------------------------------------------------------
 
-def shim_or_skip():
-    try:
-        import ublk_shim
-        from sworndisk_ublk.target import SwornDiskTarget
-    except ImportError as e:
-        pytest.skip(f"ublk_shim not available: {e}")
-    return ublk_shim, SwornDiskTarget
-
-
 def req(op, offset, length, fua=False):
     return types.SimpleNamespace(op=op, offset=offset, length=length, fua=fua, tag=0, q_id=0)
 
@@ -468,20 +474,19 @@ class FakeDisk:
 
 
 def test_target_maps_requests_to_engine_calls():
-    shim, Target = shim_or_skip()
     disk = FakeDisk()
-    t = Target(disk)
+    t = SwornDiskTarget(disk)
     assert t.size == 16 * 4096
     buf = memoryview(bytearray(8192))
     buf[:] = b"a" * 8192
-    assert t.handle(req(shim.OP_WRITE, 4096, 8192, fua=True), buf) == 8192
+    assert t.handle(req(ublk_shim.OP_WRITE, 4096, 8192, fua=True), buf) == 8192
     out = memoryview(bytearray(8192))
-    assert t.handle(req(shim.OP_READ, 4096, 8192), out) == 8192 and bytes(out) == b"a" * 8192
-    assert t.handle(req(shim.OP_FLUSH, 0, 0), buf) == 0
-    assert t.handle(req(shim.OP_FLUSH, 4095 * 512, 0), buf) == 0     # the sector is garbage
-    assert t.handle(req(shim.OP_DISCARD, 8192, 4096), buf) == 0
-    assert t.handle(req(shim.OP_WRITE_ZEROES, 0, 4096), buf) == 0
-    assert t.handle(req(shim.OP_READ, 512, 4096), out) == -errno.EINVAL
+    assert t.handle(req(ublk_shim.OP_READ, 4096, 8192), out) == 8192 and bytes(out) == b"a" * 8192
+    assert t.handle(req(ublk_shim.OP_FLUSH, 0, 0), buf) == 0
+    assert t.handle(req(ublk_shim.OP_FLUSH, 4095 * 512, 0), buf) == 0     # the sector is garbage
+    assert t.handle(req(ublk_shim.OP_DISCARD, 8192, 4096), buf) == 0
+    assert t.handle(req(ublk_shim.OP_WRITE_ZEROES, 0, 4096), buf) == 0
+    assert t.handle(req(ublk_shim.OP_READ, 512, 4096), out) == -errno.EINVAL
     assert disk.calls == [("write", 1, 8192), ("flush",), ("read", 1, 2), ("flush",),
                           ("flush",), ("discard", 2, 1), ("discard", 0, 1)]
     t.idle()
@@ -492,40 +497,34 @@ def test_target_maps_requests_to_engine_calls():
 
 
 def test_target_error_mapping(caplog):
-    shim, Target = shim_or_skip()
-    from sworndisk import IntegrityError, NoSpaceError
     disk = FakeDisk()
-    t = Target(disk)
+    t = SwornDiskTarget(disk)
     buf = memoryview(bytearray(4096))
     for exc, res in ((IntegrityError("mac"), -errno.EIO), (NoSpaceError("full"), -errno.ENOSPC),
                      (OSError(errno.EROFS, "ro"), -errno.EROFS), (KeyError("x"), -errno.EIO),
                      (KeyError("y"), -errno.EIO)):
         disk.fail = exc
-        assert t.handle(req(shim.OP_WRITE, 0, 4096), buf) == res
+        assert t.handle(req(ublk_shim.OP_WRITE, 0, 4096), buf) == res
     assert sum("KeyError" in r.getMessage() for r in caplog.records) == 1   # logged once
     assert t.handle(req(99, 0, 4096), buf) == -errno.EOPNOTSUPP
 
 
 def test_target_without_background_hook_is_idle():
-    shim, Target = shim_or_skip()
-    t = Target(types.SimpleNamespace(nr_blocks=1, close=lambda: None))
+    t = SwornDiskTarget(types.SimpleNamespace(nr_blocks=1, close=lambda: None))
     t.idle()                                  # no background_step: nothing to do
 
 
 def test_target_with_the_real_engine():
-    shim, Target = shim_or_skip()
-    SwornDisk = engine_or_skip()
-    from sworndisk import MemoryDevice
     data = MemoryDevice(32 * MiB)
     meta = MemoryDevice((SwornDisk.min_meta_size(32 * MiB) + 4095) // 4096 * 4096)
-    t = Target(SwornDisk.create(data, meta, bytes(16)))
+    t = SwornDiskTarget(SwornDisk.create(data, meta, bytes(16)))
     buf = memoryview(bytearray(b"z" * 8192))
-    assert t.handle(req(shim.OP_WRITE, 0, 8192), buf) == 8192
+    assert t.handle(req(ublk_shim.OP_WRITE, 0, 8192), buf) == 8192
     buf[:] = bytes(8192)                      # the shim reuses its buffer
     out = memoryview(bytearray(8192))
-    assert t.handle(req(shim.OP_READ, 0, 8192), out) == 8192 and bytes(out) == b"z" * 8192
-    assert t.handle(req(shim.OP_DISCARD, 0, 4096), buf) == 0
-    t.handle(req(shim.OP_READ, 0, 8192), out)
+    assert t.handle(req(ublk_shim.OP_READ, 0, 8192), out) == 8192 and bytes(out) == b"z" * 8192
+    assert t.handle(req(ublk_shim.OP_DISCARD, 0, 4096), buf) == 0
+    t.handle(req(ublk_shim.OP_READ, 0, 8192), out)
     assert bytes(out) == bytes(4096) + b"z" * 4096
     assert isinstance(t.stats(), dict)
     t.close()
@@ -555,19 +554,18 @@ class FakeUblkServer:
     def wait(self):
         self.stopped.wait()
 
-    def stop(self, *, force=False):
+    def stop(self):
         if not self.stopped.is_set():
             self.stopped.set()
             self.target.close()
 
-    def delete(self, *, force=False, timeout=10.0):
+    def delete(self, *, timeout=10.0, wait=True):
         self.stop()
 
 
 def test_daemon_lifecycle(capsys, tmp_path, fake_driver, monkeypatch, run_dir):
-    shim, _ = shim_or_skip()
     data, meta = sized_images(tmp_path)
-    monkeypatch.setattr(shim, "UblkServer", FakeUblkServer)
+    monkeypatch.setattr(ublk_shim, "UblkServer", FakeUblkServer)
     keyfile = tmp_path / "key"
     keyfile.write_text(KEY_HEX + "\n")
     table = f"0 {32 * MiB // 512} sworndisk {data} {meta} 0 force"
@@ -596,9 +594,8 @@ def test_daemon_lifecycle(capsys, tmp_path, fake_driver, monkeypatch, run_dir):
 
 
 def test_daemon_reports_shim_errors(capsys, tmp_path, fake_driver, monkeypatch):
-    shim, _ = shim_or_skip()
     data, meta = sized_images(tmp_path)
-    monkeypatch.setattr(shim, "UblkServer", FakeUblkServer)
+    monkeypatch.setattr(ublk_shim, "UblkServer", FakeUblkServer)
     monkeypatch.setattr(FakeUblkServer, "fail_add", OSError(errno.EBUSY, "Device or resource busy"))
     keyfile = tmp_path / "key"
     keyfile.write_bytes(bytes(32))
@@ -617,8 +614,7 @@ QUESTION = "Are you sure? (Type 'yes' in capital letters): "
 def served(tmp_path, fake_driver, monkeypatch):
     """`add` runs for real up to the kernel: root, a fake driver, a fake ublk server (forked
     children inherit them). Gives the key file; a device left behind is deleted."""
-    shim, _ = shim_or_skip()
-    monkeypatch.setattr(shim, "UblkServer", FakeUblkServer)
+    monkeypatch.setattr(ublk_shim, "UblkServer", FakeUblkServer)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     keyfile = tmp_path / "key"
     keyfile.write_text(KEY_HEX + "\n")
@@ -720,7 +716,6 @@ def run_on_terminal(answer, *argv, timeout=120.0):
 @pytest.fixture
 def existing(tmp_path):
     """Images holding a SwornDisk whose block 3 is written."""
-    SwornDisk = engine_or_skip()
     data, meta = sized_images(tmp_path)
     with SwornDisk.create(data, meta, bytes.fromhex(KEY_HEX)) as disk:
         disk.write(3, b"x" * 4096)
@@ -728,7 +723,6 @@ def existing(tmp_path):
 
 
 def block3(data, meta) -> bytes:
-    from sworndisk import SwornDisk
     with SwornDisk.open(data, meta, bytes.fromhex(KEY_HEX)) as disk:
         return disk.read(3, 1)
 
@@ -752,7 +746,6 @@ def test_cli_add_of_an_owned_disk_is_one_busy_line(capsys, tmp_path, served):
         assert digest(data, meta) == before, "a refused add wrote to the images"
     finally:
         owner.release()
-    from sworndisk import SwornDisk
     with SwornDisk.open(data, meta, bytes.fromhex(KEY_HEX)) as disk:
         assert mark_of(disk.read(0, 1)) == "owner"
 
@@ -761,8 +754,7 @@ def test_cli_add_refused_by_its_server_when_the_owner_came_after_the_check(
         capsys, tmp_path, served, monkeypatch):
     """The early check is a hint; the server's open is the lock that counts: an owner that
     appears between the two still wins, and `add` says so in one line."""
-    import sworndisk.device
-    monkeypatch.setattr(sworndisk.device, "check_unowned", lambda path, what: None)
+    monkeypatch.setattr(commands, "check_unowned", lambda path, what: None)
     data, meta = sized_images(tmp_path)
     owner = own("create", data, meta)
     try:
@@ -778,7 +770,6 @@ def test_cli_add_refused_by_its_server_when_the_owner_came_after_the_check(
 
 
 def test_racing_adds_exactly_one_wins(tmp_path, served):
-    SwornDisk = engine_or_skip()
     data, meta = sized_images(tmp_path)
     forms = path_forms(tmp_path, data, meta)
     gun_r, gun_w = os.pipe()

@@ -17,6 +17,7 @@ import types
 import pytest
 
 import ublk_shim
+from ublk_shim import ctrl
 from sworndisk import MemoryDevice, SwornDisk
 from sworndisk_ublk import restore, state, wlog
 from sworndisk_ublk.restore import MAX_COMMITS_PER_CALL, RestoreOutcome
@@ -473,7 +474,6 @@ def test_close_commits_and_leaves_an_empty_log(rig):
 def test_recover_reports_a_lost_log_and_list_shows_it(capsys, tmp_path, fake_driver,
                                                        monkeypatch, run_dir):
     from tests.test_cli import FakeUblkServer, KEY_HEX, run_cli, sized_images
-    from sworndisk_ublk import commands
 
     class RecoverableFake(FakeUblkServer):
         @classmethod
@@ -482,7 +482,7 @@ def test_recover_reports_a_lost_log_and_list_shows_it(capsys, tmp_path, fake_dri
 
     data, meta = sized_images(tmp_path)
     monkeypatch.setattr(ublk_shim, "UblkServer", RecoverableFake)
-    monkeypatch.setattr(commands, "device_exists", lambda dev_id: True)
+    monkeypatch.setattr(ctrl, "device_exists", lambda dev_id: True)
     keyfile = tmp_path / "key"
     keyfile.write_text(KEY_HEX + "\n")
     table = f"0 {32 * MiB // 512} sworndisk {data} {meta} 0 force"
@@ -519,7 +519,7 @@ def test_recover_reports_a_lost_log_and_list_shows_it(capsys, tmp_path, fake_dri
     assert KEY_HEX not in "".join(p.read_text(errors="replace") for p in run_dir.iterdir()
                                   if p.suffix in (".json", ".log"))
 
-    monkeypatch.setattr(commands, "device_exists", lambda dev_id: False)
+    monkeypatch.setattr(ctrl, "device_exists", lambda dev_id: False)
     code, _, err = run_cli(capsys, "del", "-n", "7")
     assert code == 0, err
     assert not wlog_file.exists() and not (run_dir / "7.lost.json").exists()

@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from ublk_shim import ctrl
+from ublk_shim.sys import block_dev_id
+
 REPO = Path(__file__).resolve().parent.parent
-CONTROL = "/dev/ublk-control"
 CLI = [sys.executable, "-m", "sworndisk_ublk"]
 # name -> content, or the size of random content
 FILES = {"hello.txt": b"Hello from SwornDisk!\n", "random-1m.bin": 1 << 20,
@@ -56,12 +58,12 @@ def swd(*args: str, capture: bool = False, check: bool = True) -> subprocess.Com
 # --- where to run ---------------------------------------------------------------------------
 
 def ublk_available() -> bool:
-    if os.path.exists(CONTROL):
+    if ctrl.driver_available():
         return True
     if os.geteuid() == 0:
         subprocess.run(["modprobe", "ublk_drv"], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
-    return os.path.exists(CONTROL)
+    return ctrl.driver_available()
 
 
 def run_in_vm(argv: List[str]) -> int:
@@ -95,13 +97,13 @@ def make_images(work: Path, size: int) -> tuple:
 def add(data: Path, meta: Path, key: Path, size: int, fmt: str) -> str:
     table = f"0 {size // 512} sworndisk {data} {meta} 0 {fmt}"
     dev = swd("add", "--key-file", str(key), table, capture=True).stdout.strip()
-    if not dev.startswith("/dev/ublkb"):
+    if block_dev_id(dev) is None:
         raise DemoError(f"unexpected output from add: {dev!r}")
     return dev
 
 
 def dev_number(dev: str) -> str:
-    return dev[len("/dev/ublkb"):]
+    return str(block_dev_id(dev))
 
 
 def ensure_ext4() -> None:

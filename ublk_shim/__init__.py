@@ -6,7 +6,8 @@
 
 Layout (after libublk-rs): `sys` raw UAPI, `uring` the io_uring binding, `ctrl` the control
 plane, `queue` the data plane, `target` the Target interface and reference targets,
-`server` the device lifecycle. See docs/ublk_shim.md.
+`server` the device lifecycle; host plumbing shared with the engine and the CLI: `blockio`
+(block I/O on a file or block device), `holders` (who uses a device). See docs/ublk_shim.md.
 """
 from . import ctrl
 from .ctrl import DeviceParams, DevInfo

@@ -8,18 +8,22 @@
 
 null/loop print "/dev/ublkbN" once the device exists, serve until SIGTERM/SIGINT or until
 the device is deleted from elsewhere, then stop + delete it and print one stats line.
-A SIGTERM while the device is mounted is refused (printed); a second one forces.
+A SIGTERM while the device is mounted is refused (printed); a second one forces. `del`
+refuses a mounted device too, unless --force: that policy is this runner's, not the
+shim's (UblkServer and ctrl stop and delete whatever they are told to).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import re
 import signal
 import sys
 import threading
 
-from . import ctrl
+from . import ctrl, holders
+from . import sys as uapi
 from .errors import UblkError
 from .server import UblkServer
 from .target import LoopTarget, NullTarget, Target
@@ -35,6 +39,15 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
+def _refuse_if_used(dev_id: int) -> None:
+    """UblkError(EBUSY) if /dev/ublkbN or a partition is mounted or held by another block
+    device. Programs that merely have it open are not asked: DEL_DEV waits for them."""
+    users = holders.block_users(uapi.UBLK_BLOCK_PATH.format(dev_id), with_openers=False)
+    if users:
+        raise UblkError(errno.EBUSY, f"ublk {dev_id} is in use ({'; '.join(users)}): "
+                                     "unmount/release it first")
+
+
 def _serve(target: Target, args: argparse.Namespace) -> int:
     if args.recover is not None:
         server = UblkServer.recover(target, args.recover)
@@ -46,7 +59,7 @@ def _serve(target: Target, args: argparse.Namespace) -> int:
         try:
             server.start()
         except BaseException:
-            server.delete(force=True)
+            server.delete()
             raise
     print(server.block_path, flush=True)
 
@@ -63,7 +76,9 @@ def _serve(target: Target, args: argparse.Namespace) -> int:
         if wake.is_set():
             wake.clear()
             try:
-                server.delete(force=len(requests) > 1)
+                if len(requests) == 1:         # the second signal forces
+                    _refuse_if_used(server.dev_id)
+                server.delete()
                 break
             except UblkError as e:
                 if server.state == "deleted":
@@ -72,7 +87,7 @@ def _serve(target: Target, args: argparse.Namespace) -> int:
                       flush=True)
     # The queues ended without us: the device was stopped or deleted from elsewhere. Remove
     # what is left without waiting for its other openers (that is the deleter's business).
-    server.delete(force=True, wait=False)
+    server.delete(wait=False)
     stats = " ".join(f"{k}={v}" for k, v in server.stats().items())
     print(f"ublk {server.dev_id} stats: {stats}", flush=True)
     return 0
@@ -112,7 +127,9 @@ def main(argv=None) -> int:
         if args.cmd == "loop":
             return _serve(LoopTarget(args.file), args)
         if args.cmd == "del":
-            ctrl.delete_device(args.dev_id, force=args.force, timeout=args.timeout)
+            if not args.force:
+                _refuse_if_used(args.dev_id)
+            ctrl.delete_device(args.dev_id, timeout=args.timeout)
             return 0
         for info in ctrl.list_devices():
             print(info.describe())

@@ -77,9 +77,7 @@ def path_size(path: str) -> int:
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if uapi.libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    uapi.check_syscall(uapi.libc.fallocate(fd, mode, offset, length), "fallocate")
 
 
 class BlockFile:

@@ -5,8 +5,11 @@
     ctrl.list_devices() -> [DevInfo, ...]
     ctrl.get_dev_info(dev_id) -> DevInfo
     ctrl.get_params(dev_id) -> DeviceParams
-    ctrl.stop_device(dev_id)                 # refuses while mounted/held, unless force=True
+    ctrl.stop_device(dev_id)
     ctrl.delete_device(dev_id, timeout=10)   # never hangs: see delete()
+
+Mechanism only: nothing here refuses a device that is mounted or open; whether that is
+allowed is the caller's policy (`holders.block_users` says who uses a device).
 
 Every command is an IORING_OP_URING_CMD on a private 128-byte-SQE ring (the 32-byte
 `ublksrv_ctrl_cmd` does not fit a 64-byte SQE, and the driver rejects it with EINVAL).
@@ -32,8 +35,9 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
+from . import holders
 from . import sys as uapi
 from .errors import DriverMissing, NotRoot, UblkError
 from .uring import Ring
@@ -318,6 +322,7 @@ class Control:
         before that), which returns right after the removal.
         """
         what = f"delete ublk {dev_id}"
+        devices = holders.block_devices(uapi.UBLK_BLOCK_PATH.format(dev_id))   # while it exists
         if not wait:
             try:
                 self.command(uapi.UBLK_CMD_DEL_DEV_ASYNC, dev_id, timeout=timeout, what=what)
@@ -330,9 +335,9 @@ class Control:
         except UblkError as e:
             if e.errno not in (errno.ETIMEDOUT, errno.EINTR):
                 raise
-            holders = users(dev_id, openers=True) or ["a program"]
+            users = [holders.describe(pid) for pid in holders.openers(devices)] or ["a program"]
             raise UblkError(errno.EBUSY,
-                            f"ublk {dev_id} was removed, but {', '.join(holders)} still holds "
+                            f"ublk {dev_id} was removed, but {', '.join(users)} still holds "
                             "it open; its number is freed when that is closed") from None
 
     def start_dev(self, dev_id: int, pid: int, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -383,79 +388,19 @@ class Control:
 
 
 # --------------------------------------------------------------------------------------------
-# Who is using a device (so that stop/del can refuse instead of ripping a mounted fs away)
-# --------------------------------------------------------------------------------------------
-
-def users(dev_id: int, *, openers: bool = False) -> List[str]:
-    """Who uses /dev/ublkbN or its partitions: mount points and stacked holders (dm, md),
-    and with `openers` also processes with the node open (a /proc scan, like fuser).
-
-    Mounts and holders make stop/del refuse; plain openers never block STOP_DEV (their I/O
-    fails afterwards), DEL_DEV only waits for them.
-    """
-    name = f"ublkb{dev_id}"
-    sysdir = f"/sys/block/{name}"
-    found: List[str] = []
-    devnums: Dict[str, str] = {}
-    parts = [sysdir] + glob.glob(f"{sysdir}/{name}p*") if os.path.isdir(sysdir) else []
-    for part in parts:
-        pname = os.path.basename(part)
-        try:
-            with open(f"{part}/dev") as f:
-                devnums[f.read().strip()] = pname
-            found += [f"{pname} is held by {h}" for h in sorted(os.listdir(f"{part}/holders"))]
-        except OSError:
-            continue
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[2] in devnums:
-                    found.append(f"{devnums[fields[2]]} is mounted on {_unescape(fields[4])}")
-    except OSError:
-        pass
-    if openers:
-        found += _openers({f"/dev/{n}" for n in devnums.values()} | {f"/dev/{name}"})
-    return found
-
-
-def _openers(paths: set) -> List[str]:
-    me = os.getpid()
-    out = []
-    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
-        pid = int(fd_dir.split("/")[2])
-        if pid == me:
-            continue
-        try:
-            # A removed node reads back as "/dev/ublkbN (deleted)".
-            if any(os.readlink(f"{fd_dir}/{fd}").replace(" (deleted)", "") in paths
-                   for fd in os.listdir(fd_dir)):
-                with open(f"/proc/{pid}/comm") as f:
-                    out.append(f"pid {pid} ({f.read().strip()})")
-        except OSError:
-            continue
-    return out
-
-
-def _unescape(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
-def check_unused(dev_id: int) -> None:
-    """Raise UblkError(EBUSY) if the device is mounted or held by another block device."""
-    busy = users(dev_id)
-    if busy:
-        raise UblkError(errno.EBUSY, f"ublk {dev_id} is in use ({'; '.join(busy)}): "
-                                     "unmount/release it first")
-
-
-# --------------------------------------------------------------------------------------------
 # Module-level helpers (each opens /dev/ublk-control for one call)
 # --------------------------------------------------------------------------------------------
 
 def driver_available() -> bool:
     """True if /dev/ublk-control exists (the driver is loaded)."""
     return os.path.exists(uapi.UBLK_CONTROL_PATH)
+
+
+def device_exists(dev_id: int) -> bool:
+    """The kernel still has ublk device N: its disk, or its char device while it has none
+    (added but not started, or stopped but not deleted)."""
+    return (os.path.exists(f"/sys/block/ublkb{dev_id}")
+            or os.path.exists(f"/sys/class/ublk-char/ublkc{dev_id}"))
 
 
 def device_ids() -> List[int]:
@@ -488,33 +433,19 @@ def get_params(dev_id: int) -> DeviceParams:
         return c.get_params(dev_id)
 
 
-def get_features() -> Optional[int]:
-    """UBLK_F_* the driver supports (GET_FEATURES), or None before Linux 6.5."""
-    with Control() as c:
-        return c.features
-
-
-def stop_device(dev_id: int, *, force: bool = False, timeout: float = DEFAULT_TIMEOUT) -> None:
-    """STOP_DEV: /dev/ublkbN disappears and its server's queues wind down.
-
-    Refuses (UblkError EBUSY) while the device is mounted or held, unless `force`.
-    Programs that merely have the node open get I/O errors afterwards.
-    """
-    if not force:
-        check_unused(dev_id)
+def stop_device(dev_id: int, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """STOP_DEV: /dev/ublkbN disappears and its server's queues wind down. A file system
+    mounted on it, and programs that have it open, get I/O errors afterwards."""
     with Control() as c:
         c.stop_dev(dev_id, timeout)
 
 
-def delete_device(dev_id: int, *, force: bool = False, timeout: float = 10.0,
-                  wait: bool = True) -> None:
+def delete_device(dev_id: int, *, timeout: float = 10.0, wait: bool = True) -> None:
     """DEL_DEV (stops the device first if needed; its server then winds down and exits).
 
-    Refuses while mounted/held unless `force`; waits at most `timeout` seconds for the
-    server and other openers to let go and then raises UblkError(EBUSY) naming them (the
-    device is gone by then, only its number stays reserved). wait=False: DEL_DEV_ASYNC.
+    Waits at most `timeout` seconds for the server and other openers to let go and then
+    raises UblkError(EBUSY) naming them (the device is gone by then, only its number stays
+    reserved). wait=False: DEL_DEV_ASYNC.
     """
-    if not force:
-        check_unused(dev_id)
     with Control() as c:
         c.del_dev(dev_id, timeout, wait=wait)

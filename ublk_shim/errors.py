@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from .sys import UBLK_CONTROL_PATH
+
 
 class UblkError(OSError):
     """A ublk operation failed; `errno` is the kernel's (or ours), str() is one line."""
@@ -26,14 +28,16 @@ class UblkError(OSError):
 class DriverMissing(UblkError):
     """/dev/ublk-control does not exist: the ublk driver is not loaded or not built."""
 
-    def __init__(self, path: str = "/dev/ublk-control"):
+    def __init__(self, path: str = UBLK_CONTROL_PATH):
         super().__init__(_errno.ENODEV,
-                         f"{path} not found: load the ublk driver with `modprobe ublk_drv` "
-                         "(needs Linux >= 6.0 built with CONFIG_BLK_DEV_UBLK)")
+                         f"the ublk driver is not available (no {path}): run 'modprobe "
+                         "ublk_drv' as root; the kernel needs CONFIG_BLK_DEV_UBLK=m or =y "
+                         "(Linux 6.0 or later)")
 
 
 class NotRoot(UblkError):
     """The caller lacks the privilege ublk requires (root, CAP_SYS_ADMIN)."""
 
-    def __init__(self, message: str = "ublk needs root (CAP_SYS_ADMIN): run as root"):
+    def __init__(self, message: str = "must be run as root (creating ublk devices needs "
+                                      "CAP_SYS_ADMIN)"):
         super().__init__(_errno.EPERM, message)

@@ -18,8 +18,9 @@ import os
 import time
 from typing import Dict, List, Optional
 
+from . import holders
 from . import sys as uapi
-from .ctrl import DEFAULT_TIMEOUT, Control, DeviceParams, DevInfo, check_unused
+from .ctrl import DEFAULT_TIMEOUT, Control, DeviceParams, DevInfo
 from .errors import UblkError
 from .queue import Queue
 from .target import OP_NAMES, Target
@@ -164,16 +165,13 @@ class UblkServer:
                     return False
         return True
 
-    def stop(self, *, force: bool = False) -> None:
+    def stop(self) -> None:
         """STOP_DEV, wait for the queues to wind down, target.close(). Idempotent.
 
-        Refuses with UblkError(EBUSY) while /dev/ublkbN is mounted or held by another block
-        device (the device keeps running), unless `force`. Programs that merely have the
-        node open do not block it; their later I/O fails.
+        A file system mounted on /dev/ublkbN, and programs that have it open, get I/O
+        errors afterwards: refusing to stop a device in use is the caller's policy.
         """
         if self._state == _STARTED:
-            if not force:
-                check_unused(self.dev_id)
             try:
                 self._ctrl.stop_dev(self.dev_id, self.timeout)
             except UblkError as e:
@@ -185,14 +183,14 @@ class UblkServer:
             self._state = _STOPPED
         self._release()
 
-    def delete(self, *, force: bool = False, timeout: float = 10.0, wait: bool = True) -> None:
+    def delete(self, *, timeout: float = 10.0, wait: bool = True) -> None:
         """stop() if needed, then DEL_DEV. Idempotent; a device already deleted elsewhere is
         fine. Waits at most `timeout` s for other openers of the device to let go, then
         raises UblkError(EBUSY) (the device is gone; only its number stays reserved).
         wait=False returns right after the removal (DEL_DEV_ASYNC where available)."""
         if self._state in (_NEW, _DELETED):
             return
-        self.stop(force=force)
+        self.stop()
         try:
             self._ctrl.del_dev(self.dev_id, timeout, wait=wait)
         except UblkError as e:
@@ -347,21 +345,12 @@ def _check_recoverable(info: DevInfo, nr_queues: Optional[int],
                        queue_depth: Optional[int]) -> None:
     if not info.recoverable:
         raise UblkError(errno.EINVAL, f"ublk {info.dev_id} was not added as recoverable")
-    if info.state == uapi.UBLK_S_DEV_LIVE and info.pid > 0 and _pid_alive(info.pid):
+    if info.state == uapi.UBLK_S_DEV_LIVE and holders.pid_alive(info.pid):
         raise UblkError(errno.EBUSY, f"ublk {info.dev_id} is live, served by pid {info.pid}")
     for name, want, have in (("queues", nr_queues, info.nr_queues),
                              ("queue depth", queue_depth, info.queue_depth)):
         if want is not None and want != have:
             raise UblkError(errno.EINVAL, f"ublk {info.dev_id} has {have} {name}, not {want}")
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if `pid` runs (a zombie has already released its ublk files: not alive)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _wait_for_node(path: str) -> None:

@@ -14,7 +14,7 @@ import ctypes.util
 import errno
 import os
 import struct
-from typing import List, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 # --------------------------------------------------------------------------------------------
 # libc and raw syscalls
@@ -140,6 +140,13 @@ assert SQE_HEAD.size == SQE_CMD_OFFSET and CQE.size == CQE_SIZE
 UBLK_CONTROL_PATH = "/dev/ublk-control"
 UBLK_CHAR_PATH = "/dev/ublkc{}"
 UBLK_BLOCK_PATH = "/dev/ublkb{}"
+
+
+def block_dev_id(path: str) -> Optional[int]:
+    """N of /dev/ublkbN (or of its name, ublkbN); None for any other path."""
+    name, prefix = os.path.basename(path), os.path.basename(UBLK_BLOCK_PATH.format(""))
+    digits = name[len(prefix):]
+    return int(digits) if name.startswith(prefix) and digits.isdigit() else None
 
 _IOC_WRITE = 1
 _IOC_READ = 2

@@ -198,7 +198,8 @@ class LoopTarget(Target):
                 write = req.op == OP_WRITE
                 ring.prep(uapi.IORING_OP_WRITE if write else uapi.IORING_OP_READ,
                           fd=self.file.fd, off=req.offset, addr=buffer_address(buf),
-                          length=req.length, op_flags=os.RWF_DSYNC if write and req.fua else 0, user_data=i)
+                          length=req.length, op_flags=os.RWF_DSYNC if write and req.fua else 0,
+                          user_data=i)
             for i, res, _flags in ring.complete(len(chunk)):
                 out[i] = res
 
