@@ -294,8 +294,8 @@ def check(data: str, meta: str, *, key_file: Optional[str], data_blocks: bool) -
 
 
 def format_check(data: str, meta: str, report: Any) -> str:
-    checked = ", ".join(f"{n} {what}" for what, n in report.checked.items())
-    lines = [f"checked {meta} and {data}: {checked or 'nothing'}"]
+    checked = ", ".join(f"{what} {n}" for what, n in report.checked.items())
+    lines = [f"checked {meta} and {data}:", f"  {checked or 'nothing'}"]
     lines += [f"note: {n}" for n in report.notes]
     if report.clean:
         lines.append("clean")

@@ -285,8 +285,9 @@ def _run_admin(args: argparse.Namespace) -> Optional[int]:
               f"of those slots: keep it as safe as they are", file=sys.stderr)
     elif args.command == "header-restore":
         report = admin.header_restore(args.meta, args.file)
-        back = (f"; slots {', '.join(map(str, report.slots_back))} are as they were at the "
-                f"backup" if report.slots_back else "")
+        n = len(report.slots_back)
+        back = (f"; key slot{'s' * (n > 1)} {', '.join(map(str, report.slots_back))} "
+                f"{'are' if n > 1 else 'is'} as at the backup" if n else "")
         print(f"{PROG}: restored the header of {args.meta} (uuid {report.uuid}) from "
               f"{args.file}{back}", file=sys.stderr)
         print(f"{PROG}: warning: {admin.RESTORE_WARNING}", file=sys.stderr)

@@ -123,7 +123,7 @@ def test_header_backup_and_restore(disk, tmp_path, capsys):
     other.write_bytes(OTHER16)
     run(capsys, "change-key", meta, "--key-file", key, "--new-key-file", str(other))
     code, _, err = run(capsys, "header-restore", meta, backup)
-    assert code == 0 and "slots 0 are as they were" in err and "removed or changed" in err
+    assert code == 0 and "key slot 0 is as at the backup" in err and "removed or changed" in err
     SwornDisk.open(data, meta, KEY16).close()
     foreign_meta = str(tmp_path / "foreign.img")
     create_image(foreign_meta, SwornDisk.min_meta_size(64 * MiB))
