@@ -133,8 +133,8 @@ def _cpu(plt, suite: List[dict], settings: dict):
     def annotate(ax, x, entry, w):
         limit = entry.get("cpu_targets_us", {}).get(w)
         if limit:
-            ax.hlines(limit, x - 0.45, x + 0.45, colors="red", linestyles="dashed",
-                      label="SwornDisk target (at most)")
+            ax.hlines(limit, x - 0.45, x + 0.05, colors="red", linestyles="dashed",
+                      label="SwornDisk target (at most)")      # over SwornDisk's bar
             return f"depth {entry['depth']}\ntarget <={limit:g}"
         return f"depth {entry['depth']}"
     return _grouped(plt, suite, settings, "cpu_us_per_block", "CPU us per 4 KiB block",
