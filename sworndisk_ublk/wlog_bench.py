@@ -17,6 +17,7 @@ import types
 from typing import Optional
 
 import ublk_shim
+from sworndisk import BLOCK_SIZE, MemoryDevice, SwornDisk
 
 from .target import SwornDiskTarget
 from .wlog import LogKeys, WriteLog
@@ -26,10 +27,9 @@ MiB = 1 << 20
 
 def run(n: int, size: int, log_dir: Optional[str]) -> float:
     """Microseconds per write through the target, with a log in `log_dir` if given."""
-    from sworndisk import MemoryDevice, SwornDisk
     data_size = 256 * MiB
-    disk = SwornDisk.create(MemoryDevice(data_size),
-                            MemoryDevice(-(-SwornDisk.min_meta_size(data_size) // 4096) * 4096),
+    meta_blocks = -(-SwornDisk.min_meta_size(data_size) // BLOCK_SIZE)
+    disk = SwornDisk.create(MemoryDevice(data_size), MemoryDevice(meta_blocks * BLOCK_SIZE),
                             bytes(32))
     target = SwornDiskTarget(disk)
     if log_dir is not None:
@@ -37,9 +37,9 @@ def run(n: int, size: int, log_dir: Optional[str]) -> float:
                                          LogKeys.of(disk), disk.commit_seq))
     rng = random.Random(1)
     buf = memoryview(bytearray(os.urandom(size)))
-    blocks = size // 4096
+    blocks = size // BLOCK_SIZE
     span = disk.nr_blocks // 2 - blocks            # stay well inside the usable space
-    reqs = [types.SimpleNamespace(op=ublk_shim.OP_WRITE, offset=rng.randrange(span) * 4096,
+    reqs = [types.SimpleNamespace(op=ublk_shim.OP_WRITE, offset=rng.randrange(span) * BLOCK_SIZE,
                                   length=size, fua=False, tag=0, q_id=0) for _ in range(n)]
     start = time.perf_counter()
     for r in reqs:
