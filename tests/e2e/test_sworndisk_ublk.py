@@ -1,6 +1,6 @@
 """sworndisk-ublk end to end, in the ublk VM: one boot runs tests/e2e/scripts/sworndisk.sh.
 
-The script does every step (add, fio write+verify, ext4, del, re-add without formatting,
+The script does every step (add, fio write+verify at depth 1 and 16, ext4, del, re-add without formatting,
 a del refused while the device is open or mounted, SIGTERM flushing, wrong keys, kill -9
 and recover of a --recoverable server, passphrases, no secrets in /run) and prints
 ``@@STEP <name> PASS`` or ``@@STEP <name> FAIL: <why>``; each test here asserts on one
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "tests/e2e/scripts/sworndisk.sh"
 TIMEOUT = 900
-STEPS = ["setup", "add", "fio", "filesystem", "del", "readd", "busy", "sigterm", "wrongkey",
+STEPS = ["setup", "add", "fio", "fiodepth", "filesystem", "del", "readd", "busy", "sigterm", "wrongkey",
          "recover", "passphrase", "secrets", "done"]
 MARKER = re.compile(r"^@@STEP (\S+) (PASS|FAIL)(?:: (.*))?$", re.M)
 

@@ -76,6 +76,19 @@ fio --name=verify --filename="$DEV" --direct=1 --ioengine=psync --rw=randwrite -
     --output-format=terse >/dev/null || fail "fio write+verify failed"
 pass
 
+step fiodepth
+# At depth 16 the queue hands the target whole batches: READs go to the engine together
+# (read_many), writes in order; every block must verify, and a FLUSH every 32 writes.
+fio --name=depth --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+    --rw=randwrite --bs=4k --offset=16M --size=16M --fsync=32 --verify=crc32c \
+    --do_verify=1 --verify_fatal=1 --randrepeat=1 --output-format=terse >/dev/null \
+    || fail "fio write+verify at iodepth 16 failed"
+fio --name=depthread --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+    --rw=randread --bs=4k --offset=16M --size=16M --verify=crc32c --verify_only \
+    --verify_fatal=1 --randrepeat=1 --output-format=terse >/dev/null \
+    || fail "fio re-verify at iodepth 16 (random reads) failed"
+pass
+
 step filesystem
 mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "$DEV" || fail "mkfs.ext4"
 mount -o noinit_itable "$DEV" "$MNT" || fail "mount"
