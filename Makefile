@@ -22,7 +22,7 @@ test: setup
 
 # Engine only (no VM).
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not e2e" tests
+	$(PY) -m pytest -q -ra -m "not e2e and not slow" tests
 
 test-e2e: setup
 	$(PY) -m pytest -q -ra -m e2e tests

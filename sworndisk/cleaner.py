@@ -13,7 +13,7 @@ when they commit, by the commit-time invalidation that every overwrite uses.
 
 Policy (see docs/cleaning.md): threaded logging (filling holes of used segments) absorbs
 writes when free segments run low, so cleaning is never needed for progress; it runs only
-where it is cheap: victims at most `max_util` valid, greedy when free segments are at the
+where it is cheap: victims at most 15% valid in the foreground (35% when idle), greedy when free segments are at the
 reserve, cost-benefit (age x free / valid) otherwise. Work per step is one segment.
 """
 from __future__ import annotations
@@ -41,12 +41,17 @@ class Cleaner:
     the pending batch (what is newer, where moves are staged) and the data device."""
 
     def __init__(self, state: CommittedState, batch: PendingBatch, data: BlockDevice,
-                 lifetime: Lifetime, max_util: float = 0.35):
+                 lifetime: Lifetime, foreground_util: float = 0.15,
+                 background_util: float = 0.35):
         self.state = state
         self.batch = batch
         self.data = data
         self.lifetime = lifetime
-        self.max_util = max_util
+        # Victims at most this valid: foreground cleaning (in flush, while a request
+        # waits, at every flush under pressure) only where it is cheapest; background
+        # cleaning (idle queues) may spend more, since no request waits for it.
+        self.foreground_util = foreground_util
+        self.background_util = background_util
         self.quarantined: set[int] = set()    # segments holding a block that failed to verify
 
     def step(self, greedy: bool, commit: Callable[[], None], victim: int | None = None) -> bool:
@@ -71,7 +76,8 @@ class Cleaner:
         used[sp.head_segments()] = False
         for s in sp.excluded() | self.quarantined:
             used[s] = False
-        cand = np.flatnonzero(used & (sp.seg_valid <= int(self.max_util * SEGMENT_BLOCKS)))
+        limit = self.foreground_util if greedy else self.background_util
+        cand = np.flatnonzero(used & (sp.seg_valid <= int(limit * SEGMENT_BLOCKS)))
         if len(cand) == 0:
             return None
         u = sp.seg_valid[cand] / SEGMENT_BLOCKS

@@ -16,13 +16,17 @@ Bounded: at most `limit` entries (Config.lookaside_records); the oldest go first
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 UNMAPPED = b""          # the cached answer "no record" (never a valid record value)
 
 
 class Lookaside:
     def __init__(self, limit: int):
         self.limit = limit
-        self._map: dict[int, bytes] = {}
+        # OrderedDict, not dict: evicting the oldest of a plain dict (next(iter(d))) walks
+        # past every slot deleted before it, which grows without bound.
+        self._map: OrderedDict[int, bytes] = OrderedDict()
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -43,7 +47,7 @@ class Lookaside:
         m = self._map
         m[lba] = UNMAPPED if value is None else value
         if len(m) > self.limit:
-            del m[next(iter(m))]
+            m.popitem(last=False)
 
     def invalidate(self, lbas) -> None:
         m = self._map

@@ -53,8 +53,8 @@ class Reader:
         """Reads and verifies the blocks, coalescing runs of consecutive HBAs."""
         if not fetch:
             return
-        hba_of, split = self.fmt.hba_of, self.fmt.split
-        items = sorted(((hba_of(v), r, i, l, v) for r, i, l, v in fetch), key=lambda t: t[0])
+        hba_of = self.fmt.hba_of
+        items = sorted([(hba_of(v), r, i, l, v) for r, i, l, v in fetch])
         runs: list[tuple[int, int]] = []                 # (first item, count)
         j = 0
         while j < len(items):
@@ -75,14 +75,15 @@ class Reader:
             reads.append((j, count))
         raws = self.data.pread_many([(count * BLOCK_SIZE, items[j][0] * BLOCK_SIZE)
                                      for j, count in reads])
+        k = self.fmt.key_bytes
         for (j, count), raw in zip(reads, raws):
+            raw = memoryview(raw)
             for n, (hba, r, i, l, v) in enumerate(items[j:j + count]):
                 if r in errors:
                     continue
-                _, key, nonce, mac = split(v)
                 try:
-                    pt = decrypt(key, nonce, raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE], mac,
-                                 f"data block {hba} (LBA {l})")
+                    pt = decrypt(v[8:8 + k], v[8 + k:20 + k], raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
+                                 v[20 + k:], f"data block {hba} (LBA {l})")
                 except IntegrityError as e:
                     errors[r] = e
                     continue

@@ -1,12 +1,10 @@
 """Shared helpers for the engine's correctness tests: keys, disk factory, a dict model.
 
 Everything the tests check goes through the public API of docs/contracts.md.
-SWORNDISK_TEST_SCALE (float, default 1) scales the number of seeds / operations of the
-long randomized tests (e.g. 10 for a soak run, 0.2 for a quick check).
+The long randomized tests have fixed sizes; the soak test is behind `-m slow`.
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -19,13 +17,6 @@ KEY16 = bytes.fromhex("00112233445566778899aabbccddeeff")
 KEY32 = bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
 OTHER16 = bytes.fromhex("ffeeddccbbaa99887766554433221100")
 ZERO = bytes(BS)
-
-SCALE = float(os.environ.get("SWORNDISK_TEST_SCALE", "1"))
-
-
-def scaled(n: int, minimum: int = 1) -> int:
-    return max(minimum, int(n * SCALE))
-
 
 def engine():
     from sworndisk import SwornDisk

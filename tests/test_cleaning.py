@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import random
 
 import pytest
@@ -32,16 +31,11 @@ from sworndisk import Config, IntegrityError, MemoryDevice, NoSpaceError, SwornD
 from .cleaning_helpers import (SEG, SEG_BYTES, VModel, assert_exact, assert_rit_consistent, block,
                                blocks, brief_stats, check_reads, describe, hba_of, matching,
                                new_mem_disk, reopen)
-from .conftest import BS, KEY16, meta_size_for, scaled
+from .conftest import BS, KEY16, meta_size_for
 from .crashdev import CrashController, TamperDevice, crash_pair
 
 # Keeps engine instances abandoned at a crash alive for the session (see test_crash.py).
 _ZOMBIES = []
-
-
-def _scale() -> float:
-    from .conftest import SCALE
-    return SCALE
 
 
 # ==========================================================================================
@@ -162,13 +156,13 @@ def _age(seed: int, mixed: bool, rounds: float, spare: float = 1.15, config=AGE_
 
 def test_aging_random_4k():
     """Random 4 KiB overwrites, 10x the data device, ~15% spare space."""
-    st, overall = _age(seed=1, mixed=False, rounds=10 * min(1.0, max(0.2, _scale())))
+    st, overall = _age(seed=1, mixed=False, rounds=10)
     assert math.isfinite(overall) and overall >= 1.0
 
 
 def test_aging_mixed_sizes_hot_cold():
     """Writes of 1-16 blocks, 80% of them to 20% of the disk, a few discards; 10x."""
-    st, overall = _age(seed=2, mixed=True, rounds=10 * min(1.0, max(0.2, _scale())))
+    st, overall = _age(seed=2, mixed=True, rounds=10)
     assert math.isfinite(overall) and overall >= 1.0
 
 
@@ -176,7 +170,7 @@ def test_aging_half_full_cleans():
     """At 50% utilisation (random 4 KiB and 1-16 block writes, hot/cold) the log runs
     out of free segments while old segments are mostly invalid: cleaning must run (in
     flush and in background_step) and never change what reads return; 5x."""
-    st, overall = _age(seed=4, mixed=True, rounds=5 * min(1.0, max(0.2, _scale())), spare=2.0)
+    st, overall = _age(seed=4, mixed=True, rounds=5, spare=2.0)
     assert st.lifetime.cleaning_runs > 0 and st.lifetime.blocks_moved > 0, \
         f"no cleaning at 50% utilisation: cleaning_runs={st.lifetime.cleaning_runs}"
     assert math.isfinite(overall) and overall >= 1.0
@@ -207,16 +201,14 @@ def test_space_accounting_with_paged_segment_table():
     assert_exact(disk, model, "reopen")
     check_reads(disk, model, "reopen")
     disk.close()
-    _age(seed=7, mixed=True, rounds=2 * min(1.0, max(0.2, _scale())), spare=2.0,
+    _age(seed=7, mixed=True, rounds=2, spare=2.0,
          config=TINY_CACHE_CFG)
 
 
 @pytest.mark.slow
-def test_aging_long(request):
-    """Soak: 40x the data device with mixed sizes. Runs with `-m slow` or SWORNDISK_SLOW=1."""
-    if "slow" not in (request.config.option.markexpr or "") and \
-            not os.environ.get("SWORNDISK_SLOW"):
-        pytest.skip("long soak; select with -m slow or SWORNDISK_SLOW=1")
+def test_aging_long():
+    """Soak: 40x the data device with mixed sizes. Deselected by default (pytest.ini);
+    run it with `pytest -m slow`."""
     _age(seed=3, mixed=True, rounds=40)
 
 
@@ -243,7 +235,7 @@ def test_valid_blocks_exact_under_overwrites_discards_cleaning_and_reopen():
     ctx = "exactness seed=11"
     nflush = 0
     unflushed = 0      # blocks written since the last flush: they occupy space until it
-    for step in range(scaled(1500, 300)):
+    for step in range(1500):
         r = rng.random()
         if unflushed > 1200:
             r = 0.99                      # flush (the disk has ~3000 spare blocks)
@@ -326,7 +318,7 @@ def _overwrite_fraction(disk, model, lo: int, nblocks_over: int, ver: int, rng, 
 
 
 def test_cleaning_during_flush_moves_blocks_and_keeps_data():
-    """A segment left 25% valid is cleaned by flush() when free segments reach the
+    """A segment left 12% valid is cleaned by flush() when free segments reach the
     reserve: its blocks move (the index points elsewhere, the RIT names the LBA at the
     new place), it becomes free, and every read is unchanged, also after reopen."""
     rng = random.Random(21)
@@ -340,12 +332,12 @@ def test_cleaning_during_flush_moves_blocks_and_keeps_data():
     where = {l: hba_of(disk, l) for l in range(SEG)}
     victim = where[0] // SEG
     assert all(h // SEG == victim for h in where.values()), "LBAs 0..1023 not in one segment"
-    picks = _overwrite_fraction(disk, model, 0, 768, 2, rng)
+    picks = _overwrite_fraction(disk, model, 0, 896, 2, rng)
     over = {r * 8 + i for r in picks for i in range(8)}
     runs0 = disk.stats().lifetime.cleaning_runs
     disk.flush()
     st = disk.stats()
-    assert st.lifetime.cleaning_runs > runs0 and st.lifetime.blocks_moved >= SEG - 768, \
+    assert st.lifetime.cleaning_runs > runs0 and st.lifetime.blocks_moved >= SEG - 896, \
         f"flush with free segments at the reserve did not clean: {brief_stats(disk)}"
     sp = disk.debug.space
     assert sp.seg_valid[victim] == 0, f"victim segment {victim} still has valid blocks"
@@ -688,8 +680,8 @@ def test_flush_of_discards_on_full_disk_never_enospc():
         model.write(a, 512, 1)
         disk.flush()
     assert_exact(disk, model, "full thin disk")
-    disk.discard(300, SEG - 300)          # segment 0 keeps 300 valid blocks (< 35%)
-    model.discard(300, SEG - 300)
+    disk.discard(120, SEG - 120)          # segment 0 keeps 120 valid blocks (< 15%)
+    model.discard(120, SEG - 120)
     disk.discard(SEG, 100)                # only 100 free blocks elsewhere
     model.discard(SEG, 100)
     try:
@@ -701,7 +693,7 @@ def test_flush_of_discards_on_full_disk_never_enospc():
     assert_exact(disk, model, "after discard flush on a full disk")
     disk.flush()                          # and again: nothing pending, must not fail
     check_reads(disk, model, "after discard flush on a full disk")
-    for a in range(300, 700, 100):        # the discarded space is usable
+    for a in range(120, 520, 100):        # the discarded space is usable
         disk.write(a, blocks(a, 100, 2))
         model.write(a, 100, 2)
         disk.flush()
@@ -771,7 +763,7 @@ def test_full_thin_disk_random_edge_flush_never_enospc(seed):
     ver = 1
     enospc = flushes = 0
     edge = THIN_NR
-    for step in range(scaled(3000, 600)):
+    for step in range(3000):
         edge = min(edge, disk.debug.space.free_blocks())
         r = rng.random()
         if r < 0.75:
@@ -856,9 +848,9 @@ def _prog_writes(rng, lo: int, nruns: int, ver: int, run: int = 8):
 def _flush_base():
     """8 segments, 6 of them full; segments 1 and 2 have 480 holes each, 3-5 64 in all
     (in runs of 8).
-    The program then overwrites 704 blocks of segment 0 and flushes: free segments being
+    The program then overwrites 896 blocks of segment 0 and flushes: free segments being
     at the reserve, the writes fill holes (threaded logging); the commit leaves segment 0
-    31% valid and the same flush cleans it, moving its 320 blocks into the remaining
+    12.5% valid and the same flush cleans it, moving its 128 blocks into the remaining
     scattered holes (many device writes); that commit fills the MemTable: checkpoint."""
     if "flush" in _CR_BASES:
         return _CR_BASES["flush"]
@@ -878,7 +870,7 @@ def _flush_base():
     disk.flush()       # 1024 records: checkpoints, so the cleaning commit checkpoints next
     assert disk.stats().lifetime.cleaning_runs == 0
     _ZOMBIES.append(disk)
-    prog = _prog_writes(rng, 0, 88, 3)
+    prog = _prog_writes(rng, 0, 112, 3)
     post = model.copy()
     for a, n, v in prog:
         post.write(a, n, v)
@@ -975,19 +967,19 @@ def test_crash_during_flush_that_cleans():
     disk.flush()
     total = ctrl.ops
     st = disk.stats()
-    assert marks and st.lifetime.cleaning_runs >= 1 and st.lifetime.blocks_moved >= 300, \
+    assert marks and st.lifetime.cleaning_runs >= 1 and st.lifetime.blocks_moved >= 100, \
         f"precondition: the flush did not clean ({brief_stats(disk)})"
     c0 = marks[0]
     assert total - c0 >= 6, f"cleaning did only {total - c0} device ops"
     assert st.lifetime.checkpoints > ck0, "precondition: no checkpoint in the flush"
     check_reads(disk, post, "uncrashed flush with cleaning")
     # every op of the cleaning part, with several keep modes each (>= ~50 crashes there)
-    reps = min(len(CrashController.KEEP_MODES), max(1, -(-scaled(50, 12) // (total - c0))))
-    ks = (_sample_ks(0, c0, scaled(12, 4))
+    reps = min(len(CrashController.KEEP_MODES), max(1, -(-50 // (total - c0))))
+    ks = (_sample_ks(0, c0, 12)
           + [k for k in range(c0, total) for _ in range(reps)] + [total + 3])
     crashed = _sweep(ctrl, data, meta, images, lambda d: (_run_prog(d, prog), d.flush()),
                      [pre, post], ks, "crash in flush+cleaning")
-    assert crashed >= min(len(ks) - 1, 50 * min(1.0, _scale())), crashed
+    assert crashed >= min(len(ks) - 1, 50), crashed
     print(f"\n[crash in flush+cleaning] {len(ks)} crash points, {total} device ops "
           f"(cleaning from op {c0}), {crashed} crashed mid-flush")
 
@@ -1040,7 +1032,7 @@ def test_crash_during_background_step():
         f"precondition: background_step did not clean ({brief_stats(disk)})"
     check_reads(disk, model, "uncrashed background cleaning")
     modes = len(CrashController.KEEP_MODES)
-    reps = max(1, -(-scaled(50, 15) // max(1, total)))
+    reps = max(1, -(-50 // max(1, total)))
     ks = [k for k in range(total) for _ in range(min(reps, modes))] + [total + 2]
     crashed = _sweep(ctrl, data, meta, images, _bg_until_done, [model], ks,
                      "crash in background_step")
@@ -1082,7 +1074,7 @@ def test_crash_while_reusing_a_cleaned_segment():
     assert any(dev == "data" and op == "write" and lo <= off < hi for dev, op, off, _ in log), \
         f"precondition: the flush wrote nothing into the freed victim segment {victim}"
     check_reads(disk, post2, "uncrashed reuse")
-    ks = _sample_ks(0, total, scaled(25, 8)) + [total + 1]
+    ks = _sample_ks(0, total, 25) + [total + 1]
     crashed = _sweep(ctrl, data, meta, images, lambda d: (_run_prog(d, prog2), d.flush()),
                      [post, post2], ks, "crash while reusing the cleaned segment")
     assert crashed >= len(ks) - 1
@@ -1094,8 +1086,8 @@ def test_crash_while_reusing_a_cleaned_segment():
 
 def _migrated_disk(data_dev=None):
     """8 segments; LBAs 0..1023 first written (v1) then rewritten (v2) -- the v1 copies are
-    stale ciphertexts -- then 768 of them overwritten (v3) so that their segment is 25%
-    valid and the next flush migrates the 256 survivors.
+    stale ciphertexts -- then 896 of them overwritten (v3) so that their segment is 12%
+    valid and the next flush migrates the 128 survivors.
     Returns disk, data, meta, model, survivors {lba: (old hba, old ciphertext)},
     stale {lba: v1 ciphertext}, the data image before the cleaning flush."""
     rng = random.Random(81)
@@ -1113,7 +1105,7 @@ def _migrated_disk(data_dev=None):
         disk.write(a, blocks(a, SEG, 2))
         model.write(a, SEG, 2)
         disk.flush()
-    picks = _overwrite_fraction(disk, model, 0, 768, 3, rng)
+    picks = _overwrite_fraction(disk, model, 0, 896, 3, rng)
     over = {r * 8 + i for r in picks for i in range(8)}
     survivors = {}
     for l in range(SEG):

@@ -22,7 +22,7 @@ import pytest
 from sworndisk import Config, SwornDisk, SwornDiskError
 
 from .conftest import (BS, KEY16, MiB, Model, describe, make_blocks, meta_size_for, read_batch,
-                       runs, scaled)
+                       runs)
 from .crashdev import CrashController, crash_pair
 
 CFG = Config(memtable_records=16, level_ratio=2)
@@ -273,7 +273,7 @@ def test_crash_at_every_device_op(group):
     modes = CrashController.KEEP_MODES
     crashes = in_flush = 0
     covered = set()
-    for i in range(scaled(SEEDS_PER_GROUP, 2)):
+    for i in range(SEEDS_PER_GROUP):
         pseed = 100 + group * SEEDS_PER_GROUP + i
         end = ("close", "flush", "none")[pseed % 3]
         ops, _ = _program_for(pseed, v0, end)
@@ -325,7 +325,7 @@ PCFG = Config(memtable_records=64, level_ratio=2)
 
 def pressure_base():
     """24 MiB data device (6 segments, 2 reserved) holding 3000 valid blocks written in
-    order: a flush after overwriting most of segment 0 must clean it (greedy, <= 35%
+    order: a flush after overwriting most of segment 0 must clean it (greedy, <= 15%
     valid) because only 3 segments are free."""
     if "pressure" in _BASES:
         return _BASES["pressure"]
@@ -347,7 +347,7 @@ def pressure_base():
 def _pressure_program(seed: int):
     rng = random.Random(seed)
     ops = []
-    chunks = list(range(0, 704, 64))
+    chunks = list(range(0, 896, 64))
     rng.shuffle(chunks)
     for i, lba in enumerate(chunks):
         ops.append(("w", lba, make_blocks(rng, lba, 64, 2 + seed)))
@@ -380,7 +380,7 @@ def test_crash_during_cleaning(seed):
     st = disk.stats()
     assert st.lifetime.cleaning_runs > 0 and st.lifetime.blocks_moved > 0, \
         f"the program did not clean: {st}"
-    step = max(1, total // scaled(24, 8))
+    step = max(1, total // 24)
     for k in list(range(0, total, step)) + [total + 3]:
         rng = random.Random(seed * 1009 + k)
         keep = CrashController.KEEP_MODES[k % len(CrashController.KEEP_MODES)]
@@ -470,8 +470,8 @@ def test_crash_during_background_cleaning(seed):
         disk.write(lba, buf)
         model.write(lba, buf)
     disk.flush()
-    for lba in range(0, 768, 48):                 # ~70% of segment 0 becomes dead
-        n = rng.randint(44, 48)
+    for lba in range(0, 1008, 48):                # ~86% of segment 0 becomes dead
+        n = rng.randint(40, 44)
         disk.discard(lba, n)
         model.discard(lba, n)
     disk.flush()
@@ -537,7 +537,7 @@ def test_space_accounting_after_recovery(seed):
                                      f"{_mapped(model)}"
 
     check_count("after recovery")
-    for i in range(scaled(300)):
+    for i in range(300):
         lba = rng.randrange(0, 3000)
         n = rng.randint(1, 8)
         buf = make_blocks(rng, lba, n, 20000 + i)
@@ -591,7 +591,7 @@ def test_crash_during_recovery(seed):
     assert out.failed_at is None, out.error
     total = ctrl.ops
     assert total > n_open, "the program after recovery did no device I/O"
-    step = max(1, total // scaled(40, 10))
+    step = max(1, total // 40)
     for k in range(0, total + 1, step):
         rng = random.Random(seed * 7919 + k)
         ctrl.load(crashed)
@@ -638,7 +638,7 @@ def test_repeated_crash_reopen_cycles(seed):
     disk.flush()
     committed = Model(NR)
     v = 0
-    for cycle in range(scaled(30, 8)):
+    for cycle in range(30):
         end = rng.choice(["none", "flush", "close"])
         ops, v = gen_program(rng, rng.randint(0, 25), 0.15, v, end=end)
         kind = rng.random()
@@ -825,7 +825,7 @@ NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
 TestCrashMachine = CrashMachine.TestCase
 # No shrinking: every shrink attempt of a failing example would keep a disk's memory
 # alive through its traceback (GBs); the unshrunk failing program is printed instead.
-TestCrashMachine.settings = settings(phases=NO_SHRINK, max_examples=scaled(40),
+TestCrashMachine.settings = settings(phases=NO_SHRINK, max_examples=40,
                                      stateful_step_count=40,
                                      deadline=None, database=None, derandomize=True,
                                      suppress_health_check=list(HealthCheck))

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from sworndisk import Config, MemoryDevice, SwornDisk
 
 from .conftest import (BS, KEY16, MiB, ZERO, Model, check_read, make_blocks, meta_size_for,
-                       new_disk, scaled, verify_disk)
+                       new_disk, verify_disk)
 
 
 
@@ -73,7 +73,7 @@ def random_run(seed: int, config: Config, nr_blocks: int, nops: int, data_size=3
 def test_random_long_run(seed, mem, ratio):
     cfg = Config(memtable_records=mem, level_ratio=ratio)
     nr = 2048
-    disk, data, meta, model, ctx = random_run(seed, cfg, nr, scaled(4000), hot=64)
+    disk, data, meta, model, ctx = random_run(seed, cfg, nr, 4000, hot=64)
     verify_disk(disk, model, ctx + " final")
     minor = disk.stats().lifetime.minor_compactions
     major = disk.stats().lifetime.major_compactions
@@ -91,7 +91,7 @@ def test_random_long_run(seed, mem, ratio):
 def test_random_run_aes256_records():
     """cipher_key_bytes=32: bigger index records, different BIT shapes; same contract."""
     cfg = Config(memtable_records=64, level_ratio=3, cipher_key_bytes=32)
-    disk, data, meta, model, ctx = random_run(4, cfg, 1024, scaled(600), hot=128)
+    disk, data, meta, model, ctx = random_run(4, cfg, 1024, 600, hot=128)
     verify_disk(disk, model, ctx + " final", lbas=range(1024))
     disk = reopen(disk, data, meta)
     verify_disk(disk, model, ctx + " reopen", lbas=range(1024))
@@ -109,7 +109,7 @@ def test_large_unflushed_epochs():
     disk, data, meta = new_disk(40 * MiB, nr, cfg)
     model = Model(nr)
     v = 0
-    for epoch in range(scaled(4, 2)):
+    for epoch in range(4):
         for i in range(120):
             r = rng.random()
             lba = rng.randrange(nr - 64)
@@ -143,7 +143,7 @@ def test_wraps_data_log_and_cleans():
     model = Model(nr)
     written = 0
     version = 0
-    total = scaled(3 * data_size // BS, 2 * data_size // BS)   # >= 2x the device
+    total = 3 * data_size // BS   # >= 2x the device
     while written < total:
         lba = rng.randrange(nr)
         n = min(rng.randint(1, 32), nr - lba)
@@ -241,7 +241,7 @@ NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
 TestDiskMachine = DiskMachine.TestCase
 # No shrinking: every shrink attempt of a failing example would keep a disk's memory
 # alive through its traceback (GBs); the unshrunk failing program is printed instead.
-TestDiskMachine.settings = settings(phases=NO_SHRINK, max_examples=scaled(60),
+TestDiskMachine.settings = settings(phases=NO_SHRINK, max_examples=60,
                                     stateful_step_count=60,
                                     deadline=None, database=None, derandomize=True,
                                     suppress_health_check=list(HealthCheck))
@@ -296,7 +296,7 @@ def test_sequential_whole_disk(disk_env):
 def test_overwrite_heavy_small_range(disk_env):
     d = disk_env["disk"]
     rng = random.Random(5)
-    for i in range(scaled(1500)):
+    for i in range(1500):
         lba = rng.randrange(8)
         _w(disk_env, lba, rng.randint(1, 8 - lba))
         if i % 40 == 39:
@@ -371,7 +371,7 @@ def test_discard_survives_compactions(disk_env):
     model.discard(0, 128)
     d.flush()
     rng = random.Random(3)
-    for i in range(scaled(300)):
+    for i in range(300):
         lba = rng.randrange(256, nr - 8)
         _w(disk_env, lba, rng.randint(1, 8))
         if i % 10 == 0:
@@ -417,7 +417,7 @@ def test_versions_across_levels(disk_env):
     deeper levels at once; reads must always take the newest."""
     d, model = disk_env["disk"], disk_env["model"]
     rng = random.Random(9)
-    for epoch in range(scaled(40)):
+    for epoch in range(40):
         _w(disk_env, 0, 16)                       # hot range, every epoch
         for _ in range(6):
             _w(disk_env, rng.randrange(16, 900), rng.randint(1, 4))
@@ -469,7 +469,7 @@ def test_big_disk_default_size():
 def test_tiny_node_cache():
     """The smallest BIT node cache (64 nodes): lookups constantly miss and evict."""
     cfg = Config(memtable_records=32, level_ratio=2, node_cache_bytes=64 * BS)
-    disk, data, meta, model, ctx = random_run(8, cfg, 2048, scaled(1500), hot=256)
+    disk, data, meta, model, ctx = random_run(8, cfg, 2048, 1500, hot=256)
     verify_disk(disk, model, ctx + " final", lbas=range(2048))
     disk = reopen(disk, data, meta)
     verify_disk(disk, model, ctx + " reopen", lbas=range(2048))
