@@ -27,18 +27,17 @@ from .cleaner import Cleaner
 from .committed import CommittedState
 from .debug import DebugView
 from .config import Config
-from .format import BLOCK_SIZE
 from .device import BlockDevice, CountingDevice, open_pair
-from .format import LABEL_ANCHOR, LABEL_DISK, LABEL_FRONTEND, MASTER_KEY_BYTES
+from .format import BLOCK_SIZE, LABEL_ANCHOR, LABEL_DISK, LABEL_FRONTEND, MASTER_KEY_BYTES
 from .errors import (AnchorError, DeviceTooSmall, DiskClosedError, InvalidArgument,
                      RollbackError, SwornDiskError)
 from .kdf import KdfParams
-from .layout import INDEX_CHUNK_BLOCKS, Layout, fit_config, plan, usable_blocks
+from .layout import Layout, plan, plan_devices, usable_blocks
 from .protocol import CommitProtocol
 from .reader import Reader
 from .records import RecordFormat
 from .segtable import SegmentTable
-from .stats import DiskStats, Index, Lifetime, Session, Space
+from .stats import DiskStats, Lifetime, Session, collect_stats
 from .readonly import open_pair_readonly
 from .superblock import Credential, Superblock, Unlocked
 
@@ -99,14 +98,8 @@ class SwornDisk:
         master = crypto.random_bytes(MASTER_KEY_BYTES)
         d, m, owned = open_pair(data, meta)
         try:
-            layout = plan(d.size, nr_blocks, config)
-            extra = (m.size // BLOCK_SIZE - layout.meta_blocks) // INDEX_CHUNK_BLOCKS
-            if extra < 0:
-                raise DeviceTooSmall(
-                    f"meta device is {m.size} bytes; this disk needs at least "
-                    f"{layout.meta_blocks * BLOCK_SIZE} bytes ({_mib(layout.meta_blocks)})")
-            layout = Layout(**dict(layout.to_dict(), index_chunks=layout.index_chunks + extra))
-            sb = Superblock.new(layout, fit_config(config, layout.nr_blocks), cred, master, kdf)
+            layout, fitted = plan_devices(d.size, m.size, nr_blocks, config)
+            sb = Superblock.new(layout, fitted, cred, master, kdf)
             disk = cls(d, m, master, sb, owned)
             disk.key_slot = 0
             disk._protocol.format(sb.encode(master))
@@ -355,39 +348,8 @@ class SwornDisk:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> DiskStats:
-        st, ses = self._state, self._session
-        ses.data_bytes_written, ses.data_bytes_read = self._data.bytes_written, self._data.bytes_read
-        ses.meta_bytes_written, ses.meta_bytes_read = self._meta.bytes_written, self._meta.bytes_read
-        ses.node_cache_hits, ses.node_cache_misses = self._store.hits, self._store.misses
-        ses.segtable_loads = st.segtable.loads
-        ses.lookaside_hits, ses.lookaside_misses = st.lookaside.hits, st.lookaside.misses
-        self._protocol.gather_lifetime()
-        return DiskStats(
-            lifetime=Lifetime(**self._lifetime.to_dict()), session=Session(**vars(ses)),
-            space=Space(block_size=BLOCK_SIZE, nr_blocks=self.nr_blocks,
-                        usable_blocks=usable_blocks(self.layout.data_blocks * BLOCK_SIZE,
-                                                    self.config),
-                        data_segments=self.layout.data_segments,
-                        reserve_segments=self.layout.reserve_segments,
-                        free_segments=st.space.free_segments(),
-                        valid_blocks=st.space.valid_blocks(),
-                        free_blocks=st.space.free_blocks(),
-                        threaded_segments=st.space.threaded_segments),
-            index=Index(memtable_records=len(st.index.memtable),
-                        memtable_limit=self.config.memtable_records,
-                        bits=len(st.index.bits()), levels=[len(l) for l in st.index.levels],
-                        index_chunks_used=st.ispace.used(), index_chunks=self.layout.index_chunks,
-                        node_cache_entries=self._store.entries(),
-                        node_cache_limit=self._store.cache_limit,
-                        lookaside_entries=len(st.lookaside),
-                        lookaside_limit=self.config.lookaside_records,
-                        segtable_cached=st.segtable.cached_count(),
-                        segtable_dirty=st.segtable.dirty_count(),
-                        journal_blocks_used=self._protocol.journal.used(),
-                        journal_blocks=self._protocol.journal.nblocks),
-            commit_seq=self.commit_seq, checkpoint_seq=self._protocol.pack_seq,
-            pending_ops=self._batch.op_count, buffered_blocks=self._batch.buffered,
-            aead_backend=crypto.backend_name())
+        return collect_stats(self.debug, self._lifetime, self._session, self.nr_blocks,
+                             self.config)
 
     # ------------------------------------------------------------------ tests and tools
     @property
@@ -396,10 +358,6 @@ class SwornDisk:
         return DebugView(state=self._state, batch=self._batch, cleaner=self._cleaner,
                          protocol=self._protocol, fmt=self._fmt, data=self._data,
                          meta=self._meta, guarded=self._guarded)
-
-
-def _mib(blocks: int) -> str:
-    return f"{blocks * BLOCK_SIZE / (1 << 20):.1f} MiB"
 
 
 __all__ = ["SwornDisk"]

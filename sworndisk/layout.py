@@ -210,3 +210,18 @@ def plan(data_size: int, nr_blocks: int | None, config: Config) -> Layout:
                   journal_start=journal_start, journal_blocks=journal_blocks,
                   segtable_start=segtable_start, segtable_blocks=segtable_blocks,
                   index_start=segtable_start + segtable_blocks, index_chunks=index_chunks)
+
+
+def plan_devices(data_size: int, meta_size: int, nr_blocks: int | None,
+                 config: Config) -> tuple[Layout, Config]:
+    """The layout and Config a disk is formatted with on devices of these sizes: plan(),
+    with every meta block beyond the minimum given to the index region."""
+    layout = plan(data_size, nr_blocks, config)
+    extra = (meta_size // BLOCK_SIZE - layout.meta_blocks) // INDEX_CHUNK_BLOCKS
+    if extra < 0:
+        raise DeviceTooSmall(
+            f"meta device is {meta_size} bytes; this disk needs at least "
+            f"{layout.meta_blocks * BLOCK_SIZE} bytes "
+            f"({layout.meta_blocks * BLOCK_SIZE / (1 << 20):.1f} MiB)")
+    layout = replace(layout, index_chunks=layout.index_chunks + extra)
+    return layout, fit_config(config, layout.nr_blocks)

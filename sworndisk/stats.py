@@ -7,6 +7,15 @@ starts at zero when the disk is opened. `as_dict()` is what `--json` prints.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+from . import crypto
+from .format import BLOCK_SIZE
+from .layout import usable_blocks
+
+if TYPE_CHECKING:                      # the parts import this module for Lifetime
+    from .config import Config
+    from .debug import DebugView
 
 
 @dataclass
@@ -53,7 +62,7 @@ class Session:
     @property
     def write_amplification(self) -> float | None:
         """Bytes written to both devices per byte the user wrote (None before a write)."""
-        user = self.user_blocks_written * 4096
+        user = self.user_blocks_written * BLOCK_SIZE
         return (self.data_bytes_written + self.meta_bytes_written) / user if user else None
 
 
@@ -106,4 +115,40 @@ class DiskStats:
         return d
 
 
-__all__ = ["DiskStats", "Lifetime", "Session", "Space", "Index"]
+def collect_stats(parts: "DebugView", lifetime: Lifetime, session: Session, nr_blocks: int,
+                  config: "Config") -> DiskStats:
+    """A snapshot of a disk's figures, read from its parts (SwornDisk.stats)."""
+    st, store, protocol = parts.state, parts.index.store, parts.protocol
+    layout = protocol.layout
+    ses = session
+    ses.data_bytes_written, ses.data_bytes_read = parts.data.bytes_written, parts.data.bytes_read
+    ses.meta_bytes_written, ses.meta_bytes_read = parts.meta.bytes_written, parts.meta.bytes_read
+    ses.node_cache_hits, ses.node_cache_misses = store.hits, store.misses
+    ses.segtable_loads = st.segtable.loads
+    ses.lookaside_hits, ses.lookaside_misses = st.lookaside.hits, st.lookaside.misses
+    protocol.gather_lifetime()
+    return DiskStats(
+        lifetime=Lifetime(**lifetime.to_dict()), session=Session(**vars(ses)),
+        space=Space(block_size=BLOCK_SIZE, nr_blocks=nr_blocks,
+                    usable_blocks=usable_blocks(layout.data_blocks * BLOCK_SIZE, config),
+                    data_segments=layout.data_segments,
+                    reserve_segments=layout.reserve_segments,
+                    free_segments=st.space.free_segments(), valid_blocks=st.space.valid_blocks(),
+                    free_blocks=st.space.free_blocks(),
+                    threaded_segments=st.space.threaded_segments),
+        index=Index(memtable_records=len(st.index.memtable),
+                    memtable_limit=config.memtable_records,
+                    bits=len(st.index.bits()), levels=[len(l) for l in st.index.levels],
+                    index_chunks_used=st.ispace.used(), index_chunks=layout.index_chunks,
+                    node_cache_entries=store.entries(), node_cache_limit=store.cache_limit,
+                    lookaside_entries=len(st.lookaside), lookaside_limit=config.lookaside_records,
+                    segtable_cached=st.segtable.cached_count(),
+                    segtable_dirty=st.segtable.dirty_count(),
+                    journal_blocks_used=protocol.journal.used(),
+                    journal_blocks=protocol.journal.nblocks),
+        commit_seq=protocol.commit_seq, checkpoint_seq=protocol.pack_seq,
+        pending_ops=parts.batch.op_count, buffered_blocks=parts.batch.buffered,
+        aead_backend=crypto.backend_name())
+
+
+__all__ = ["DiskStats", "Lifetime", "Session", "Space", "Index", "collect_stats"]
