@@ -220,8 +220,8 @@ class _Checker:
                 continue
             try:
                 kind, recs = self.dbg.state.index.store.node(entry, f"BIT {m.bit_id} node")
-            except IntegrityError as e:
-                self.report.problem(where, str(e))
+            except IntegrityError as e:       # the message names the node; keep the verdict
+                self.report.problem(where, str(e).split(f" at meta block {hba} ", 1)[-1])
                 damaged = True
                 continue
             lbas = recs["lba"]

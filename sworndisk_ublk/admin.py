@@ -31,10 +31,14 @@ def _require_file(path: str, what: str) -> None:
 
 def _engine_call(meta: str, fn: Callable[[], Any]) -> Any:
     """Run an engine call; its errors become the one-line CliErrors users see."""
+    from sworndisk.errors import NotFormattedError
     try:
         return fn()
     except CliError:
         raise
+    except NotFormattedError:          # (add's hint about <format> does not apply here)
+        raise CliError(f"{meta} holds no SwornDisk (neither superblock copy has the magic)",
+                       ExitCode.NOT_FOUND) from None
     except Exception as e:             # noqa: BLE001 - mapped to one line
         raise to_cli_error(e, meta) from None
 
