@@ -101,18 +101,7 @@ class PendingBatch:
         has made room for every block this adds (DataSpace.free_blocks)."""
         n = len(mv) // BLOCK_SIZE
         buf, slot_of, slots = self._buf, self._slot_of, self._slots
-        if n == 1:                                      # the common 4 KiB request
-            slot = slot_of.get(lba)
-            if slot is None:
-                if len(slots) == SEGMENT_BLOCKS:
-                    self.seal()
-                slot = len(slots)
-                slots.append(lba)
-                slot_of[lba] = slot
-            buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = mv
-            self.unflushed += 1
-            return
-        if len(slots) + n <= SEGMENT_BLOCKS and (not slot_of or not any(
+        if n > 1 and len(slots) + n <= SEGMENT_BLOCKS and (not slot_of or not any(
                 l in slot_of for l in range(lba, lba + n))):
             # Bulk path: new blocks that fit the buffer go in with one copy.
             first = len(slots)
@@ -121,17 +110,21 @@ class PendingBatch:
             slot_of.update(zip(range(lba, lba + n), range(first, first + n)))
         else:
             for i in range(n):
-                l = lba + i
-                slot = slot_of.get(l)
+                slot = slot_of.get(lba + i)
                 if slot is None:
-                    if len(slots) == SEGMENT_BLOCKS:
-                        self.seal()
-                    slot = len(slots)
-                    slots.append(l)
-                    slot_of[l] = slot
+                    slot = self._new_slot(lba + i)
                 buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = \
-                    mv[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
+                    mv[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] if n > 1 else mv
         self.unflushed += n
+
+    def _new_slot(self, lba: int) -> int:
+        """A buffer slot for an LBA not buffered yet, sealing the buffer first if full."""
+        if len(self._slots) == SEGMENT_BLOCKS:
+            self.seal()
+        slot = len(self._slots)
+        self._slots.append(lba)
+        self._slot_of[lba] = slot
+        return slot
 
     def discard(self, lo: int, hi: int) -> None:
         tomb = self.fmt.tombstone

@@ -122,18 +122,47 @@ def _check_range(dev: BlockDevice, nbytes: int, offset: int) -> None:
             f"I/O [{offset}, {offset + nbytes}) is outside the device (size {dev.size} bytes)")
 
 
-class CountingDevice(BlockDevice):
-    """Passes every call through to `inner` and counts calls and bytes on the way: how the
-    engine and the benchmark measure device traffic (write amplification)."""
+class DeviceWrapper(BlockDevice):
+    """Passes every call through to `inner`: the base of devices that watch or restrict
+    another (counting, read-only, fault injection in the tests). The batch calls
+    (pread_many, pwrite_many) are not forwarded but go through this object's pread and
+    pwrite, so a subclass that overrides those sees every block."""
 
     def __init__(self, inner: BlockDevice):
         self.inner = inner
-        self.bytes_written = self.bytes_read = 0
-        self.writes = self.reads = self.flushes = 0
 
     @property
     def size(self) -> int:
         return self.inner.size
+
+    def pread(self, nbytes: int, offset: int) -> bytes:
+        return self.inner.pread(nbytes, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.inner.pwrite(data, offset)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def discard(self, offset: int, nbytes: int) -> None:
+        self.inner.discard(offset, nbytes)
+
+    def lock(self, what: str) -> None:
+        self.inner.lock(what)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class CountingDevice(DeviceWrapper):
+    """Passes every call through to `inner` (batches too, so that io_uring still gets
+    them whole) and counts calls and bytes on the way: how the engine and the benchmark
+    measure device traffic (write amplification)."""
+
+    def __init__(self, inner: BlockDevice):
+        super().__init__(inner)
+        self.bytes_written = self.bytes_read = 0
+        self.writes = self.reads = self.flushes = 0
 
     def pread(self, nbytes: int, offset: int) -> bytes:
         self.reads += 1
@@ -158,15 +187,6 @@ class CountingDevice(BlockDevice):
     def flush(self) -> None:
         self.flushes += 1
         self.inner.flush()
-
-    def discard(self, offset: int, nbytes: int) -> None:
-        self.inner.discard(offset, nbytes)
-
-    def lock(self, what: str) -> None:
-        self.inner.lock(what)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class _AlignedBuffers(threading.local):

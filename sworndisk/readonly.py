@@ -9,30 +9,17 @@ from __future__ import annotations
 
 import os
 
-from .device import BlockDevice, FileDevice, open_pair
+from .device import BlockDevice, DeviceWrapper, FileDevice, open_pair
 from .errors import ReadOnlyError
 
 
-class ReadOnlyDevice(BlockDevice):
+class ReadOnlyDevice(DeviceWrapper):
     """Reads pass through; every write-side call raises ReadOnlyError."""
-
-    def __init__(self, inner: BlockDevice):
-        self.inner = inner
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    def pread(self, nbytes: int, offset: int) -> bytes:
-        return self.inner.pread(nbytes, offset)
 
     def _refuse(self, *args) -> None:
         raise ReadOnlyError("the disk was opened read-only: nothing may be written to it")
 
     pwrite = pwrite_many = flush = discard = _refuse
-
-    def lock(self, what: str) -> None:
-        self.inner.lock(what)
 
 
 def open_pair_readonly(data, meta) -> tuple[BlockDevice, BlockDevice, list[BlockDevice]]:

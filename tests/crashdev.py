@@ -30,7 +30,7 @@ from __future__ import annotations
 import errno
 import random
 
-from sworndisk.device import BlockDevice, MemoryDevice
+from sworndisk.device import BlockDevice, DeviceWrapper, MemoryDevice
 
 UNIT = 4096  # tear granularity
 
@@ -281,27 +281,9 @@ def crash_pair(data_size: int, meta_size: int):
     return ctrl, data, meta
 
 
-class WrapDevice(BlockDevice):
-    """Pass-through to another BlockDevice (base for the helpers below)."""
-
-    def __init__(self, inner: BlockDevice):
-        self.inner = inner
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    def pread(self, nbytes: int, offset: int) -> bytes:
-        return self.inner.pread(nbytes, offset)
-
-    def pwrite(self, data, offset: int) -> None:
-        self.inner.pwrite(data, offset)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def discard(self, offset: int, nbytes: int) -> None:
-        self.inner.discard(offset, nbytes)
+class WrapDevice(DeviceWrapper):
+    """Pass-through to another BlockDevice (base for the helpers below): the engine's
+    DeviceWrapper, whose batch calls go through pread/pwrite, so every block is seen."""
 
 
 class FaultyDevice(WrapDevice):
