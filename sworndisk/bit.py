@@ -133,29 +133,44 @@ class Bit:
         if len(want) == 0:
             return
         value_at = self.store.fmt.value_at
-        stack = [(self.meta.root, self.meta.height, want)]
+        # Positions travel as Python lists of ints: most nodes below the root see one or
+        # two LBAs of a batch, where numpy's per-call overhead would dominate.
+        stack = [(self.meta.root, self.meta.height, want.tolist())]
+        keys_all = lbas.tolist()
         while stack:
             entry, height, pos = stack.pop()
             recs, keys_here = self.keyed(entry, height == 0)
-            keys = lbas[pos]
+            if len(pos) == 1:                           # one LBA: scalar search
+                p = pos[0]
+                key = keys_all[p]
+                if height == 0:
+                    i = int(keys_here.searchsorted(key))
+                    if i < len(keys_here) and keys_here[i] == key:
+                        found[p] = True
+                        out[p] = recs[i]
+                    continue
+                c = int(keys_here.searchsorted(key, side="right")) - 1
+                if c >= 0:
+                    stack.append((value_at(recs, c), height - 1, pos))
+                continue
+            keys = np.array([keys_all[p] for p in pos], np.uint64)
             if height == 0:
-                i = np.minimum(np.searchsorted(keys_here, keys), len(keys_here) - 1)
+                i = np.minimum(keys_here.searchsorted(keys), len(keys_here) - 1)
                 ok = keys_here[i] == keys
-                found[pos[ok]] = True
-                out[pos[ok]] = recs[i[ok]]
+                hit = np.asarray(pos)[ok]
+                found[hit] = True
+                out[hit] = recs[i[ok]]
                 continue
-            child = np.searchsorted(keys_here, keys, side="right") - 1
-            first = int(np.searchsorted(child, 0))      # child < 0: before this subtree
-            if first == len(child):
-                continue
-            if child[first] == child[-1]:               # one child: no grouping to do
-                stack.append((value_at(recs, int(child[-1])), height - 1, pos[first:]))
-                continue
-            starts = np.flatnonzero(np.diff(child[first:])) + first + 1
-            bounds = [first] + starts.tolist() + [len(child)]
-            kids = child[bounds[:-1]].tolist()
-            for c, a, b in zip(kids, bounds[:-1], bounds[1:]):
-                stack.append((value_at(recs, c), height - 1, pos[a:b]))
+            child = (keys_here.searchsorted(keys, side="right") - 1).tolist()
+            a = 0
+            while a < len(child) and child[a] < 0:      # before this subtree
+                a += 1
+            while a < len(child):
+                b = a + 1
+                while b < len(child) and child[b] == child[a]:
+                    b += 1
+                stack.append((value_at(recs, child[a]), height - 1, pos[a:b]))
+                a = b
 
     def range(self, lo: int, hi: int) -> np.ndarray:
         """Records with lo <= lba < hi, in LBA order."""
