@@ -210,6 +210,7 @@ def delete(dev_id: int, *, wait: float = 0.0, timeout: float = 120.0) -> None:
             pass
         ctrl.delete_device(dev_id)
     state.remove(dev_id)
+    restore.forget(dev_id)          # the write log and loss record die with the device
 
 
 def delete_all(*, wait: float, timeout: float, report: Callable[[CliError], None]) -> int:
