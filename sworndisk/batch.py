@@ -73,6 +73,8 @@ class PendingBatch:
         """Reads [lba, lba+n) through the batch: buffered blocks are copied into `out`;
         returns the sealed values to fetch, as (index in request, lba, value), and the
         LBAs the batch says nothing about (for the committed index)."""
+        if not self._slot_of and not self._values and not self._discards:
+            return [], list(range(lba, lba + n))    # nothing pending: all committed
         fetch, rest = [], []
         tomb = self.fmt.tombstone
         for i in range(n):
