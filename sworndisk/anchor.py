@@ -28,7 +28,7 @@ class Anchor:
     """One disk's anchor file: `read` checks it, `write` moves it (durably)."""
 
     def __init__(self, path: str | os.PathLike, disk_uuid: bytes, key: bytes):
-        self.path = os.fspath(path)
+        self.path = os.path.abspath(os.fspath(path))     # a later chdir changes nothing
         self.uuid = disk_uuid
         self._key = key
 
@@ -64,7 +64,7 @@ class Anchor:
         a mix, and on stable storage (file and directory entry) when this returns."""
         signed = _ANCHOR.pack(ANCHOR_MAGIC, ANCHOR_VERSION, 0, self.uuid, commit_seq,
                               bytes(32))[:_SIGNED]
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory = os.path.dirname(self.path)
         tmp = os.path.join(directory, f".{os.path.basename(self.path)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
