@@ -10,6 +10,8 @@ its last child), sequentially over index chunks. See docs/format.md.
 """
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -17,12 +19,16 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import crypto
+from .bloom import BloomFilter
 from .format import BLOCK_SIZE
 from .device import BlockDevice
 from .errors import IntegrityError
 from .records import RecordFormat
 
 from .format import NODE_HEADER, NODE_INTERNAL as INTERNAL, NODE_LEAF as LEAF, NODE_MAGIC
+
+_BYTES_OVERHEAD = 33 + 8     # a bytes object's header and its list slot, per fence entry
+LAZY_FILTER_RECORDS = 1 << 18     # a loaded BIT up to this size is scanned for a filter
 
 
 @dataclass
@@ -49,7 +55,9 @@ class BitMeta:
 
 
 class NodeStore:
-    """Reads and verifies BIT nodes through a bounded plaintext cache (the BNC)."""
+    """Reads and verifies BIT nodes through a bounded plaintext cache (the BNC), and
+    keeps the budget of the BITs' in-memory summaries (fences and filters): a quarter of
+    the cache's size again, shared by all BITs."""
 
     def __init__(self, meta: BlockDevice, fmt: RecordFormat, cache_bytes: int):
         self.meta = meta
@@ -58,6 +66,21 @@ class NodeStore:
         self.cache: OrderedDict[bytes, tuple[int, np.ndarray]] = OrderedDict()
         self.cache_limit = max(16, cache_bytes // BLOCK_SIZE)
         self.hits = self.misses = 0
+        self.summary_limit = cache_bytes // 4
+        self.summary_bytes = 0
+
+    def room(self) -> int:
+        """Summary bytes still available."""
+        return self.summary_limit - self.summary_bytes
+
+    def reserve(self, nbytes: int) -> bool:
+        if nbytes > self.room():
+            return False
+        self.summary_bytes += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.summary_bytes -= nbytes
 
     def entries(self) -> int:
         return len(self.cache)
@@ -67,9 +90,11 @@ class NodeStore:
         kind, recs, _ = self.keyed(entry, what)
         return kind, recs
 
-    def keyed(self, entry: bytes, what: str = "BIT node") -> tuple[int, np.ndarray, np.ndarray]:
-        """(kind, records, LBAs as a contiguous array) of a node: lookups search the LBAs,
-        and a field view of the records would be rebuilt at every search."""
+    def keyed(self, entry: bytes, what: str = "BIT node") -> tuple[int, np.ndarray, array]:
+        """(kind, records, their LBAs) of a node. The LBAs are kept apart, as an
+        array.array: a lookup of one LBA bisects them in a fraction of what a numpy
+        search costs, and a field view of the records would be rebuilt at every search
+        (numpy views them with frombuffer, without a copy, for a batch)."""
         mac = entry[-crypto.TAG_BYTES:]
         hit = self.cache.get(mac)
         if hit is not None:
@@ -87,7 +112,7 @@ class NodeStore:
 
     def _remember(self, mac: bytes, kind: int, pt: bytes, count: int) -> tuple:
         recs = np.frombuffer(pt, self.fmt.dtype, count, NODE_HEADER.size)
-        node = (kind, recs, np.ascontiguousarray(recs["lba"]))
+        node = (kind, recs, array("Q", recs["lba"].astype(np.uint64).tobytes()))
         self.cache[mac] = node
         if len(self.cache) > self.cache_limit:
             self.cache.popitem(last=False)
@@ -111,27 +136,169 @@ class NodeStore:
 
 
 class Bit:
-    """Read side of one BIT."""
+    """Read side of one BIT, with what it keeps in memory to answer lookups quickly:
 
-    def __init__(self, meta: BitMeta, store: NodeStore):
+    - the fence: each leaf's first LBA and entry (the records of the nodes just above
+      the leaves), so a lookup goes straight to its leaf instead of down from the root;
+    - above the bottom level, a Bloom filter of its LBAs, so that a lookup of an LBA
+      this BIT does not hold (most of them, above the bottom) reads nothing at all.
+
+    Both are derived from the immutable BIT, so they never go stale. They are charged to
+    the node store's summary budget; a BIT that does not fit walks from the root."""
+
+    def __init__(self, meta: BitMeta, store: NodeStore, fence: tuple | None = None,
+                 bloom: BloomFilter | None = None, want_filter: bool = False):
+        """A BIT just built brings its fence and filter; one loaded from a checkpoint
+        builds its fence on first use, and its filter (`want_filter`, above the bottom)
+        too if it is small enough to scan quickly (LAZY_FILTER_RECORDS)."""
         self.meta = meta
         self.store = store
+        self._what = f"BIT {meta.bit_id} node"
+        self.bloom = bloom if bloom is not None and store.reserve(bloom.nbytes) else None
+        self._filter_wanted = want_filter and bloom is None and meta.count <= LAZY_FILTER_RECORDS
+        self._fence: tuple[np.ndarray, list[bytes]] | None = None
+        self._fence_bytes = 0
+        self._fence_tried = False
+        if fence is not None:
+            self._fence_tried = self._keep_fence(*fence)
 
+    # ---- summaries ----
+    def _fence_cost(self, leaves: int) -> int:
+        return leaves * (8 + self.store.fmt.value_size + _BYTES_OVERHEAD)
+
+    def _keep_fence(self, first: np.ndarray, entries: list[bytes]) -> bool:
+        cost = self._fence_cost(len(entries))
+        if not self.store.reserve(cost):
+            return False
+        self._fence, self._fence_bytes = (first, entries), cost
+        return True
+
+    def fence(self) -> tuple[np.ndarray, list[bytes]] | None:
+        """(first LBA of each leaf, its entry), built on first use from the nodes above
+        the leaves (about one node in `capacity`); None if over the budget."""
+        if self._fence is None and not self._fence_tried:
+            self._fence_tried = True
+            m = self.meta
+            if m.height == 0:
+                self._keep_fence(np.array([m.lba_min], np.uint64), [m.root])
+            elif self.store.room() >= self._fence_cost(-(-m.count // self.store.capacity)):
+                parts = list(self._nodes_at(1))
+                recs = self.store.fmt.concat(parts)
+                self._keep_fence(np.ascontiguousarray(recs["lba"]), self.store.fmt.values_of(recs))
+        return self._fence
+
+    def _filter(self) -> BloomFilter | None:
+        if self._filter_wanted:
+            self._filter_wanted = False
+            bloom = BloomFilter(self.meta.count)
+            if self.store.reserve(bloom.nbytes):
+                for recs in self.leaves():
+                    bloom.add(recs["lba"])
+                self.bloom = bloom
+        return self.bloom
+
+    def summary_bytes(self) -> int:
+        return self._fence_bytes + (self.bloom.nbytes if self.bloom is not None else 0)
+
+    def release(self) -> None:
+        """Gives the summaries' memory back (the BIT has been merged away)."""
+        self.store.release(self.summary_bytes())
+        self._fence, self._fence_bytes, self.bloom = None, 0, None
+
+    # ---- nodes ----
     def _node(self, entry: bytes, expect_leaf: bool) -> np.ndarray:
         return self.keyed(entry, expect_leaf)[0]
 
-    def keyed(self, entry: bytes, expect_leaf: bool) -> tuple[np.ndarray, np.ndarray]:
+    def keyed(self, entry: bytes, expect_leaf: bool) -> tuple[np.ndarray, array]:
         """(records, their LBAs) of a node, checked to be of the kind its depth needs."""
-        kind, recs, lbas = self.store.keyed(entry, f"BIT {self.meta.bit_id} node")
+        kind, recs, lbas = self.store.keyed(entry, self._what)
         if (kind == LEAF) != expect_leaf:
             raise IntegrityError(f"BIT {self.meta.bit_id}: node kind does not match its depth")
         return recs, lbas
 
+    def _nodes_at(self, height: int, lo: int = 0, hi: int = 1 << 64) -> Iterator[np.ndarray]:
+        """Record arrays of the nodes at `height` overlapping [lo, hi), in LBA order."""
+        stack = [(self.meta.root, self.meta.height)]
+        fmt = self.store.fmt
+        while stack:
+            entry, h = stack.pop()
+            recs = self._node(entry, h == 0)
+            if h == height:
+                yield recs
+                continue
+            first = max(0, int(np.searchsorted(recs["lba"], lo, side="right")) - 1)
+            last = int(np.searchsorted(recs["lba"], hi, side="left"))
+            for c in range(last - 1, first - 1, -1):     # reversed: the stack pops in order
+                stack.append((fmt.value_at(recs, c), h - 1))
+
+    # ---- lookups ----
+    def get(self, lba: int) -> bytes | None:
+        """The record value of one LBA in this BIT, or None."""
+        m = self.meta
+        if lba < m.lba_min or lba > m.lba_max:
+            return None
+        bloom = self._filter()
+        if bloom is not None and not bloom.may_contain_one(lba):
+            return None
+        fence = self.fence()
+        if fence is not None:
+            first, entries = fence
+            entry, height = entries[int(first.searchsorted(lba, side="right")) - 1], 0
+        else:
+            entry, height = m.root, m.height
+        value_at = self.store.fmt.value_at
+        while True:
+            recs, lbas = self.keyed(entry, height == 0)
+            if height == 0:
+                i = bisect_left(lbas, lba)
+                return value_at(recs, i) if i < len(recs) and lbas[i] == lba else None
+            c = bisect_right(lbas, lba) - 1
+            if c < 0:
+                return None
+            entry, height = value_at(recs, c), height - 1
+
     def lookup_many(self, lbas: np.ndarray, found: np.ndarray, out: np.ndarray) -> None:
         """For sorted `lbas` not yet `found`, fills `out` with this BIT's records."""
-        want = np.flatnonzero(~found & (lbas >= self.meta.lba_min) & (lbas <= self.meta.lba_max))
+        m = self.meta
+        want = np.flatnonzero(~found & (lbas >= m.lba_min) & (lbas <= m.lba_max))
+        bloom = self._filter() if len(want) else None
+        if bloom is not None:
+            want = want[bloom.may_contain(lbas[want])]
         if len(want) == 0:
             return
+        fence = self.fence()
+        if fence is None:
+            return self._walk(lbas, want, found, out)
+        first, entries = fence
+        keys = lbas[want]
+        leaf = (first.searchsorted(keys, side="right") - 1).tolist()
+        # Per leaf (the LBAs are sorted, so a leaf's LBAs are adjacent). Python ints, not
+        # numpy calls, for the common case of one LBA per leaf.
+        keys_l, want_l = keys.tolist(), want.tolist()
+        j, n = 0, len(leaf)
+        while j < n:
+            k = j + 1
+            while k < n and leaf[k] == leaf[j]:
+                k += 1
+            recs, here = self.keyed(entries[leaf[j]], True)
+            if k == j + 1:
+                i = bisect_left(here, keys_l[j])
+                if i < len(here) and here[i] == keys_l[j]:
+                    found[want_l[j]] = True
+                    out[want_l[j]] = recs[i]
+            else:
+                ks = keys[j:k]
+                here = np.frombuffer(here, np.uint64)
+                i = np.minimum(here.searchsorted(ks), len(here) - 1)
+                ok = here[i] == ks
+                hit = want[j:k][ok]
+                found[hit] = True
+                out[hit] = recs[i[ok]]
+            j = k
+
+    def _walk(self, lbas: np.ndarray, want: np.ndarray, found: np.ndarray,
+              out: np.ndarray) -> None:
+        """lookup_many from the root, per node over the batch (no fence)."""
         value_at = self.store.fmt.value_at
         # Positions travel as Python lists of ints: most nodes below the root see one or
         # two LBAs of a batch, where numpy's per-call overhead would dominate.
@@ -144,16 +311,17 @@ class Bit:
                 p = pos[0]
                 key = keys_all[p]
                 if height == 0:
-                    i = int(keys_here.searchsorted(key))
+                    i = bisect_left(keys_here, key)
                     if i < len(keys_here) and keys_here[i] == key:
                         found[p] = True
                         out[p] = recs[i]
                     continue
-                c = int(keys_here.searchsorted(key, side="right")) - 1
+                c = bisect_right(keys_here, key) - 1
                 if c >= 0:
                     stack.append((value_at(recs, c), height - 1, pos))
                 continue
             keys = np.array([keys_all[p] for p in pos], np.uint64)
+            keys_here = np.frombuffer(keys_here, np.uint64)
             if height == 0:
                 i = np.minimum(keys_here.searchsorted(keys), len(keys_here) - 1)
                 ok = keys_here[i] == keys
@@ -177,29 +345,26 @@ class Bit:
         if hi <= self.meta.lba_min or lo > self.meta.lba_max:
             return np.empty(0, self.store.fmt.dtype)
         parts = [r[(r["lba"] >= lo) & (r["lba"] < hi)] for r in self.leaves(lo, hi)]
-        return np.concatenate(parts) if parts else np.empty(0, self.store.fmt.dtype)
+        return self.store.fmt.concat(parts)
 
     def leaves(self, lo: int = 0, hi: int = 1 << 64) -> Iterator[np.ndarray]:
         """Leaf record arrays overlapping [lo, hi), in order (depth-first)."""
-        stack = [(self.meta.root, self.meta.height)]
-        while stack:
-            entry, height = stack.pop()
-            recs = self._node(entry, height == 0)
-            if height == 0:
-                yield recs
-                continue
-            first = max(0, int(np.searchsorted(recs["lba"], lo, side="right")) - 1)
-            last = int(np.searchsorted(recs["lba"], hi, side="left"))
-            for c in range(last - 1, first - 1, -1):     # reversed: the stack pops in order
-                stack.append((self.store.fmt.value_at(recs, c), height - 1))
+        return self._nodes_at(0, lo, hi)
 
 
 class BitBuilder:
     """Writes a BIT from records that arrive in strictly increasing LBA order."""
 
     def __init__(self, store: NodeStore, alloc_chunk: Callable[[], int],
-                 chunk_blocks: int, chunk_start: Callable[[int], int]):
+                 chunk_blocks: int, chunk_start: Callable[[int], int],
+                 filter_keys: int = 0):
+        """`filter_keys` > 0: also build a Bloom filter sized for that many LBAs (an
+        upper bound: what the inputs hold)."""
         self.store = store
+        self.bloom = BloomFilter(filter_keys) if filter_keys > 0 else None
+        # The fence as the leaves are written, while it fits the summary budget.
+        self._fence_first: list[int] | None = []
+        self._fence_entries: list[bytes] = []
         self.fmt = store.fmt
         self.alloc_chunk = alloc_chunk
         self.chunk_blocks = chunk_blocks
@@ -220,6 +385,8 @@ class BitBuilder:
             self.lba_min = int(recs["lba"][0])
         self.lba_max = int(recs["lba"][-1])
         self.count += len(recs)
+        if self.bloom is not None:
+            self.bloom.add(recs["lba"])
         self._push(0, recs)
 
     def _push(self, height: int, recs: np.ndarray) -> None:
@@ -228,7 +395,7 @@ class BitBuilder:
             self.pending[height].append(recs)
             self.pending_n[height] += len(recs)
             return
-        allrecs = np.concatenate(self.pending[height] + [recs])
+        allrecs = self.fmt.concat(self.pending[height] + [recs])
         full = len(allrecs) // cap
         for i in range(full):
             self._emit(height, allrecs[i * cap:(i + 1) * cap])
@@ -240,6 +407,12 @@ class BitBuilder:
         ct, key, nonce, mac = self.store.seal(LEAF if height == 0 else INTERNAL, height, recs)
         hba = self._place(ct)
         value = self.fmt.value(hba, key, nonce, mac)
+        if height == 0 and self._fence_first is not None:
+            self._fence_first.append(int(recs["lba"][0]))
+            self._fence_entries.append(value)
+            if len(self._fence_entries) % 1024 == 0 and \
+                    self.store.room() < len(self._fence_entries) * (8 + len(value) + _BYTES_OVERHEAD):
+                self._fence_first, self._fence_entries = None, []
         self.emitted[height] += 1
         if len(self.pending) == height + 1:
             self.pending.append([])
@@ -277,7 +450,7 @@ class BitBuilder:
                 root = self.fmt.value_at(self.pending[h][0], 0)    # a single child: it is the root
                 height = h - 1
             elif self.emitted[h] == 0 and higher_empty:
-                recs = np.concatenate(self.pending[h])
+                recs = self.fmt.concat(self.pending[h])
                 # _emit pushes the root's own entry one level up: take it back out.
                 root = self._emit(h, recs)
                 self.pending[h + 1] = []
@@ -285,7 +458,7 @@ class BitBuilder:
                 self.emitted[h + 1] = 0
                 height = h
             elif self.pending_n[h]:
-                recs = np.concatenate(self.pending[h])
+                recs = self.fmt.concat(self.pending[h])
                 self.pending[h], self.pending_n[h] = [], 0
                 self._emit(h, recs)
             h = h + 1 if root is None else h
@@ -293,3 +466,9 @@ class BitBuilder:
         self.emitted = self.emitted[:height + 1]
         return BitMeta(bit_id, level, height, self.count, self.lba_min, self.lba_max, root,
                        list(self.chunks))
+
+    def fence(self) -> tuple[np.ndarray, list[bytes]] | None:
+        """The finished BIT's fence (see Bit), or None if it outgrew the budget."""
+        if self._fence_first is None:
+            return None
+        return np.array(self._fence_first, np.uint64), self._fence_entries

@@ -280,7 +280,7 @@ class _Checker:
         mt = index.memtable
         streams = [iter([mt.to_array()] if len(mt) else [])]
         streams += [bit.leaves() for bit in index.bits()]
-        for recs in merge_streams(streams):
+        for recs in merge_streams(streams, index.fmt):
             recs = recs[recs["hba"] != TOMBSTONE_HBA]
             if len(recs):
                 yield recs

@@ -44,29 +44,19 @@ class CommittedState:
         """The newest committed record of each LBA among `lbas` that holds data (not
         unmapped, not discarded): MemTable, then the lookaside cache, then the BITs for
         all the remaining LBAs at once (lsm.lookup_bits: per node, over sorted LBAs)."""
-        mt, cache, tomb = self.index.memtable, self.lookaside, self.fmt.tombstone
-        out: dict[int, bytes] = {}
-        misses = []
-        for l in lbas:
-            v = mt.get(l)
-            if v is None:
-                v = cache.get(l)
-                if v is None:
-                    misses.append(l)
-                    continue
-            if v != tomb and v != UNMAPPED:
-                out[l] = v
+        tomb = self.fmt.tombstone
+        found, misses = self.index.memtable.split(lbas)
         if misses:
-            # A few LBAs: walk each BIT scalar-wise (numpy's per-call overhead, paid per
-            # BIT, outweighs vectorising); many: per node over the sorted batch.
-            found = (self.index.lookup_each(misses) if len(misses) <= SCALAR_LOOKUPS
-                     else self.index.lookup_bits(misses))
-            for l in misses:
-                v = found.get(l)
-                cache.put(l, v)
-                if v is not None and v != tomb:
-                    out[l] = v
-        return out
+            cached, misses = self.lookaside.split(misses)
+            found.update(cached)
+        if misses:
+            # A few LBAs: look each up (numpy's per-call overhead, paid per BIT, outweighs
+            # vectorising); many: per BIT over the sorted batch.
+            in_bits = (self.index.lookup_each(misses) if len(misses) <= SCALAR_LOOKUPS
+                       else self.index.lookup_bits(misses))
+            self.lookaside.put_many(misses, in_bits)
+            found.update(in_bits)
+        return {l: v for l, v in found.items() if v != tomb and v != UNMAPPED}
 
     def lookup_exact(self, lbas: list[int]) -> dict[int, bytes]:
         return self.index.get_many_exact(lbas)
@@ -85,14 +75,14 @@ class CommittedState:
                 run.append(op.records)
                 continue
             if run:
-                self._apply_writes(np.concatenate(run))
+                self._apply_writes(self.fmt.concat(run))
                 run = []
             if isinstance(op, Discard):
                 self._apply_discard(op.lba, op.count)
             else:
                 raise TypeError(f"cannot apply {op!r}")
         if run:
-            self._apply_writes(np.concatenate(run))
+            self._apply_writes(self.fmt.concat(run))
 
     def _apply_writes(self, recs: np.ndarray) -> None:
         """A run of write records, in bulk. Same result as one at a time: the last record

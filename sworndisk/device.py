@@ -26,7 +26,7 @@ import struct
 import threading
 
 from ublk_shim import blockio
-from ublk_shim.sys import IORING_OP_READ, IORING_OP_WRITE
+from ublk_shim.sys import IORING_OP_READ, IORING_OP_WRITE, SQE_RW
 from ublk_shim.uring import Ring, buffer_address
 
 from .errors import InvalidArgument
@@ -335,9 +335,11 @@ class FileDevice(BlockDevice):
     def _read_batch_locked(self, ring: Ring, items: list) -> list:
         buf = self._bufs.get(sum(n for n, _ in items))
         base, pos, places = buffer_address(buf), 0, []
+        fd, prep = self.file.fd, ring.prep_packed
         for i, (nbytes, offset) in enumerate(items):
-            ring.prep(IORING_OP_READ, fd=self.file.fd, off=offset, addr=base + pos,
-                      length=nbytes, user_data=i)
+            # opcode, flags, ioprio, fd, off, addr, len, op_flags, user_data, buf_index,
+            # personality, splice_fd_in
+            prep(SQE_RW, IORING_OP_READ, 0, 0, fd, offset, base + pos, nbytes, 0, i, 0, 0, 0)
             places.append(pos)
             pos += nbytes
         results = [0] * len(items)
@@ -356,8 +358,8 @@ class FileDevice(BlockDevice):
         base, pos = buffer_address(buf), 0
         for i, (data, offset) in enumerate(items):
             buf[pos:pos + len(data)] = data
-            ring.prep(IORING_OP_WRITE, fd=self.file.fd, off=offset, addr=base + pos,
-                      length=len(data), user_data=i)
+            ring.prep_packed(SQE_RW, IORING_OP_WRITE, 0, 0, self.file.fd, offset, base + pos,
+                             len(data), 0, i, 0, 0, 0)
             pos += len(data)
         self._inflight = items
         while ring.pending:

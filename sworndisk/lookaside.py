@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .memtable import partition
+
 UNMAPPED = b""          # the cached answer "no record" (never a valid record value)
 
 
@@ -32,21 +34,23 @@ class Lookaside:
     def __len__(self) -> int:
         return len(self._map)
 
-    def get(self, lba: int) -> bytes | None:
-        """The cached value (UNMAPPED if the LBA has no record), or None if not cached."""
-        v = self._map.get(lba)
-        if v is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return v
+    def split(self, lbas: list[int]) -> tuple[dict[int, bytes], list[int]]:
+        """The cached values of those of `lbas` cached (UNMAPPED: known to have no
+        record), and the LBAs not cached."""
+        found, rest = partition(self._map, lbas)
+        self.hits += len(found)
+        self.misses += len(rest)
+        return found, rest
 
-    def put(self, lba: int, value: bytes | None) -> None:
+    def put_many(self, lbas: list[int], values: dict[int, bytes]) -> None:
+        """Remembers each of `lbas` with its value in `values` (absent: unmapped); the
+        oldest entries beyond the limit go."""
         if self.limit <= 0:
             return
-        m = self._map
-        m[lba] = UNMAPPED if value is None else value
-        if len(m) > self.limit:
+        m, get = self._map, values.get
+        for l in lbas:
+            m[l] = get(l, UNMAPPED)
+        while len(m) > self.limit:
             m.popitem(last=False)
 
     def invalidate(self, lbas) -> None:

@@ -52,12 +52,16 @@ class LsmIndex:
              major_compactions: int = 0) -> None:
         """The index of a checkpoint pack: its BIT catalog and compaction counts."""
         self.minor_compactions, self.major_compactions = minor_compactions, major_compactions
+        for bit in self.bits():
+            bit.release()
         self.levels = []
-        for d in catalog:
-            meta = BitMeta.from_dict(d)
+        metas = [BitMeta.from_dict(d) for d in catalog]
+        bottom = max((m.level for m in metas), default=0)
+        for meta in metas:
             while len(self.levels) <= meta.level:
                 self.levels.append([])
-            self.levels[meta.level].append(Bit(meta, self.store))
+            self.levels[meta.level].append(Bit(meta, self.store,
+                                               want_filter=meta.level < bottom))
         self.next_bit_id = next_bit_id
 
     # ---- lookups ----
@@ -66,32 +70,17 @@ class LsmIndex:
         if v is not None:
             return v
         for bit in self.bits():
-            v = self._bit_get(bit, lba)
+            v = bit.get(lba)
             if v is not None:
                 return v
         return None
 
-    def _bit_get(self, bit: Bit, lba: int) -> bytes | None:
-        m = bit.meta
-        if lba < m.lba_min or lba > m.lba_max:
-            return None
-        entry, height = m.root, m.height
-        while True:
-            recs, lbas = bit.keyed(entry, height == 0)
-            if height == 0:
-                i = int(lbas.searchsorted(lba))
-                return self.fmt.value_at(recs, i) if i < len(recs) and lbas[i] == lba else None
-            c = int(lbas.searchsorted(lba, side="right")) - 1
-            if c < 0:
-                return None
-            entry, height = self.fmt.value_at(recs, c), height - 1
-
     def lookup_each(self, lbas: list[int]) -> dict[int, bytes]:
-        """Newest BIT record for each LBA (MemTable not consulted), one walk per LBA."""
+        """Newest BIT record for each LBA (MemTable not consulted), one lookup per LBA."""
         out = {}
         for l in lbas:
             for bit in self.bits():
-                v = self._bit_get(bit, l)
+                v = bit.get(l)
                 if v is not None:
                     out[l] = v
                     break
@@ -145,8 +134,9 @@ class LsmIndex:
         return self.range(min(lbas), max(lbas) + 1)
 
     # ---- compaction ----
-    def _builder(self) -> BitBuilder:
-        return BitBuilder(self.store, self.alloc_chunk, INDEX_CHUNK_BLOCKS, self.chunk_block)
+    def _builder(self, filter_keys: int) -> BitBuilder:
+        return BitBuilder(self.store, self.alloc_chunk, INDEX_CHUNK_BLOCKS, self.chunk_block,
+                          filter_keys)
 
     def _finish(self, builder: BitBuilder, level: int) -> Bit | None:
         meta = builder.finish(self.next_bit_id, level)
@@ -154,17 +144,18 @@ class LsmIndex:
         if meta is None:
             return None
         self.next_bit_id += 1
-        return Bit(meta, self.store)
+        return Bit(meta, self.store, builder.fence(), builder.bloom)
 
     def compact(self) -> list[int]:
         """Minor compaction of the whole MemTable, then major compactions as needed.
         Writes BIT nodes (no flush); returns the index chunks of retired BITs."""
         retired: list[int] = []
         if len(self.memtable):
-            b = self._builder()
             recs = self.memtable.to_array()
-            if not self.levels or not any(self.levels):
+            bottom = not any(self.levels)
+            if bottom:
                 recs = recs[recs["hba"] != TOMBSTONE_HBA]
+            b = self._builder(0 if bottom else len(recs))
             b.add(recs)
             bit = self._finish(b, 0)
             if not self.levels:
@@ -193,11 +184,13 @@ class LsmIndex:
             self.levels.append([])
         inputs = self.levels[lvl] + self.levels[lvl + 1]
         bottom = not any(self.levels[lvl + 2:])
-        b = self._builder()
-        for recs in merge_streams([bit.leaves() for bit in inputs]):
+        b = self._builder(0 if bottom else sum(bit.meta.count for bit in inputs))
+        for recs in merge_streams([bit.leaves() for bit in inputs], self.fmt):
             if bottom:
                 recs = recs[recs["hba"] != TOMBSTONE_HBA]
             b.add(recs)
+        for bit in inputs:
+            bit.release()
         new = self._finish(b, lvl + 1)
         retired = [c for bit in inputs for c in bit.meta.chunks]
         self.levels[lvl] = []
@@ -206,11 +199,17 @@ class LsmIndex:
         return retired
 
 
-def merge_streams(streams: list) -> "iter[np.ndarray]":
+MERGE_CHUNK_RECORDS = 4096
+
+
+def merge_streams(streams: list, fmt: RecordFormat) -> "iter[np.ndarray]":
     """Merges sorted record streams (index 0 newest) into one, newest record per LBA.
 
     Each step takes everything up to the smallest last-buffered LBA among the inputs, so
-    no input can still hold a smaller LBA, and memory is a few leaves per input."""
+    no input can still hold a smaller LBA. Inputs are read in chunks of a few thousand
+    records (several leaves), so that the numpy work of a step is spread over many
+    records; memory stays a chunk per input."""
+    streams = [_chunked(s, fmt) for s in streams]
     bufs = [next(s, None) for s in streams]
     while True:
         live = [i for i, b in enumerate(bufs) if b is not None]
@@ -225,9 +224,25 @@ def merge_streams(streams: list) -> "iter[np.ndarray]":
                 parts.append(b[:k])
                 prios.append(np.full(k, i, np.int32))
             bufs[i] = b[k:] if k < len(b) else next(streams[i], None)
-        recs = np.concatenate(parts)
+        if len(parts) == 1:
+            yield parts[0]
+            continue
+        recs = fmt.concat(parts)
         order = np.lexsort((np.concatenate(prios), recs["lba"]))
         recs = recs[order]
         keep = np.ones(len(recs), bool)
         keep[1:] = recs["lba"][1:] != recs["lba"][:-1]
         yield recs[keep]
+
+
+def _chunked(stream, fmt: RecordFormat) -> "iter[np.ndarray]":
+    """The arrays of `stream` joined into chunks of at least MERGE_CHUNK_RECORDS."""
+    parts, n = [], 0
+    for recs in stream:
+        parts.append(recs)
+        n += len(recs)
+        if n >= MERGE_CHUNK_RECORDS:
+            yield fmt.concat(parts)
+            parts, n = [], 0
+    if parts:
+        yield fmt.concat(parts)

@@ -25,6 +25,10 @@ class MemTable:
     def get(self, lba: int) -> bytes | None:
         return self.map.get(lba)
 
+    def split(self, lbas) -> tuple[dict[int, bytes], list[int]]:
+        """The values of those of `lbas` held here, and the others (in order)."""
+        return partition(self.map, lbas)
+
     def put(self, lba: int, value: bytes) -> None:
         if self._sorted is not None and lba not in self.map:
             self._sorted = None
@@ -51,3 +55,16 @@ class MemTable:
     def clear(self) -> None:
         self.map.clear()
         self._sorted = None
+
+
+def partition(table: dict, keys) -> tuple[dict, list]:
+    """{key: value} of the `keys` in `table`, and the keys not in it (in order): one
+    loop over a batch rather than a method call per key."""
+    get, found, rest = table.get, {}, []
+    for k in keys:
+        v = get(k)
+        if v is None:
+            rest.append(k)
+        else:
+            found[k] = v
+    return found, rest

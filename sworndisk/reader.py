@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .batch import PendingBatch
 from .committed import CommittedState
-from .crypto import decrypt
+from .crypto import authentication_error, open_blocks
 from .device import BlockDevice
 from .errors import IntegrityError, SwornDiskError
 from .format import BLOCK_SIZE
@@ -38,10 +38,17 @@ class Reader:
         outs = [bytearray(n * BLOCK_SIZE) for _, n in ranges]
         fetch: list[tuple[int, int, int, bytes]] = []    # (range, index in range, lba, value)
         rest: list[tuple[int, int, int]] = []            # (range, index in range, lba)
-        for r, (lba, n) in enumerate(ranges):
-            pending, unknown = self.batch.overlay(lba, n, outs[r])
-            fetch.extend((r, i, l, v) for i, l, v in pending)
-            rest.extend((r, l - lba, l) for l in unknown)
+        if self.batch.is_empty():                        # nothing pending: all committed
+            for r, (lba, n) in enumerate(ranges):
+                if n == 1:
+                    rest.append((r, 0, lba))
+                else:
+                    rest.extend(zip([r] * n, range(n), range(lba, lba + n)))
+        else:
+            for r, (lba, n) in enumerate(ranges):
+                pending, unknown = self.batch.overlay(lba, n, outs[r])
+                fetch.extend((r, i, l, v) for i, l, v in pending)
+                rest.extend((r, l - lba, l) for l in unknown)
         if rest:
             found = self.state.resolve([l for _, _, l in rest])
             fetch.extend((r, i, l, found[l]) for r, i, l in rest if l in found)
@@ -76,18 +83,18 @@ class Reader:
         raws = self.data.pread_many([(count * BLOCK_SIZE, items[j][0] * BLOCK_SIZE)
                                      for j, count in reads])
         k = self.fmt.key_bytes
+        views = [memoryview(out) for out in outs]
+        blocks, where = [], []
         for (j, count), raw in zip(reads, raws):
             raw = memoryview(raw)
             for n, (hba, r, i, l, v) in enumerate(items[j:j + count]):
-                if r in errors:
-                    continue
-                try:
-                    pt = decrypt(v[8:8 + k], v[8 + k:20 + k], raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
-                                 v[20 + k:], f"data block {hba} (LBA {l})")
-                except IntegrityError as e:
-                    errors[r] = e
-                    continue
-                outs[r][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] = pt
+                blocks.append((v[8:8 + k], v[8 + k:20 + k], v[20 + k:],
+                               raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
+                               views[r][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
+                where.append((hba, r, l))
+        for n in open_blocks(blocks):
+            hba, r, l = where[n]
+            errors.setdefault(r, authentication_error(f"data block {hba} (LBA {l})"))
 
 
 __all__ = ["Reader"]

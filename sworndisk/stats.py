@@ -91,6 +91,8 @@ class Index:
     node_cache_limit: int = 0
     lookaside_entries: int = 0
     lookaside_limit: int = 0
+    summary_bytes: int = 0           # BIT fences and filters in memory (bit.py)
+    summary_limit: int = 0
     segtable_cached: int = 0
     segtable_dirty: int = 0
     journal_blocks_used: int = 0
@@ -142,6 +144,7 @@ def collect_stats(parts: "DebugView", lifetime: Lifetime, session: Session, nr_b
                     index_chunks_used=st.ispace.used(), index_chunks=layout.index_chunks,
                     node_cache_entries=store.entries(), node_cache_limit=store.cache_limit,
                     lookaside_entries=len(st.lookaside), lookaside_limit=config.lookaside_records,
+                    summary_bytes=store.summary_bytes, summary_limit=store.summary_limit,
                     segtable_cached=st.segtable.cached_count(),
                     segtable_dirty=st.segtable.dirty_count(),
                     journal_blocks_used=protocol.journal.used(),

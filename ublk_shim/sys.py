@@ -132,6 +132,9 @@ def codec(*field_lists: List[Tuple[str, str]]) -> struct.Struct:
 SQE_HEAD = codec(SQE_HEAD_FIELDS)
 CQE = codec(CQE_FIELDS)
 assert SQE_HEAD.size == SQE_CMD_OFFSET and CQE.size == CQE_SIZE
+# A whole 64-byte SQE for plain READ/WRITE (cmd[] zero): `Ring.prep_packed`'s hot path.
+SQE_RW = codec(SQE_HEAD_FIELDS, [("cmd", "16x")])
+assert SQE_RW.size == SQE_SIZE
 
 # --------------------------------------------------------------------------------------------
 # ublk: control commands
