@@ -29,6 +29,7 @@ from .format import NODE_HEADER, NODE_INTERNAL as INTERNAL, NODE_LEAF as LEAF, N
 
 _BYTES_OVERHEAD = 33 + 8     # a bytes object's header and its list slot, per fence entry
 LAZY_FILTER_RECORDS = 1 << 18     # a loaded BIT up to this size is scanned for a filter
+_RESIDENT_SLICE = 4096            # records per array a resident BIT's leaves() yields
 
 
 @dataclass
@@ -54,33 +55,59 @@ class BitMeta:
                    bytes.fromhex(d["root"]), list(d["chunks"]))
 
 
+class Budget:
+    """Bytes of memory some derived state may hold, reserved before it is built."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def room(self) -> int:
+        return self.limit - self.used
+
+    def reserve(self, nbytes: int) -> bool:
+        if nbytes > self.room():
+            return False
+        self.used += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
 class NodeStore:
-    """Reads and verifies BIT nodes through a bounded plaintext cache (the BNC), and
-    keeps the budget of the BITs' in-memory summaries (fences and filters): a quarter of
-    the cache's size again, shared by all BITs."""
+    """Reads and verifies BIT nodes through a bounded plaintext cache (the BNC).
+
+    `cache_bytes` is shared: BITs held whole in memory (resident, see Bit.resident) take
+    up to three quarters of it, and the node cache what they leave; the BITs' summaries
+    (fences and filters) have a quarter of it again of their own."""
 
     def __init__(self, meta: BlockDevice, fmt: RecordFormat, cache_bytes: int):
         self.meta = meta
         self.fmt = fmt
         self.capacity = (BLOCK_SIZE - NODE_HEADER.size) // fmt.size
         self.cache: OrderedDict[bytes, tuple[int, np.ndarray]] = OrderedDict()
+        self.cache_bytes = cache_bytes
         self.cache_limit = max(16, cache_bytes // BLOCK_SIZE)
         self.hits = self.misses = 0
-        self.summary_limit = cache_bytes // 4
-        self.summary_bytes = 0
+        self.summaries = Budget(cache_bytes // 4)
+        self.resident = Budget(cache_bytes * 3 // 4)
 
-    def room(self) -> int:
-        """Summary bytes still available."""
-        return self.summary_limit - self.summary_bytes
-
-    def reserve(self, nbytes: int) -> bool:
-        if nbytes > self.room():
+    def reserve_resident(self, nbytes: int) -> bool:
+        """Room for a resident BIT, taken from the node cache (which shrinks to match)."""
+        if not self.resident.reserve(nbytes):
             return False
-        self.summary_bytes += nbytes
+        self._resize()
         return True
 
-    def release(self, nbytes: int) -> None:
-        self.summary_bytes -= nbytes
+    def release_resident(self, nbytes: int) -> None:
+        self.resident.release(nbytes)
+        self._resize()
+
+    def _resize(self) -> None:
+        self.cache_limit = max(16, (self.cache_bytes - self.resident.used) // BLOCK_SIZE)
+        while len(self.cache) > self.cache_limit:
+            self.cache.popitem(last=False)
 
     def entries(self) -> int:
         return len(self.cache)
@@ -90,11 +117,13 @@ class NodeStore:
         kind, recs, _ = self.keyed(entry, what)
         return kind, recs
 
-    def keyed(self, entry: bytes, what: str = "BIT node") -> tuple[int, np.ndarray, array]:
+    def keyed(self, entry: bytes, what: str = "BIT node",
+              remember: bool = True) -> tuple[int, np.ndarray, array]:
         """(kind, records, their LBAs) of a node. The LBAs are kept apart, as an
         array.array: a lookup of one LBA bisects them in a fraction of what a numpy
         search costs, and a field view of the records would be rebuilt at every search
-        (numpy views them with frombuffer, without a copy, for a batch)."""
+        (numpy views them with frombuffer, without a copy, for a batch). A node read
+        from the device goes into the cache unless `remember` is False."""
         mac = entry[-crypto.TAG_BYTES:]
         hit = self.cache.get(mac)
         if hit is not None:
@@ -108,11 +137,14 @@ class NodeStore:
         magic, kind, _height, _r, count, _r2 = NODE_HEADER.unpack_from(pt)
         if magic != NODE_MAGIC or kind not in (LEAF, INTERNAL) or count > self.capacity:
             raise IntegrityError(f"{what} at meta block {hba} is malformed")
-        return self._remember(mac, kind, pt, count)
+        return self._remember(mac, kind, pt, count, remember)
 
-    def _remember(self, mac: bytes, kind: int, pt: bytes, count: int) -> tuple:
+    def _remember(self, mac: bytes, kind: int, pt: bytes, count: int,
+                  remember: bool = True) -> tuple:
         recs = np.frombuffer(pt, self.fmt.dtype, count, NODE_HEADER.size)
         node = (kind, recs, array("Q", recs["lba"].astype(np.uint64).tobytes()))
+        if not remember:
+            return node
         self.cache[mac] = node
         if len(self.cache) > self.cache_limit:
             self.cache.popitem(last=False)
@@ -154,11 +186,14 @@ class Bit:
         self.meta = meta
         self.store = store
         self._what = f"BIT {meta.bit_id} node"
-        self.bloom = bloom if bloom is not None and store.reserve(bloom.nbytes) else None
+        self.bloom = bloom if bloom is not None and store.summaries.reserve(bloom.nbytes) else None
         self._filter_wanted = want_filter and bloom is None and meta.count <= LAZY_FILTER_RECORDS
         self._fence: tuple[np.ndarray, list[bytes]] | None = None
         self._fence_bytes = 0
         self._fence_tried = False
+        self._resident: tuple[np.ndarray, np.ndarray] | None = None
+        self._resident_bytes = 0
+        self._resident_tried = False
         if fence is not None:
             self._fence_tried = self._keep_fence(*fence)
 
@@ -168,7 +203,7 @@ class Bit:
 
     def _keep_fence(self, first: np.ndarray, entries: list[bytes]) -> bool:
         cost = self._fence_cost(len(entries))
-        if not self.store.reserve(cost):
+        if not self.store.summaries.reserve(cost):
             return False
         self._fence, self._fence_bytes = (first, entries), cost
         return True
@@ -181,7 +216,7 @@ class Bit:
             m = self.meta
             if m.height == 0:
                 self._keep_fence(np.array([m.lba_min], np.uint64), [m.root])
-            elif self.store.room() >= self._fence_cost(-(-m.count // self.store.capacity)):
+            elif self.store.summaries.room() >= self._fence_cost(-(-m.count // self.store.capacity)):
                 parts = list(self._nodes_at(1))
                 recs = self.store.fmt.concat(parts)
                 self._keep_fence(np.ascontiguousarray(recs["lba"]), self.store.fmt.values_of(recs))
@@ -191,7 +226,7 @@ class Bit:
         if self._filter_wanted:
             self._filter_wanted = False
             bloom = BloomFilter(self.meta.count)
-            if self.store.reserve(bloom.nbytes):
+            if self.store.summaries.reserve(bloom.nbytes):
                 for recs in self.leaves():
                     bloom.add(recs["lba"])
                 self.bloom = bloom
@@ -200,29 +235,56 @@ class Bit:
     def summary_bytes(self) -> int:
         return self._fence_bytes + (self.bloom.nbytes if self.bloom is not None else 0)
 
-    def release(self) -> None:
-        """Gives the summaries' memory back (the BIT has been merged away)."""
-        self.store.release(self.summary_bytes())
+    def _drop_summaries(self) -> None:
+        self.store.summaries.release(self.summary_bytes())
         self._fence, self._fence_bytes, self.bloom = None, 0, None
+        self._fence_tried, self._filter_wanted = True, False
+
+    def release(self) -> None:
+        """Gives the memory of summaries and residency back (the BIT was merged away)."""
+        self._drop_summaries()
+        self.store.release_resident(self._resident_bytes)
+        self._resident, self._resident_bytes = None, 0
+
+    def resident(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(every LBA, every record) of a BIT held whole in memory, or None.
+
+        A BIT becomes resident on first use if its records fit what is left of the
+        store's resident budget: its lookups are then one numpy search over the whole
+        batch, with no node per LBA, and merges read it without decrypting. Its leaves
+        are read once (from the node cache where they are, as after a compaction, or
+        from the device, verified, without filling the cache); fence and filter are
+        then of no use and are dropped."""
+        if self._resident is None and not self._resident_tried:
+            self._resident_tried = True
+            cost = self.meta.count * (self.store.fmt.size + 8)
+            if self.store.reserve_resident(cost):
+                recs = self.store.fmt.concat(list(self._nodes_at(0, remember=False)))
+                self._resident = (np.ascontiguousarray(recs["lba"]), recs)
+                self._resident_bytes = cost
+                self._drop_summaries()
+        return self._resident
 
     # ---- nodes ----
-    def _node(self, entry: bytes, expect_leaf: bool) -> np.ndarray:
-        return self.keyed(entry, expect_leaf)[0]
+    def _node(self, entry: bytes, expect_leaf: bool, remember: bool = True) -> np.ndarray:
+        return self.keyed(entry, expect_leaf, remember)[0]
 
-    def keyed(self, entry: bytes, expect_leaf: bool) -> tuple[np.ndarray, array]:
+    def keyed(self, entry: bytes, expect_leaf: bool,
+              remember: bool = True) -> tuple[np.ndarray, array]:
         """(records, their LBAs) of a node, checked to be of the kind its depth needs."""
-        kind, recs, lbas = self.store.keyed(entry, self._what)
+        kind, recs, lbas = self.store.keyed(entry, self._what, remember)
         if (kind == LEAF) != expect_leaf:
             raise IntegrityError(f"BIT {self.meta.bit_id}: node kind does not match its depth")
         return recs, lbas
 
-    def _nodes_at(self, height: int, lo: int = 0, hi: int = 1 << 64) -> Iterator[np.ndarray]:
+    def _nodes_at(self, height: int, lo: int = 0, hi: int = 1 << 64,
+                  remember: bool = True) -> Iterator[np.ndarray]:
         """Record arrays of the nodes at `height` overlapping [lo, hi), in LBA order."""
         stack = [(self.meta.root, self.meta.height)]
         fmt = self.store.fmt
         while stack:
             entry, h = stack.pop()
-            recs = self._node(entry, h == 0)
+            recs = self._node(entry, h == 0, remember)
             if h == height:
                 yield recs
                 continue
@@ -237,6 +299,10 @@ class Bit:
         m = self.meta
         if lba < m.lba_min or lba > m.lba_max:
             return None
+        res = self.resident()
+        if res is not None:
+            i = int(res[0].searchsorted(lba))
+            return self.store.fmt.value_at(res[1], i) if res[0][i] == lba else None
         bloom = self._filter()
         if bloom is not None and not bloom.may_contain_one(lba):
             return None
@@ -261,7 +327,18 @@ class Bit:
         """For sorted `lbas` not yet `found`, fills `out` with this BIT's records."""
         m = self.meta
         want = np.flatnonzero(~found & (lbas >= m.lba_min) & (lbas <= m.lba_max))
-        bloom = self._filter() if len(want) else None
+        if len(want) == 0:
+            return
+        res = self.resident()
+        if res is not None:
+            all_lbas, all_recs = res
+            keys = lbas[want]
+            i = all_lbas.searchsorted(keys)         # keys <= lba_max: i is in range
+            ok = all_lbas[i] == keys
+            found[want[ok]] = True
+            out[want[ok]] = all_recs[i[ok]]
+            return
+        bloom = self._filter()
         if bloom is not None:
             want = want[bloom.may_contain(lbas[want])]
         if len(want) == 0:
@@ -344,11 +421,19 @@ class Bit:
         """Records with lo <= lba < hi, in LBA order."""
         if hi <= self.meta.lba_min or lo > self.meta.lba_max:
             return np.empty(0, self.store.fmt.dtype)
+        if self._resident is not None:
+            lbas, recs = self._resident
+            return recs[lbas.searchsorted(lo):lbas.searchsorted(hi)]
         parts = [r[(r["lba"] >= lo) & (r["lba"] < hi)] for r in self.leaves(lo, hi)]
         return self.store.fmt.concat(parts)
 
     def leaves(self, lo: int = 0, hi: int = 1 << 64) -> Iterator[np.ndarray]:
-        """Leaf record arrays overlapping [lo, hi), in order (depth-first)."""
+        """Leaf record arrays overlapping [lo, hi), in order (depth-first); a resident
+        BIT's records, in slices, instead."""
+        if self._resident is not None:
+            lbas, recs = self._resident
+            a, b = int(lbas.searchsorted(lo)), int(lbas.searchsorted(hi))
+            return (recs[i:min(b, i + _RESIDENT_SLICE)] for i in range(a, b, _RESIDENT_SLICE))
         return self._nodes_at(0, lo, hi)
 
 
@@ -411,7 +496,7 @@ class BitBuilder:
             self._fence_first.append(int(recs["lba"][0]))
             self._fence_entries.append(value)
             if len(self._fence_entries) % 1024 == 0 and \
-                    self.store.room() < len(self._fence_entries) * (8 + len(value) + _BYTES_OVERHEAD):
+                    self.store.summaries.room() < len(self._fence_entries) * (8 + len(value) + _BYTES_OVERHEAD):
                 self._fence_first, self._fence_entries = None, []
         self.emitted[height] += 1
         if len(self.pending) == height + 1:

@@ -93,6 +93,8 @@ class Index:
     lookaside_limit: int = 0
     summary_bytes: int = 0           # BIT fences and filters in memory (bit.py)
     summary_limit: int = 0
+    resident_bytes: int = 0          # BITs held whole in memory (bit.py)
+    resident_limit: int = 0
     segtable_cached: int = 0
     segtable_dirty: int = 0
     journal_blocks_used: int = 0
@@ -144,7 +146,8 @@ def collect_stats(parts: "DebugView", lifetime: Lifetime, session: Session, nr_b
                     index_chunks_used=st.ispace.used(), index_chunks=layout.index_chunks,
                     node_cache_entries=store.entries(), node_cache_limit=store.cache_limit,
                     lookaside_entries=len(st.lookaside), lookaside_limit=config.lookaside_records,
-                    summary_bytes=store.summary_bytes, summary_limit=store.summary_limit,
+                    summary_bytes=store.summaries.used, summary_limit=store.summaries.limit,
+                    resident_bytes=store.resident.used, resident_limit=store.resident.limit,
                     segtable_cached=st.segtable.cached_count(),
                     segtable_dirty=st.segtable.dirty_count(),
                     journal_blocks_used=protocol.journal.used(),

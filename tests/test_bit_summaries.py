@@ -1,7 +1,8 @@
-"""BIT summaries (bit.py, bloom.py): the Bloom filter never says "absent" of a key it
-holds, the fence and filter answer exactly what a walk from the root answers, they are
-really used (a lookup reads one node per BIT, and none of a BIT the filter rules out),
-and their memory is charged to, and given back to, the node store's budget."""
+"""What BITs keep in memory to answer lookups (bit.py, bloom.py): the Bloom filter never
+says "absent" of a key it holds; fence and filter, or a BIT held whole (resident), answer
+exactly what a walk from the root answers; they are really used (a lookup reads one node
+per BIT, none of a BIT the filter rules out, none at all of a resident BIT); and their
+memory is charged to, and given back to, the node store's budgets."""
 from __future__ import annotations
 
 import random
@@ -33,10 +34,13 @@ def test_bloom_has_no_false_negatives_and_few_false_positives():
     assert [f.may_contain_one(int(k)) for k in sample] == f.may_contain(sample).tolist()
 
 
-def _aged_disk():
+def _aged_disk(resident: bool = False):
     """A disk whose index has several levels: random writes and some discards over many
-    commits, so compactions ran (minor and major)."""
+    commits, so compactions ran (minor and major). Unless `resident`, no BIT may be
+    held whole, so lookups go through fences and filters."""
     disk, data, meta = new_disk(48 * MiB, NR, CFG)
+    if not resident:
+        disk.debug.index.store.resident.limit = 0
     rng = random.Random(5)
     for rnd in range(40):
         for _ in range(60):
@@ -56,7 +60,7 @@ def _unsummarised(disk) -> list[Bit]:
     root, as before summaries existed (the reference)."""
     dbg = disk.debug
     store = NodeStore(dbg.meta, dbg.fmt, 1 << 20)
-    store.summary_limit = 0
+    store.summaries.limit = store.resident.limit = 0
     return [Bit(b.meta, store, want_filter=True) for b in dbg.index.bits()]
 
 
@@ -118,9 +122,9 @@ def test_summary_memory_is_accounted_and_given_back():
     index, store = disk.debug.index, disk.debug.index.store
     index.lookup_bits(list(range(NR)))           # every fence built
     held = sum(b.summary_bytes() for b in index.bits())
-    assert held > 0 and store.summary_bytes == held <= store.summary_limit
+    assert held > 0 and store.summaries.used == held <= store.summaries.limit
     st = disk.stats().index
-    assert st.summary_bytes == held and st.summary_limit == store.summary_limit
+    assert st.summary_bytes == held and st.summary_limit == store.summaries.limit
     rng = random.Random(2)
     for rnd in range(12):                        # more compactions retire these BITs
         for _ in range(80):
@@ -128,7 +132,7 @@ def test_summary_memory_is_accounted_and_given_back():
             disk.write(lba, make_block(rng, lba, 100 + rnd))
         disk.flush()
     index.lookup_bits(list(range(NR)))
-    assert store.summary_bytes == sum(b.summary_bytes() for b in index.bits())
+    assert store.summaries.used == sum(b.summary_bytes() for b in index.bits())
     disk.close()
 
 
@@ -138,6 +142,7 @@ def test_a_reopened_disk_builds_its_summaries_on_first_use():
     disk.close()                                 # the checkpoint moves the MemTable
     disk = SwornDisk.open(data, meta, KEY16)
     index = disk.debug.index
+    index.store.resident.limit = 0
     assert disk.stats().index.summary_bytes == 0
     assert len(index.memtable) == 0
     assert index.lookup_bits(list(range(NR))) == before
@@ -154,9 +159,58 @@ def test_lookups_are_right_when_nothing_fits_the_budget():
     expected = index.lookup_bits(list(range(NR)))
     dbg = disk.debug
     store = NodeStore(dbg.meta, dbg.fmt, 1 << 20)
-    store.summary_limit = 64                     # not even one fence
+    store.summaries.limit = 64                   # not even one fence
+    store.resident.limit = 0
     bits = [Bit(b.meta, store, want_filter=True) for b in index.bits()]
     assert _walked(bits, range(NR)) == expected
     assert all(b.fence() is None for b in bits if b.meta.height > 0)
-    assert store.summary_bytes <= 64
+    assert store.summaries.used <= 64
+    disk.close()
+
+
+def test_resident_bits_answer_what_root_walks_answer_and_read_no_node():
+    disk, data, meta = _aged_disk(resident=True)
+    index, store = disk.debug.index, disk.debug.index.store
+    expected = _walked(_unsummarised(disk), range(NR))
+    assert index.lookup_bits(list(range(NR))) == expected
+    bits = index.bits()
+    assert all(b.resident() is not None for b in bits)
+    assert all(b.fence() is None and b.bloom is None for b in bits)   # of no more use
+    held = sum(b.meta.count * (disk.debug.fmt.size + 8) for b in bits)
+    assert store.resident.used == held == disk.stats().index.resident_bytes
+    assert store.cache_limit == max(16, (store.cache_bytes - held) // 4096)
+    before = store.hits + store.misses
+    rng = random.Random(4)
+    for _ in range(40):
+        lbas = rng.sample(range(NR), rng.choice([1, 2, 9, 33]))
+        assert index.lookup_bits(lbas) == {l: expected[l] for l in lbas if l in expected}
+        assert index.lookup_each(lbas) == {l: expected[l] for l in lbas if l in expected}
+    assert store.hits + store.misses == before
+    for lo, hi in [(0, NR), (100, 140), (NR - 7, NR)]:  # range() and merges read it too
+        for bit, ref in zip(bits, _unsummarised(disk)):
+            assert bit.range(lo, hi).tobytes() == ref.range(lo, hi).tobytes()
+    before = index.get_many_exact(list(range(NR)))
+    disk.close()
+    disk = SwornDisk.open(data, meta, KEY16)     # resident again, from the device
+    index = disk.debug.index
+    assert disk.stats().index.resident_bytes == 0
+    assert index.lookup_bits(list(range(NR))) == before
+    assert all(b.resident() is not None for b in index.bits())
+    disk.close()
+
+
+def test_residency_stays_within_its_budget():
+    disk, _, _ = _aged_disk(resident=True)
+    index = disk.debug.index
+    store = NodeStore(disk.debug.meta, disk.debug.fmt, 1 << 20)
+    bits = [Bit(b.meta, store) for b in index.bits()]
+    sizes = sorted(b.meta.count * (disk.debug.fmt.size + 8) for b in bits)
+    store.resident.limit = sizes[0]               # room for the smallest BIT alone
+    expected = index.lookup_bits(list(range(NR)))
+    assert _walked(bits, range(NR)) == expected
+    assert sum(b.resident() is not None for b in bits) == 1
+    assert store.resident.used == sizes[0]
+    for b in bits:
+        b.release()
+    assert store.resident.used == 0 and store.summaries.used == 0
     disk.close()
