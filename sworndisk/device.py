@@ -24,6 +24,7 @@ import os
 import stat
 import struct
 import threading
+from itertools import accumulate
 
 from ublk_shim import blockio
 from ublk_shim.sys import IORING_OP_READ, IORING_OP_WRITE, SQE_RW
@@ -114,6 +115,14 @@ class MemoryDevice(BlockDevice):
     def discard(self, offset: int, nbytes: int) -> None:
         _check_range(self, nbytes, offset)
         self.buf[offset:offset + nbytes] = bytes(nbytes)
+
+
+def _check_ranges(dev: BlockDevice, items: list) -> None:
+    """_check_range of every (nbytes, offset), one pass for a whole batch."""
+    size = dev.size
+    for nbytes, offset in items:
+        if offset < 0 or nbytes < 0 or offset + nbytes > size:
+            _check_range(dev, nbytes, offset)
 
 
 def _check_range(dev: BlockDevice, nbytes: int, offset: int) -> None:
@@ -323,8 +332,7 @@ class FileDevice(BlockDevice):
         ring = self._uring() if (self.direct and type(self).pread is FileDevice.pread) else None
         if ring is None or len(items) < 2:
             return super().pread_many(items)
-        for nbytes, offset in items:
-            _check_range(self, nbytes, offset)
+        _check_ranges(self, items)
         out: list = []
         with self._ring_lock:
             self._drain_locked()
@@ -333,15 +341,15 @@ class FileDevice(BlockDevice):
         return out
 
     def _read_batch_locked(self, ring: Ring, items: list) -> list:
-        buf = self._bufs.get(sum(n for n, _ in items))
-        base, pos, places = buffer_address(buf), 0, []
-        fd, prep = self.file.fd, ring.prep_packed
-        for i, (nbytes, offset) in enumerate(items):
-            # opcode, flags, ioprio, fd, off, addr, len, op_flags, user_data, buf_index,
-            # personality, splice_fd_in
-            prep(SQE_RW, IORING_OP_READ, 0, 0, fd, offset, base + pos, nbytes, 0, i, 0, 0, 0)
-            places.append(pos)
-            pos += nbytes
+        places = list(accumulate([n for n, _ in items], initial=0))
+        buf = self._bufs.get(places.pop())
+        base, fd = buffer_address(buf), self.file.fd
+        # opcode, flags, ioprio, fd, off, addr, len, op_flags, user_data, buf_index,
+        # personality, splice_fd_in
+        ring.prep_packed_many(SQE_RW, [(IORING_OP_READ, 0, 0, fd, offset, base + pos, nbytes,
+                                        0, i, 0, 0, 0)
+                                       for i, ((nbytes, offset), pos)
+                                       in enumerate(zip(items, places))])
         results = [0] * len(items)
         for user_data, res, _flags in ring.complete(len(items)):
             results[user_data] = res
@@ -355,12 +363,13 @@ class FileDevice(BlockDevice):
 
     def _submit_locked(self, ring: Ring, items: list) -> None:
         buf = self._bufs.get(sum(len(d) for d, _ in items))   # stays alive in self._bufs
-        base, pos = buffer_address(buf), 0
+        base, pos, rows = buffer_address(buf), 0, []
         for i, (data, offset) in enumerate(items):
             buf[pos:pos + len(data)] = data
-            ring.prep_packed(SQE_RW, IORING_OP_WRITE, 0, 0, self.file.fd, offset, base + pos,
-                             len(data), 0, i, 0, 0, 0)
+            rows.append((IORING_OP_WRITE, 0, 0, self.file.fd, offset, base + pos, len(data),
+                         0, i, 0, 0, 0))
             pos += len(data)
+        ring.prep_packed_many(SQE_RW, rows)
         self._inflight = items
         while ring.pending:
             ring.submit()

@@ -211,10 +211,13 @@ class SwornDisk:
         I/O, as read() does. Each result is what read() would return at this moment."""
         self._check_usable()
         ranges = [(lba, n) for lba, n in ranges]
+        blocks, limit = 0, self.nr_blocks
         for lba, n in ranges:
-            self._check_range(lba, n)
+            if type(lba) is not int or type(n) is not int or lba < 0 or n < 0 \
+                    or lba + n > limit:
+                self._check_range(lba, n)       # raises, or passes an int subclass
+            blocks += n
         results = self._reader.read_many(ranges)
-        blocks = sum(n for _, n in ranges)
         self._lifetime.user_blocks_read += blocks
         self._session.user_blocks_read += blocks
         return results

@@ -12,6 +12,8 @@ For a batch of ranges (what a ublk queue hands over at depth):
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .batch import PendingBatch
 from .committed import CommittedState
 from .crypto import authentication_error, open_blocks
@@ -36,65 +38,88 @@ class Reader:
         """For each (lba, nr_blocks), its bytes or the SwornDiskError it alone raised.
         Arguments are the caller's to check."""
         outs = [bytearray(n * BLOCK_SIZE) for _, n in ranges]
-        fetch: list[tuple[int, int, int, bytes]] = []    # (range, index in range, lba, value)
-        rest: list[tuple[int, int, int]] = []            # (range, index in range, lba)
+        # The blocks to fetch, as parallel lists: range, index in the range, LBA, record.
+        rids: list[int] = []
+        idxs: list[int] = []
+        lbas: list[int] = []
+        values: list = []
         if self.batch.is_empty():                        # nothing pending: all committed
             for r, (lba, n) in enumerate(ranges):
                 if n == 1:
-                    rest.append((r, 0, lba))
+                    rids.append(r)
+                    idxs.append(0)
+                    lbas.append(lba)
                 else:
-                    rest.extend(zip([r] * n, range(n), range(lba, lba + n)))
-        else:
+                    rids += [r] * n
+                    idxs += range(n)
+                    lbas += range(lba, lba + n)
+        else:                                            # the batch's records first
+            later: list[tuple[int, int, int]] = []
             for r, (lba, n) in enumerate(ranges):
                 pending, unknown = self.batch.overlay(lba, n, outs[r])
-                fetch.extend((r, i, l, v) for i, l, v in pending)
-                rest.extend((r, l - lba, l) for l in unknown)
-        if rest:
-            found = self.state.resolve([l for _, _, l in rest])
-            fetch.extend((r, i, l, found[l]) for r, i, l in rest if l in found)
+                for i, l, v in pending:
+                    rids.append(r)
+                    idxs.append(i)
+                    lbas.append(l)
+                    values.append(v)
+                later += [(r, l - lba, l) for l in unknown]
+            for r, i, l in later:
+                rids.append(r)
+                idxs.append(i)
+                lbas.append(l)
+        if len(values) < len(lbas):                      # the rest: committed state
+            found = self.state.resolve(lbas[len(values):])
+            values += [found.get(l) for l in lbas[len(values):]]
         errors: dict[int, SwornDiskError] = {}
-        self._fetch(fetch, outs, errors)
+        self._fetch(rids, idxs, lbas, values, outs, errors)
         return [errors.get(r) or bytes(out) for r, out in enumerate(outs)]
 
-    def _fetch(self, fetch: list, outs: list, errors: dict) -> None:
-        """Reads and verifies the blocks, coalescing runs of consecutive HBAs."""
-        if not fetch:
+    def _fetch(self, rids: list, idxs: list, lbas: list, values: list, outs: list,
+               errors: dict) -> None:
+        """Reads and verifies the blocks that have a record (value not None), coalescing
+        runs of consecutive HBAs into one read each."""
+        keep = [j for j, v in enumerate(values) if v is not None]
+        if not keep:
             return
-        hba_of = self.fmt.hba_of
-        items = sorted([(hba_of(v), r, i, l, v) for r, i, l, v in fetch])
-        runs: list[tuple[int, int]] = []                 # (first item, count)
-        j = 0
-        while j < len(items):
-            k = j + 1
-            while (k < len(items) and items[k][0] == items[k - 1][0] + 1
-                   and k - j < MAX_RUN_BLOCKS):
-                k += 1
-            runs.append((j, k - j))
-            j = k
-        reads = []
-        for j, count in runs:
-            start = items[j][0]
-            if start + count > self.data_blocks:
-                for hba, r, _, l, _ in items[j:j + count]:
-                    errors.setdefault(r, IntegrityError(
-                        f"index record points outside the data device (block {hba}, LBA {l})"))
-                continue
-            reads.append((j, count))
-        raws = self.data.pread_many([(count * BLOCK_SIZE, items[j][0] * BLOCK_SIZE)
-                                     for j, count in reads])
+        if len(keep) < len(values):
+            rids, idxs = [rids[j] for j in keep], [idxs[j] for j in keep]
+            lbas, values = [lbas[j] for j in keep], [values[j] for j in keep]
+        hbas = self.fmt.array(lbas, values)["hba"]
+        order = np.argsort(hbas, kind="stable")
+        hbas = hbas[order]
+        # Past the device's end: a forged or corrupt record fails its range alone.
+        good = int(hbas.searchsorted(self.data_blocks))
+        for j in order[good:].tolist():
+            errors.setdefault(rids[j], IntegrityError(
+                f"index record points outside the data device (block {self.fmt.hba_of(values[j])}, "
+                f"LBA {lbas[j]})"))
+        if not good:
+            return
+        hbas, order = hbas[:good], order[:good].tolist()
+        cuts = (np.flatnonzero(np.diff(hbas) != 1) + 1).tolist()
+        runs = []                                        # (first, end) in sorted order
+        for a, b in zip([0] + cuts, cuts + [good]):
+            if b - a <= MAX_RUN_BLOCKS:
+                runs.append((a, b))
+            else:
+                runs += [(c, min(b, c + MAX_RUN_BLOCKS)) for c in range(a, b, MAX_RUN_BLOCKS)]
+        first = hbas[[a for a, _ in runs]].tolist()
+        raws = self.data.pread_many([((b - a) * BLOCK_SIZE, h * BLOCK_SIZE)
+                                     for (a, b), h in zip(runs, first)])
         k = self.fmt.key_bytes
         views = [memoryview(out) for out in outs]
-        blocks, where = [], []
-        for (j, count), raw in zip(reads, raws):
+        blocks = []
+        for (a, b), raw in zip(runs, raws):
             raw = memoryview(raw)
-            for n, (hba, r, i, l, v) in enumerate(items[j:j + count]):
+            for n, j in enumerate(order[a:b]):
+                v, i = values[j], idxs[j]
                 blocks.append((v[8:8 + k], v[8 + k:20 + k], v[20 + k:],
                                raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
-                               views[r][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
-                where.append((hba, r, l))
+                               views[rids[j]][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
         for n in open_blocks(blocks):
-            hba, r, l = where[n]
-            errors.setdefault(r, authentication_error(f"data block {hba} (LBA {l})"))
+            j = order[n]
+            errors.setdefault(rids[j], authentication_error(
+                f"data block {self.fmt.hba_of(values[j])} (LBA {lbas[j]})"))
 
 
 __all__ = ["Reader"]

@@ -31,12 +31,21 @@ def _stats_text(disk) -> str:
 
 # ---- seeded long random runs -----------------------------------------------------------
 
+def no_residency(disk) -> SwornDisk:
+    """No BIT held whole in memory: lookups go through fences, filters and node walks
+    (on the small disks of these tests, every BIT would otherwise be resident)."""
+    disk.debug.index.store.resident.limit = 0
+    return disk
+
+
 def random_run(seed: int, config: Config, nr_blocks: int, nops: int, data_size=32 * MiB,
-               max_len=16, hot=None):
+               max_len=16, hot=None, resident=True):
     """Random writes/reads/discards/flushes/reopens against the model; returns the disk
     (open) and its devices for the caller's final checks."""
     rng = random.Random(seed)
     disk, data, meta = new_disk(data_size, nr_blocks, config)
+    keep = (lambda d: d) if resident else no_residency
+    disk = keep(disk)
     model = Model(nr_blocks)
     version = 0
     ctx = f"seed={seed} cfg={config.memtable_records}/{config.level_ratio}"
@@ -63,17 +72,22 @@ def random_run(seed: int, config: Config, nr_blocks: int, nops: int, data_size=3
         elif r < 0.97:
             disk.flush()
         else:
-            disk = reopen(disk, data, meta)
+            disk = keep(reopen(disk, data, meta))
             verify_disk(disk, model, where + " after reopen", rng=rng)
+    if not resident:
+        assert disk.stats().index.resident_bytes == 0 and disk.stats().index.summary_bytes > 0
     return disk, data, meta, model, ctx
 
 
-@pytest.mark.parametrize("seed,mem,ratio", [(1, 64, 2), (2, 128, 3), (3, 256, 4)],
-                         ids=["seed1-m64-r2", "seed2-m128-r3", "seed3-m256-r4"])
-def test_random_long_run(seed, mem, ratio):
+@pytest.mark.parametrize("seed,mem,ratio,resident",
+                         [(1, 64, 2, True), (2, 128, 3, True), (3, 256, 4, True),
+                          (5, 64, 2, False)],
+                         ids=["seed1-m64-r2", "seed2-m128-r3", "seed3-m256-r4",
+                              "seed5-m64-r2-not-resident"])
+def test_random_long_run(seed, mem, ratio, resident):
     cfg = Config(memtable_records=mem, level_ratio=ratio)
     nr = 2048
-    disk, data, meta, model, ctx = random_run(seed, cfg, nr, 4000, hot=64)
+    disk, data, meta, model, ctx = random_run(seed, cfg, nr, 4000, hot=64, resident=resident)
     verify_disk(disk, model, ctx + " final")
     minor = disk.stats().lifetime.minor_compactions
     major = disk.stats().lifetime.major_compactions

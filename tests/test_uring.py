@@ -91,6 +91,33 @@ def test_read_batch(tmp_path):
         buf.close()
 
 
+def _nop(user_data):
+    # opcode, flags, ioprio, fd, off, addr, len, op_flags, user_data, buf_index,
+    # personality, splice_fd_in
+    return (uapi.IORING_OP_NOP, 0, 0, -1, 0, 0, 0, 0, user_data, 0, 0, 0)
+
+
+def test_prep_packed_many_is_one_batch_and_all_or_nothing():
+    with _ring(16, cls=CountingRing) as ring:
+        ring.prep_packed_many(uapi.SQE_RW, [_nop(500 + i) for i in range(12)])
+        assert ring.pending == 12 and ring.enters == 0
+        with pytest.raises(Exception):   # a row that cannot be packed: nothing is queued
+            ring.prep_packed_many(uapi.SQE_RW, [_nop(1), _nop(2), _nop(-1)])
+        assert ring.pending == 12
+        # more than the free slots: what is pending is submitted first
+        ring.prep_packed_many(uapi.SQE_RW, [_nop(600 + i) for i in range(8)])
+        assert ring.enters == 1 and ring.pending == 8
+        ring.submit(wait_nr=8)
+        seen = []
+        while len(seen) < 20:
+            seen += [u for u, res, _ in ring.reap() if res == 0]
+            if len(seen) < 20:
+                ring.submit(wait_nr=1, timeout=5)
+        assert sorted(seen) == [500 + i for i in range(12)] + [600 + i for i in range(8)]
+        with pytest.raises(OSError):
+            ring.prep_packed_many(uapi.SQE_RW, [_nop(i) for i in range(17)])
+
+
 def test_read_error_result(tmp_path):
     """A failing op reports -errno in its CQE, not an exception."""
     with _ring(4) as ring:

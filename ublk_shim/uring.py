@@ -185,6 +185,25 @@ class Ring:
             self._unget_sqe()
             raise
 
+    def prep_packed_many(self, codec: struct.Struct, rows: List[tuple]) -> None:
+        """prep_packed for many SQEs: one check of free space (submitting first if they do
+        not fit) and one tail update for the lot. All or nothing: if a row fails to
+        pack, none of them is queued."""
+        if codec.size != self.sqe_size:
+            raise ValueError(f"codec of {codec.size} bytes for a {self.sqe_size}-byte SQE")
+        n = len(rows)
+        if self.sq_space() < n:
+            self.submit()
+            if self.sq_space() < n:
+                raise OSError(errno.EBUSY, f"io_uring submission queue has no room for {n}")
+        pack, sqes, size, mask, tail = codec.pack_into, self._sqes, self.sqe_size, \
+            self._sq_mask, self._tail
+        for row in rows:
+            pack(sqes, (tail & mask) * size, *row)
+            tail = (tail + 1) & _U32
+        self._tail = tail
+        self._pending += n
+
     def submit(self, wait_nr: int = 0, timeout: Optional[float] = None) -> int:
         """Submit everything prepared and optionally wait for `wait_nr` completions.
 
