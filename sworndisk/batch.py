@@ -98,6 +98,19 @@ class PendingBatch:
         return any(lo <= lba < hi for lo, hi in self._discards)
 
     # ---- changes ----
+    def put_many(self, items: list[tuple[int, memoryview]]) -> None:
+        """put() for each (lba, bytes) in order; single blocks take a short path."""
+        buf, slot_of, put = self._buf, self._slot_of, self.put
+        for lba, mv in items:
+            if len(mv) != BLOCK_SIZE:
+                put(lba, mv)
+                continue
+            slot = slot_of.get(lba)
+            if slot is None:
+                slot = self._new_slot(lba)
+            buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = mv
+            self.unflushed += 1
+
     def put(self, lba: int, mv: memoryview) -> None:
         """Copies whole blocks into the buffer, sealing it whenever it fills; the caller
         has made room for every block this adds (DataSpace.free_blocks)."""

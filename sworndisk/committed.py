@@ -89,24 +89,22 @@ class CommittedState:
         of an LBA wins; the block its previous committed record named becomes invalid; an
         earlier record of the same LBA in this run never becomes valid (the blocks of this
         run were busy, so they are disjoint from every previously valid block)."""
+        keys, last = np.unique(recs["lba"][::-1], return_index=True)
+        if len(keys) < len(recs):
+            recs = recs[len(recs) - 1 - last]           # the last record of each LBA
+        else:
+            recs = recs[np.argsort(recs["lba"], kind="stable")]
+        lbas, values = recs["lba"].tolist(), self.fmt.values_of(recs)
         mt = self.index.memtable
-        latest = dict(zip(recs["lba"].tolist(), self.fmt.values_of(recs)))
-        misses = [l for l in latest if mt.get(l) is None]
-        in_bits = self.index.lookup_bits(misses)
-        old_hbas = []
-        for l in latest:
-            old = mt.get(l)
-            if old is None:
-                old = in_bits.get(l)
-            if old is not None:
-                hba = self.fmt.hba_of(old)
-                if hba != TOMBSTONE_HBA:
-                    old_hbas.append(hba)
-        new = self.fmt.array(list(latest), list(latest.values()))
-        self.lookaside.invalidate(latest)
-        self.segtable.invalidate_many(np.asarray(old_hbas, np.uint64))
-        self.segtable.validate_many(new["hba"], new["lba"])
-        mt.update(latest)
+        in_mt, misses = mt.split(lbas)
+        old = [np.frombuffer(b"".join(v[:8] for v in in_mt.values()), "<u8")]
+        if misses:
+            old.append(self.index.lookup_records(np.asarray(misses, np.uint64))["hba"])
+        old_hbas = np.concatenate(old)
+        self.lookaside.invalidate(lbas)
+        self.segtable.invalidate_many(old_hbas[old_hbas != TOMBSTONE_HBA].astype(np.uint64))
+        self.segtable.validate_many(recs["hba"], recs["lba"])
+        mt.update(dict(zip(lbas, values)))
 
     def _apply_discard(self, lo: int, n: int) -> None:
         self.lookaside.invalidate_range(lo, lo + n)

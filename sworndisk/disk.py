@@ -248,6 +248,39 @@ class SwornDisk:
         self._lifetime.user_blocks_written += n
         self._session.user_blocks_written += n
 
+    def write_many(self, items) -> None:
+        """Writes many (lba, data) requests, in order: the same as write() for each, as a
+        ublk queue's batch of WRITEs hands them over, with the per-request work done
+        once for the batch where it can be. Bad arguments raise before anything is
+        buffered. When the whole batch fits the autocommit budget and the free space, it
+        goes into the pending batch directly; otherwise one write() at a time, each
+        committing early as it needs."""
+        self._check_usable()
+        views, total, limit = [], 0, self.nr_blocks
+        for lba, data in items:
+            mv = memoryview(data).cast("B")
+            n, rem = divmod(len(mv), BLOCK_SIZE)
+            if rem or n == 0 or type(lba) is not int or lba < 0 or lba + n > limit:
+                if rem or n == 0:
+                    raise InvalidArgument(f"write length must be a positive multiple of "
+                                          f"{BLOCK_SIZE} bytes (got {len(mv)})")
+                self._check_range(lba, n)       # raises, or passes an int subclass
+            views.append((lba, mv))
+            total += n
+        batch = self._batch
+        if total > min(self._budget - batch.unflushed,
+                       self._state.space.free_blocks() - batch.buffered):
+            for lba, mv in views:
+                self.write(lba, mv)
+            return
+        try:
+            batch.put_many(views)
+        except BaseException as e:              # a seal failed: latch, as _guarded does
+            self._failed = e
+            raise
+        self._lifetime.user_blocks_written += total
+        self._session.user_blocks_written += total
+
     def _make_room(self, lba: int, n: int) -> int:
         """How many of blocks [lba, lba+n) may be buffered now (at least one), committing
         first if they do not all fit. NoSpaceError, with nothing of the write buffered,

@@ -87,18 +87,22 @@ class LsmIndex:
         return out
 
     def lookup_bits(self, lbas: list[int]) -> dict[int, bytes]:
-        """Newest BIT record for each LBA (MemTable not consulted), batched per node."""
+        """Newest BIT record for each LBA (MemTable not consulted), batched per BIT."""
         if not lbas or not self.levels:
             return {}
-        keys = np.unique(np.asarray(lbas, np.uint64))
+        hit = self.lookup_records(np.unique(np.asarray(lbas, np.uint64)))
+        return dict(zip(hit["lba"].tolist(), self.fmt.values_of(hit)))
+
+    def lookup_records(self, keys: np.ndarray) -> np.ndarray:
+        """The newest BIT record of each of `keys` (sorted, unique uint64) that has one,
+        as a record array in LBA order (MemTable not consulted)."""
         found = np.zeros(len(keys), bool)
         out = np.empty(len(keys), self.fmt.dtype)
         for bit in self.bits():
             bit.lookup_many(keys, found, out)
             if found.all():
                 break
-        hit = out[found]
-        return dict(zip(hit["lba"].tolist(), self.fmt.values_of(hit)))
+        return out[found]
 
     def range(self, lo: int, hi: int) -> dict[int, bytes]:
         """Newest committed value of every mapped LBA in [lo, hi) (tombstones included)."""

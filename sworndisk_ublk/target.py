@@ -3,7 +3,8 @@
 The kernel sees a device with 4 KiB logical blocks, so every offset and length is a
 multiple of 4096 and maps to whole engine blocks.  Queue threads call `handle`
 concurrently but the engine is not thread-safe, so one lock serialises every call.
-A completion batch's READs go to the engine together (handle_batch, read_many).
+A completion batch's READs go to the engine together (handle_batch, read_many), and so do
+its runs of consecutive plain WRITEs (write_many).
 
 Errors become -errno for the kernel: the engine's IntegrityError (EIO) and NoSpaceError
 (ENOSPC) are OSErrors and carry their errno; anything unexpected is an -EIO, logged once
@@ -128,17 +129,47 @@ class SwornDiskTarget(Target):
     def handle_batch(self, batch: Sequence[Tuple[Request, memoryview]]) -> List[Outcome]:
         """A completion batch: all its READs with one engine read_many (the engine looks
         them up together and the backing device reads them all at once), then writes,
-        discards and flushes one by one, in order. The requests were all in flight
-        together, so no order among them is owed; a FLUSH covers the writes completed
-        before it, those of earlier batches. A bad block fails its own READ only."""
+        discards and flushes in order, each run of consecutive plain WRITEs with one
+        write_many. The requests were all in flight together, so no order among them is
+        owed; a FLUSH covers the writes completed before it, those of earlier batches. A
+        bad block fails its own READ only."""
         out: List[Outcome] = [None] * len(batch)
         reads = [i for i, (req, _) in enumerate(batch) if req.op == ublk_shim.OP_READ]
         if len(reads) > 1:
             self._read_many(batch, reads, out)
-        for i, (req, buf) in enumerate(batch):
-            if out[i] is None:
-                out[i] = handle_one(self, req, buf)
+        i = 0
+        while i < len(batch):
+            j = i
+            while j < len(batch) and _plain_write(batch[j][0]):
+                j += 1
+            if j - i > 1:                   # consecutive plain WRITEs: one write_many
+                self._write_many(batch, range(i, j), out)
+            for k in range(i, max(j, i + 1)):
+                if out[k] is None:
+                    out[k] = handle_one(self, *batch[k])
+            i = max(j, i + 1)
         return out
+
+    def _write_many(self, batch: Sequence[Tuple[Request, memoryview]], group: range,
+                    out: List[Outcome]) -> None:
+        """Plain WRITEs (aligned, no FUA) into the engine with one write_many, each then
+        kept in the write log as handle() keeps it. If the engine refuses the call, each
+        request goes through handle() and reports its own outcome (writing one again is
+        harmless: same data, same place)."""
+        items = [(batch[i][0].offset // BLOCK_SIZE, batch[i][1][:batch[i][0].length])
+                 for i in group]
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self.disk.write_many(items)
+            except Exception:               # noqa: BLE001 - handle() reports each one
+                return
+            finally:
+                self._follow_commits()      # even a failed call may have committed
+            for i, (lba, data) in zip(group, items):
+                self._keep(lambda wlog, lba=lba, data=data: wlog.append_write(lba, data))
+                out[i] = batch[i][0].length
 
     def _read_many(self, batch: Sequence[Tuple[Request, memoryview]], reads: List[int],
                    out: List[Outcome]) -> None:
@@ -314,6 +345,12 @@ class SwornDiskTarget(Target):
         # The message is the exception's own text; request data is never logged.
         log.error("%s failed: %s: %s (further %s errors are not logged)",
                   where, kind.__name__, exc, kind.__name__)
+
+
+def _plain_write(req: Request) -> bool:
+    """A WRITE that write_many can take: whole blocks, no FUA."""
+    return (req.op == ublk_shim.OP_WRITE and not req.fua
+            and not (req.offset % BLOCK_SIZE or req.length % BLOCK_SIZE))
 
 
 def _restart_quietly(wlog: WriteLog, commit_seq: int) -> None:

@@ -1,6 +1,7 @@
 """The SwornDisk ublk target's batch path, natively (the e2e suite drives it for real):
 a completion batch's READs go to the engine in one read_many, a tampered block fails its
-own READ only, and writes, discards and flushes keep their order."""
+own READ only, runs of plain WRITEs go in one write_many, and writes, discards and flushes
+keep their order."""
 from __future__ import annotations
 
 import errno
@@ -21,12 +22,17 @@ def _req(op, block, blocks=1, fua=False, tag=0):
 
 
 class CountingDisk(SwornDisk):
-    """Counts read_many calls, to see the batch reach the engine as one."""
+    """Counts read_many and write_many calls, to see the batch reach the engine as one."""
     read_many_calls = 0
+    write_many_calls = 0
 
     def read_many(self, ranges):
         CountingDisk.read_many_calls += 1
         return super().read_many(ranges)
+
+    def write_many(self, items):
+        CountingDisk.write_many_calls += 1
+        return super().write_many(items)
 
 
 def _target():
@@ -73,4 +79,30 @@ def test_a_batch_past_the_end_is_served_request_by_request():
     out = t.handle_batch([(_req(OP_READ, 0), bufs[0]), (_req(OP_READ, 5000), bufs[1])])
     assert out[0] == BS and bytes(bufs[0]) == b"z" * BS
     assert out[1] < 0 or isinstance(out[1], Exception)
+    t.close()
+
+
+def test_runs_of_plain_writes_go_in_one_write_many_in_order():
+    t, disk, data = _target()
+    bufs = [memoryview(bytearray(bytes([65 + i]) * BS)) for i in range(6)]
+    CountingDisk.write_many_calls = 0
+    out = t.handle_batch([(_req(OP_WRITE, 9), bufs[0]), (_req(OP_WRITE, 9), bufs[1]),
+                          (_req(OP_WRITE, 10), bufs[2]),
+                          (_req(OP_DISCARD, 10), memoryview(b"")),
+                          (_req(OP_WRITE, 11), bufs[3]), (_req(OP_WRITE, 12), bufs[4]),
+                          (_req(OP_WRITE, 13, fua=True), bufs[5])])
+    assert out == [BS, BS, BS, 0, BS, BS, BS]
+    assert CountingDisk.write_many_calls == 2    # [9, 9, 10] and [11, 12]; FUA alone
+    assert disk.read(9, 5) == b"B" * BS + bytes(BS) + b"D" * BS + b"E" * BS + b"F" * BS
+    t.close()
+
+
+def test_a_write_many_the_engine_refuses_is_served_request_by_request():
+    t, disk, data = _target()
+    bufs = [memoryview(bytearray(b"q" * BS)) for _ in range(3)]
+    out = t.handle_batch([(_req(OP_WRITE, 1), bufs[0]), (_req(OP_WRITE, 5000), bufs[1]),
+                          (_req(OP_WRITE, 2), bufs[2])])
+    assert out[0] == BS and out[2] == BS
+    assert out[1] < 0                            # as handle() answers it alone
+    assert disk.read(1, 2) == b"q" * 2 * BS
     t.close()

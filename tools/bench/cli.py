@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "disks, and report the best (default 2; quick 1)")
     p.add_argument("--depth", type=_depths, default=list(DEFAULT_DEPTHS), metavar="N[,N...]",
                    help="requests per batch: SwornDisk reads a batch with one read_many and "
-                        "writes it with one write() per request, CryptDisk submits it through "
+                        "writes it with one write_many, CryptDisk submits it through "
                         "io_uring; each depth on a fresh disk (default 1,32)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--disks", type=_csv(DISK_KINDS), default=list(DISK_KINDS),

@@ -9,7 +9,7 @@ Order, identical for both disks:
   seqread      1 MiB reads of the same range
 
 Requests go `depth` at a time (workloads.py): SwornDisk reads a batch with one `read_many`
-and writes it with one `write()` per request; CryptDisk submits each batch to the device
+and writes it with one `write_many`; CryptDisk submits each batch to the device
 together through io_uring. Every depth gets a fresh disk, so each depth's run starts from
 the same state.
 

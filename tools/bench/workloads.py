@@ -136,18 +136,11 @@ def batches(items: Sequence, depth: int):
 
 
 def batch_writer(disk) -> Callable[[List[Tuple[int, bytes]]], None]:
-    """How a batch of (lba, data) writes reaches `disk`: CryptDisk's `write_many` (one
-    io_uring submission), or, for SwornDisk, one `write()` per request, as a ublk target
-    hands them on: the engine buffers writes, and a batch ends with nothing more (no
-    flush), just as a ublk batch completes its writes without one."""
-    write_many = getattr(disk, "write_many", None)
-    if write_many is not None:
-        return write_many
-
-    def one_by_one(items):
-        for lba, data in items:
-            disk.write(lba, data)
-    return one_by_one
+    """How a batch of (lba, data) writes reaches `disk`: its `write_many`, as the ublk
+    target hands a batch's WRITEs on (CryptDisk: one io_uring submission; SwornDisk: the
+    engine buffers them). A batch ends with nothing more (no flush), just as a ublk batch
+    completes its writes without one."""
+    return disk.write_many
 
 
 def read_checked(disk, ranges: List[Tuple[int, int]]) -> None:
