@@ -23,7 +23,7 @@ from .bloom import BloomFilter
 from .format import BLOCK_SIZE
 from .device import BlockDevice
 from .errors import IntegrityError
-from .records import RecordFormat
+from .records import RecordFormat, u64
 
 from .format import NODE_HEADER, NODE_INTERNAL as INTERNAL, NODE_LEAF as LEAF, NODE_MAGIC
 
@@ -288,8 +288,8 @@ class Bit:
             if h == height:
                 yield recs
                 continue
-            first = max(0, int(np.searchsorted(recs["lba"], lo, side="right")) - 1)
-            last = int(np.searchsorted(recs["lba"], hi, side="left"))
+            first = max(0, int(np.searchsorted(recs["lba"], u64(lo), side="right")) - 1)
+            last = int(np.searchsorted(recs["lba"], u64(hi), side="left"))
             for c in range(last - 1, first - 1, -1):     # reversed: the stack pops in order
                 stack.append((fmt.value_at(recs, c), h - 1))
 
@@ -301,7 +301,7 @@ class Bit:
             return None
         res = self.resident()
         if res is not None:
-            i = int(res[0].searchsorted(lba))
+            i = int(res[0].searchsorted(u64(lba)))
             return self.store.fmt.value_at(res[1], i) if res[0][i] == lba else None
         bloom = self._filter()
         if bloom is not None and not bloom.may_contain_one(lba):
@@ -309,7 +309,7 @@ class Bit:
         fence = self.fence()
         if fence is not None:
             first, entries = fence
-            entry, height = entries[int(first.searchsorted(lba, side="right")) - 1], 0
+            entry, height = entries[int(first.searchsorted(u64(lba), side="right")) - 1], 0
         else:
             entry, height = m.root, m.height
         value_at = self.store.fmt.value_at
@@ -423,7 +423,7 @@ class Bit:
             return np.empty(0, self.store.fmt.dtype)
         if self._resident is not None:
             lbas, recs = self._resident
-            return recs[lbas.searchsorted(lo):lbas.searchsorted(hi)]
+            return recs[lbas.searchsorted(u64(lo)):lbas.searchsorted(u64(hi))]
         parts = [r[(r["lba"] >= lo) & (r["lba"] < hi)] for r in self.leaves(lo, hi)]
         return self.store.fmt.concat(parts)
 
@@ -432,7 +432,7 @@ class Bit:
         BIT's records, in slices, instead."""
         if self._resident is not None:
             lbas, recs = self._resident
-            a, b = int(lbas.searchsorted(lo)), int(lbas.searchsorted(hi))
+            a, b = int(lbas.searchsorted(u64(lo))), int(lbas.searchsorted(u64(hi)))
             return (recs[i:min(b, i + _RESIDENT_SLICE)] for i in range(a, b, _RESIDENT_SLICE))
         return self._nodes_at(0, lo, hi)
 

@@ -20,7 +20,7 @@ from .bit import Bit, BitBuilder, BitMeta, NodeStore
 from .config import Config
 from .layout import INDEX_CHUNK_BLOCKS, level_caps
 from .memtable import MemTable
-from .records import TOMBSTONE_HBA, RecordFormat
+from .records import TOMBSTONE_HBA, RecordFormat, u64
 
 
 
@@ -223,7 +223,7 @@ def merge_streams(streams: list, fmt: RecordFormat) -> "iter[np.ndarray]":
         parts, prios = [], []
         for i in live:
             b = bufs[i]
-            k = int(np.searchsorted(b["lba"], cut, side="right"))
+            k = int(np.searchsorted(b["lba"], u64(cut), side="right"))
             if k:
                 parts.append(b[:k])
                 prios.append(np.full(k, i, np.int32))

@@ -12,6 +12,8 @@ For a batch of ranges (what a ublk queue hands over at depth):
 """
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import numpy as np
 
 from .batch import PendingBatch
@@ -84,26 +86,25 @@ class Reader:
         if len(keep) < len(values):
             rids, idxs = [rids[j] for j in keep], [idxs[j] for j in keep]
             lbas, values = [lbas[j] for j in keep], [values[j] for j in keep]
-        hbas = self.fmt.array(lbas, values)["hba"]
-        order = np.argsort(hbas, kind="stable")
-        hbas = hbas[order]
+        order, hbas = self._by_hba(values)
         # Past the device's end: a forged or corrupt record fails its range alone.
-        good = int(hbas.searchsorted(self.data_blocks))
-        for j in order[good:].tolist():
+        good = bisect_left(hbas, self.data_blocks)
+        for j in order[good:]:
             errors.setdefault(rids[j], IntegrityError(
                 f"index record points outside the data device (block {self.fmt.hba_of(values[j])}, "
                 f"LBA {lbas[j]})"))
         if not good:
             return
-        hbas, order = hbas[:good], order[:good].tolist()
-        cuts = (np.flatnonzero(np.diff(hbas) != 1) + 1).tolist()
+        hbas, order = hbas[:good], order[:good]
+        cuts = [c for c in range(1, good) if hbas[c] != hbas[c - 1] + 1] if good <= 8 else \
+            (np.flatnonzero(np.diff(np.asarray(hbas, np.uint64)) != 1) + 1).tolist()
         runs = []                                        # (first, end) in sorted order
         for a, b in zip([0] + cuts, cuts + [good]):
             if b - a <= MAX_RUN_BLOCKS:
                 runs.append((a, b))
             else:
                 runs += [(c, min(b, c + MAX_RUN_BLOCKS)) for c in range(a, b, MAX_RUN_BLOCKS)]
-        first = hbas[[a for a, _ in runs]].tolist()
+        first = [hbas[a] for a, _ in runs]
         raws = self.data.pread_many([((b - a) * BLOCK_SIZE, h * BLOCK_SIZE)
                                      for (a, b), h in zip(runs, first)])
         k = self.fmt.key_bytes
@@ -120,6 +121,17 @@ class Reader:
             j = order[n]
             errors.setdefault(rids[j], authentication_error(
                 f"data block {self.fmt.hba_of(values[j])} (LBA {lbas[j]})"))
+
+    def _by_hba(self, values: list) -> tuple[list[int], list[int]]:
+        """The blocks' order by HBA (stable) and their HBAs in that order: numpy for a
+        batch, plain Python for a few blocks (depth 1), where numpy's calls cost more."""
+        if len(values) <= 8:
+            hbas = [self.fmt.hba_of(v) for v in values]
+            order = sorted(range(len(hbas)), key=hbas.__getitem__)
+            return order, [hbas[j] for j in order]
+        hbas = self.fmt.array([0] * len(values), values)["hba"]
+        order = np.argsort(hbas, kind="stable")
+        return order.tolist(), hbas[order].tolist()
 
 
 __all__ = ["Reader"]

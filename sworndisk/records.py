@@ -13,6 +13,14 @@ import numpy as np
 
 from .format import NONCE_BYTES, TOMBSTONE_HBA, record_dtype
 _HBA = struct.Struct("<Q")
+_U64_MAX = (1 << 64) - 1
+
+
+def u64(x: int) -> np.uint64:
+    """A search key for an LBA or HBA column (uint64). Never search one with a plain
+    int: numpy then converts the whole array to a common type first (100 us for 256K
+    LBAs, against 0.6 us)."""
+    return np.uint64(min(x, _U64_MAX))
 
 
 class RecordFormat:
