@@ -113,23 +113,32 @@ class PendingBatch:
 
     def put(self, lba: int, mv: memoryview) -> None:
         """Copies whole blocks into the buffer, sealing it whenever it fills; the caller
-        has made room for every block this adds (DataSpace.free_blocks)."""
+        has made room for every block this adds (DataSpace.free_blocks). A buffered LBA
+        is overwritten in place; runs of new LBAs go in with one copy each, as much of
+        the run as the buffer has room for, the buffer sealed between two such pieces."""
         n = len(mv) // BLOCK_SIZE
         buf, slot_of, slots = self._buf, self._slot_of, self._slots
-        if n > 1 and len(slots) + n <= SEGMENT_BLOCKS and (not slot_of or not any(
-                l in slot_of for l in range(lba, lba + n))):
-            # Bulk path: new blocks that fit the buffer go in with one copy.
-            first = len(slots)
-            buf[first * BLOCK_SIZE:(first + n) * BLOCK_SIZE] = mv
-            slots.extend(range(lba, lba + n))
-            slot_of.update(zip(range(lba, lba + n), range(first, first + n)))
-        else:
-            for i in range(n):
-                slot = slot_of.get(lba + i)
-                if slot is None:
-                    slot = self._new_slot(lba + i)
-                buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = \
-                    mv[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] if n > 1 else mv
+        done = 0
+        while done < n:
+            lo = lba + done
+            slot = slot_of.get(lo)
+            if slot is None and n - done > 1:
+                if len(slots) == SEGMENT_BLOCKS:
+                    self.seal()
+                k = min(n - done, SEGMENT_BLOCKS - len(slots))
+                if not slot_of or slot_of.keys().isdisjoint(range(lo, lo + k)):
+                    first = len(slots)
+                    buf[first * BLOCK_SIZE:(first + k) * BLOCK_SIZE] = \
+                        mv[done * BLOCK_SIZE:(done + k) * BLOCK_SIZE]
+                    slots.extend(range(lo, lo + k))
+                    slot_of.update(zip(range(lo, lo + k), range(first, first + k)))
+                    done += k
+                    continue
+            if slot is None:
+                slot = self._new_slot(lo)
+            buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = \
+                mv[done * BLOCK_SIZE:(done + 1) * BLOCK_SIZE]
+            done += 1
         self.unflushed += n
 
     def _new_slot(self, lba: int) -> int:

@@ -150,11 +150,12 @@ class NodeStore:
             self.cache.popitem(last=False)
         return node
 
-    def seal(self, kind: int, height: int, recs: np.ndarray) -> tuple[bytes, bytes, bytes, bytes]:
+    def seal(self, kind: int, height: int, recs: np.ndarray,
+             remember: bool = True) -> tuple[bytes, bytes, bytes, bytes]:
         """Encrypts a node; returns (ciphertext, key, nonce, mac). The plaintext goes into
-        the cache as well (write-through): a new BIT replaces the ones it merged, so its
-        nodes are the ones the next lookups need, and reading them back would cost a
-        device read and a decryption each."""
+        the cache as well (write-through) if `remember`: a new BIT replaces the ones it
+        merged, so its nodes are the ones the next lookups need, and reading them back
+        would cost a device read and a decryption each."""
         pt = bytearray(BLOCK_SIZE)
         NODE_HEADER.pack_into(pt, 0, NODE_MAGIC, kind, height, 0, len(recs), bytes(4))
         raw = recs.tobytes()
@@ -163,7 +164,8 @@ class NodeStore:
         nonce = crypto.random_bytes(crypto.NONCE_BYTES)
         pt = bytes(pt)
         ct, mac = crypto.encrypt(key, nonce, pt)
-        self._remember(mac, kind, pt, len(recs))
+        if remember:
+            self._remember(mac, kind, pt, len(recs))
         return ct, key, nonce, mac
 
 
@@ -179,21 +181,28 @@ class Bit:
     the node store's summary budget; a BIT that does not fit walks from the root."""
 
     def __init__(self, meta: BitMeta, store: NodeStore, fence: tuple | None = None,
-                 bloom: BloomFilter | None = None, want_filter: bool = False):
-        """A BIT just built brings its fence and filter; one loaded from a checkpoint
-        builds its fence on first use, and its filter (`want_filter`, above the bottom)
-        too if it is small enough to scan quickly (LAZY_FILTER_RECORDS)."""
+                 bloom: BloomFilter | None = None, want_filter: bool = False,
+                 records: np.ndarray | None = None):
+        """A BIT just built brings its records (to be resident at once), or its fence
+        and filter; one loaded from a checkpoint builds its fence on first use, and its
+        filter (`want_filter`, above the bottom) too if it is small enough to scan
+        quickly (LAZY_FILTER_RECORDS)."""
         self.meta = meta
         self.store = store
         self._what = f"BIT {meta.bit_id} node"
+        self._resident: tuple[np.ndarray, np.ndarray] | None = None
+        self._resident_bytes = 0
+        self._resident_tried = records is not None
+        if records is not None and store.reserve_resident(self._resident_cost()):
+            self._resident = (np.ascontiguousarray(records["lba"]), records)
+            self._resident_bytes = self._resident_cost()
+            fence = bloom = None
+            want_filter = False
         self.bloom = bloom if bloom is not None and store.summaries.reserve(bloom.nbytes) else None
         self._filter_wanted = want_filter and bloom is None and meta.count <= LAZY_FILTER_RECORDS
         self._fence: tuple[np.ndarray, list[bytes]] | None = None
         self._fence_bytes = 0
-        self._fence_tried = False
-        self._resident: tuple[np.ndarray, np.ndarray] | None = None
-        self._resident_bytes = 0
-        self._resident_tried = False
+        self._fence_tried = self._resident is not None      # a resident BIT needs none
         if fence is not None:
             self._fence_tried = self._keep_fence(*fence)
 
@@ -246,6 +255,9 @@ class Bit:
         self.store.release_resident(self._resident_bytes)
         self._resident, self._resident_bytes = None, 0
 
+    def _resident_cost(self) -> int:
+        return self.meta.count * (self.store.fmt.size + 8)
+
     def resident(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(every LBA, every record) of a BIT held whole in memory, or None.
 
@@ -257,7 +269,7 @@ class Bit:
         then of no use and are dropped."""
         if self._resident is None and not self._resident_tried:
             self._resident_tried = True
-            cost = self.meta.count * (self.store.fmt.size + 8)
+            cost = self._resident_cost()
             if self.store.reserve_resident(cost):
                 recs = self.store.fmt.concat(list(self._nodes_at(0, remember=False)))
                 self._resident = (np.ascontiguousarray(recs["lba"]), recs)
@@ -442,13 +454,18 @@ class BitBuilder:
 
     def __init__(self, store: NodeStore, alloc_chunk: Callable[[], int],
                  chunk_blocks: int, chunk_start: Callable[[int], int],
-                 filter_keys: int = 0):
-        """`filter_keys` > 0: also build a Bloom filter sized for that many LBAs (an
-        upper bound: what the inputs hold)."""
+                 expect: int = 0, filtered: bool = False):
+        """`expect`: at most how many records will come (what the inputs hold). A BIT
+        that small enough to be resident keeps its records for Bit.resident (and its
+        nodes stay out of the node cache: lookups will not read them); any other keeps
+        its fence and, if `filtered` (above the bottom level), a Bloom filter, and
+        writes its nodes through the cache."""
         self.store = store
-        self.bloom = BloomFilter(filter_keys) if filter_keys > 0 else None
+        self.records: list[np.ndarray] | None = \
+            [] if 0 < expect * (store.fmt.size + 8) <= store.resident.limit else None
+        self.bloom = BloomFilter(expect) if filtered and self.records is None else None
         # The fence as the leaves are written, while it fits the summary budget.
-        self._fence_first: list[int] | None = []
+        self._fence_first: list[int] | None = [] if self.records is None else None
         self._fence_entries: list[bytes] = []
         self.fmt = store.fmt
         self.alloc_chunk = alloc_chunk
@@ -472,6 +489,8 @@ class BitBuilder:
         self.count += len(recs)
         if self.bloom is not None:
             self.bloom.add(recs["lba"])
+        if self.records is not None:
+            self.records.append(recs)
         self._push(0, recs)
 
     def _push(self, height: int, recs: np.ndarray) -> None:
@@ -489,7 +508,8 @@ class BitBuilder:
         self.pending_n[height] = len(rest)
 
     def _emit(self, height: int, recs: np.ndarray) -> bytes:
-        ct, key, nonce, mac = self.store.seal(LEAF if height == 0 else INTERNAL, height, recs)
+        ct, key, nonce, mac = self.store.seal(LEAF if height == 0 else INTERNAL, height, recs,
+                                              remember=self.records is None)
         hba = self._place(ct)
         value = self.fmt.value(hba, key, nonce, mac)
         if height == 0 and self._fence_first is not None:
@@ -551,6 +571,10 @@ class BitBuilder:
         self.emitted = self.emitted[:height + 1]
         return BitMeta(bit_id, level, height, self.count, self.lba_min, self.lba_max, root,
                        list(self.chunks))
+
+    def all_records(self) -> np.ndarray | None:
+        """Every record of the finished BIT, if it kept them (see __init__)."""
+        return None if self.records is None else self.fmt.concat(self.records)
 
     def fence(self) -> tuple[np.ndarray, list[bytes]] | None:
         """The finished BIT's fence (see Bit), or None if it outgrew the budget."""

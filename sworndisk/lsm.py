@@ -138,9 +138,9 @@ class LsmIndex:
         return self.range(min(lbas), max(lbas) + 1)
 
     # ---- compaction ----
-    def _builder(self, filter_keys: int) -> BitBuilder:
+    def _builder(self, expect: int, bottom: bool) -> BitBuilder:
         return BitBuilder(self.store, self.alloc_chunk, INDEX_CHUNK_BLOCKS, self.chunk_block,
-                          filter_keys)
+                          expect, filtered=not bottom)
 
     def _finish(self, builder: BitBuilder, level: int) -> Bit | None:
         meta = builder.finish(self.next_bit_id, level)
@@ -148,7 +148,8 @@ class LsmIndex:
         if meta is None:
             return None
         self.next_bit_id += 1
-        return Bit(meta, self.store, builder.fence(), builder.bloom)
+        return Bit(meta, self.store, builder.fence(), builder.bloom,
+                   records=builder.all_records())
 
     def compact(self) -> list[int]:
         """Minor compaction of the whole MemTable, then major compactions as needed.
@@ -159,7 +160,7 @@ class LsmIndex:
             bottom = not any(self.levels)
             if bottom:
                 recs = recs[recs["hba"] != TOMBSTONE_HBA]
-            b = self._builder(0 if bottom else len(recs))
+            b = self._builder(len(recs), bottom)
             b.add(recs)
             bit = self._finish(b, 0)
             if not self.levels:
@@ -188,7 +189,7 @@ class LsmIndex:
             self.levels.append([])
         inputs = self.levels[lvl] + self.levels[lvl + 1]
         bottom = not any(self.levels[lvl + 2:])
-        b = self._builder(0 if bottom else sum(bit.meta.count for bit in inputs))
+        b = self._builder(sum(bit.meta.count for bit in inputs), bottom)
         for recs in merge_streams([bit.leaves() for bit in inputs], self.fmt):
             if bottom:
                 recs = recs[recs["hba"] != TOMBSTONE_HBA]
