@@ -250,10 +250,13 @@ class Bit:
         self._fence_tried, self._filter_wanted = True, False
 
     def release(self) -> None:
-        """Gives the memory of summaries and residency back (the BIT was merged away)."""
+        """Gives the memory of summaries and residency back: for a BIT merged away. One
+        still in use builds its fence and residency again, as budgets allow, when next
+        used."""
         self._drop_summaries()
         self.store.release_resident(self._resident_bytes)
         self._resident, self._resident_bytes = None, 0
+        self._resident_tried = self._fence_tried = False
 
     def _resident_cost(self) -> int:
         return self.meta.count * (self.store.fmt.size + 8)

@@ -43,18 +43,23 @@ class CommittedState:
     def resolve(self, lbas: list[int]) -> dict[int, bytes]:
         """The newest committed record of each LBA among `lbas` that holds data (not
         unmapped, not discarded): MemTable, then the lookaside cache, then the BITs for
-        all the remaining LBAs at once (lsm.lookup_bits: per node, over sorted LBAs)."""
+        all the remaining LBAs at once (lsm.lookup_bits). When every BIT is resident, a
+        search of them costs less than the cache's own bookkeeping, so the cache is
+        neither asked nor filled (apply still invalidates it: it stays exact for when a
+        BIT is not resident again)."""
         tomb = self.fmt.tombstone
         found, misses = self.index.memtable.split(lbas)
-        if misses:
-            cached, misses = self.lookaside.split(misses)
+        cache = None if self.index.all_resident() else self.lookaside
+        if misses and cache is not None:
+            cached, misses = cache.split(misses)
             found.update(cached)
         if misses:
             # A few LBAs: look each up (numpy's per-call overhead, paid per BIT, outweighs
             # vectorising); many: per BIT over the sorted batch.
             in_bits = (self.index.lookup_each(misses) if len(misses) <= SCALAR_LOOKUPS
                        else self.index.lookup_bits(misses))
-            self.lookaside.put_many(misses, in_bits)
+            if cache is not None:
+                cache.put_many(misses, in_bits)
             found.update(in_bits)
         return {l: v for l, v in found.items() if v != tomb and v != UNMAPPED}
 

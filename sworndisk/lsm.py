@@ -75,6 +75,10 @@ class LsmIndex:
                 return v
         return None
 
+    def all_resident(self) -> bool:
+        """True if every BIT is held whole in memory (Bit.resident)."""
+        return all(bit.resident() is not None for level in self.levels for bit in level)
+
     def lookup_each(self, lbas: list[int]) -> dict[int, bytes]:
         """Newest BIT record for each LBA (MemTable not consulted), one lookup per LBA."""
         out = {}

@@ -133,9 +133,16 @@ def test_bad_arguments_raise_before_any_io():
 
 # ---- the lookaside cache ----------------------------------------------------------------------
 
+def _no_residency(disk):
+    """The cache serves only where some BIT is not resident (committed.resolve)."""
+    disk.debug.index.store.resident.limit = 0
+    return disk
+
+
 def _cached_disk():
     cfg = Config(memtable_records=16, level_ratio=2, lookaside_records=64)
     disk, data, meta = new_disk(32 * MiB, NR, cfg)
+    _no_residency(disk)
     rng = random.Random(2)
     model = Model(NR)
     for lba in range(0, 512, 8):
@@ -189,7 +196,7 @@ def test_cache_never_answers_stale(change):
             data.buf[old[l] * BS:(old[l] + 1) * BS] = bytes(BS)
     elif change == "reopen":
         disk.close()
-        disk = SwornDisk.open(data, meta, KEY16)
+        disk = _no_residency(SwornDisk.open(data, meta, KEY16))
     for lba in range(600, 700, 4):             # many commits: compactions and checkpoints
         disk.write(lba, make_blocks(rng, lba, 4, 3))
         model.write(lba, disk.read(lba, 4))
@@ -251,4 +258,32 @@ def test_read_many_against_the_model(ops, seed, resident):
             spans = [(a, min(k, 256 - a)) for a, k in
                      ((rng.randrange(256), rng.randint(1, 16)) for _ in range(rng.randint(1, 12)))]
             assert disk.read_many(spans) == [model.read(a, k) for a, k in spans]
+    disk.close()
+
+
+def test_cache_is_bypassed_while_every_bit_is_resident_and_kept_exact():
+    """Resident BITs: the cache is neither asked nor filled; writes still invalidate it,
+    so when BITs stop being resident it answers right."""
+    disk, data, meta, model, rng = _cached_disk()
+    index = disk.debug.index
+    _warm(disk, list(range(40, 56)))             # cached while nothing is resident
+    index.store.resident.limit = 1 << 30
+    for bit in index.bits():                     # now everything may be resident
+        bit.release()
+    assert index.all_resident()
+    before = disk.stats().session
+    for l in range(40, 56):                      # overwritten while the cache is bypassed
+        blk = make_block(rng, l, 9)
+        disk.write(l, blk)
+        model.write(l, blk)
+    disk.flush()
+    assert disk.read_many([(l, 1) for l in range(40, 56)]) == [model.get(l) for l in range(40, 56)]
+    after = disk.stats().session
+    assert (after.lookaside_hits, after.lookaside_misses) == \
+        (before.lookaside_hits, before.lookaside_misses)
+    index.store.resident.limit = 0               # back to the cache
+    for bit in index.bits():
+        bit.release()
+    assert not index.all_resident()
+    assert disk.read_many([(l, 1) for l in range(40, 56)]) == [model.get(l) for l in range(40, 56)]
     disk.close()
