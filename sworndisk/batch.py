@@ -31,6 +31,9 @@ class PendingBatch:
         self.space = space
         self.data = data
         self._buf = bytearray(SEGMENT_BLOCKS * BLOCK_SIZE)
+        # Ciphertext of a seal (16 spare bytes for the last tag), reused: the device has
+        # copied or written it when pwrite_many returns.
+        self._sealed = bytearray(SEGMENT_BLOCKS * BLOCK_SIZE + crypto.TAG_BYTES)
         self._slots: list = []                  # buffer slot -> LBA, None once discarded
         self._slot_of: dict[int, int] = {}      # LBA -> buffer slot
         self._values: dict[int, bytes] = {}     # LBA -> sealed, uncommitted record value
@@ -187,10 +190,13 @@ class PendingBatch:
         tags = bytearray(n * crypto.TAG_BYTES)
         writes = []
         done = 0
+        sealed = memoryview(self._sealed)
         for start, count in runs:
-            out = bytearray(count * BLOCK_SIZE + crypto.TAG_BYTES)
+            # Each run's ciphertext follows the last in one reused buffer: a block's tag
+            # spills 16 bytes into the next block's place before that block is written.
+            out = sealed[done * BLOCK_SIZE:]
             crypto.seal_blocks(material, kb, self._buf, slots[done:done + count], out, tags, done)
-            writes.append((memoryview(out)[:count * BLOCK_SIZE], start * BLOCK_SIZE))
+            writes.append((out[:count * BLOCK_SIZE], start * BLOCK_SIZE))
             done += count
         recs = self.fmt.records(
             [l for _, l in live],

@@ -160,8 +160,9 @@ class NodeStore:
         NODE_HEADER.pack_into(pt, 0, NODE_MAGIC, kind, height, 0, len(recs), bytes(4))
         raw = recs.tobytes()
         pt[NODE_HEADER.size:NODE_HEADER.size + len(raw)] = raw
-        key = crypto.random_bytes(self.fmt.key_bytes)
-        nonce = crypto.random_bytes(crypto.NONCE_BYTES)
+        k = self.fmt.key_bytes
+        material = crypto.random_bytes(k + crypto.NONCE_BYTES)
+        key, nonce = material[:k], material[k:]
         pt = bytes(pt)
         ct, mac = crypto.encrypt(key, nonce, pt)
         if remember:
@@ -526,7 +527,7 @@ class BitBuilder:
             self.pending.append([])
             self.pending_n.append(0)
             self.emitted.append(0)
-        entry = self.fmt.array([int(recs["lba"][0])], [value])
+        entry = self.fmt.one(int(recs["lba"][0]), value)
         self._push(height + 1, entry)
         return value
 

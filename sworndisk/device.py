@@ -362,15 +362,19 @@ class FileDevice(BlockDevice):
         return out
 
     def _submit_locked(self, ring: Ring, items: list) -> None:
+        """Copies the writes into the bounce buffer and submits them. What stays in
+        flight is remembered by place in that buffer, not by the caller's data: the
+        caller may reuse its buffers as soon as pwrite_many returns."""
         buf = self._bufs.get(sum(len(d) for d, _ in items))   # stays alive in self._bufs
-        base, pos, rows = buffer_address(buf), 0, []
+        base, pos, rows, places = buffer_address(buf), 0, [], []
         for i, (data, offset) in enumerate(items):
             buf[pos:pos + len(data)] = data
             rows.append((IORING_OP_WRITE, 0, 0, self.file.fd, offset, base + pos, len(data),
                          0, i, 0, 0, 0))
+            places.append((pos, len(data), offset))
             pos += len(data)
         ring.prep_packed_many(SQE_RW, rows)
-        self._inflight = items
+        self._inflight = (buf, places)
         while ring.pending:
             ring.submit()
 
@@ -380,14 +384,18 @@ class FileDevice(BlockDevice):
                 self._drain_locked()
 
     def _drain_locked(self) -> None:
-        items = self._inflight
-        if items is None:
+        if self._inflight is None:
             return
+        buf, places = self._inflight
         self._inflight = None
-        failed = [user_data for user_data, res, _flags in self._ring.complete(len(items))
-                  if res != len(items[user_data][0])]
-        for i in failed:                        # error or short write: redo it plainly,
-            self._pwrite_now(*items[i])         # so a real error is raised here
+        failed = [user_data for user_data, res, _flags in self._ring.complete(len(places))
+                  if res != places[user_data][1]]
+        for i in failed:                        # error or short write: redo it plainly
+            pos, nbytes, offset = places[i]     # from the bounce buffer (every call drains
+            n = os.pwritev(self.file.fd, [memoryview(buf)[pos:pos + nbytes]], offset)
+            if n != nbytes:                     # before the buffer is used again), so a
+                raise OSError(errno.EIO,        # real error is raised here
+                              f"{self.path}: short write at {offset} ({n}/{nbytes})")
 
     def _uring(self) -> Ring | None:
         """The ring of the *_many calls; None where the kernel refuses io_uring."""

@@ -57,14 +57,11 @@ class MemTable:
         self._sorted = None
 
 
-def partition(table: dict, keys) -> tuple[dict, list]:
-    """{key: value} of the `keys` in `table`, and the keys not in it (in order): one
-    loop over a batch rather than a method call per key."""
-    get, found, rest = table.get, {}, []
-    for k in keys:
-        v = get(k)
-        if v is None:
-            rest.append(k)
-        else:
-            found[k] = v
-    return found, rest
+def partition(table: dict, keys: list) -> tuple[dict, list]:
+    """{key: value} of the `keys` in `table`, and the keys not in it (in order). The
+    intersection is taken in C; when it is empty (a batch of new LBAs), nothing is
+    looked at key by key."""
+    common = table.keys() & keys
+    if not common:
+        return {}, list(keys)
+    return {k: table[k] for k in common}, [k for k in keys if k not in common]

@@ -64,6 +64,10 @@ class RecordFormat:
             out["lba"] = lbas
         return out
 
+    def one(self, lba: int, value: bytes) -> np.ndarray:
+        """A (read-only) array of the single record lba -> value."""
+        return np.frombuffer(_HBA.pack(lba) + value, self.dtype)
+
     def records(self, lbas, hbas, key_nonce: np.ndarray, macs: np.ndarray) -> np.ndarray:
         """Packs columns into a record array: key_nonce is n x (key + nonce) bytes."""
         n = len(hbas)

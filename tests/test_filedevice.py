@@ -266,3 +266,36 @@ def test_pwrite_many_in_flight_batch_is_ordered_before_every_other_call(tmp_path
     assert dev.pread(3 * 4096, 4096) == blocks[0]
     assert dev.pread(3 * 4096, 1 << 20) == blocks[1]
     dev.close()
+
+
+def test_writes_in_flight_do_not_depend_on_the_callers_buffer(tmp_path):
+    """pwrite_many returns with its last batch in flight; the caller may reuse its buffer
+    at once (the engine seals each segment into one reused buffer). A write the kernel
+    failed is redone from the device's own copy, so it still writes what was given."""
+    from sworndisk.device import create_image
+    path = str(tmp_path / "img")
+    create_image(path, 8 << 20)
+    dev = FileDevice(path)
+    if not dev.direct or dev._uring() is None:
+        dev.close()
+        pytest.skip("needs O_DIRECT and io_uring (the in-flight path)")
+    ring = dev._uring()
+    real_complete = ring.complete
+    failed = []
+
+    def complete_failing_the_second(count):
+        cqes = real_complete(count)
+        out = [(u, -5 if u == 1 else r, f) for u, r, f in cqes]
+        failed.extend(u for u, r, _ in out if r < 0)
+        return out
+    ring.complete = complete_failing_the_second
+    data = bytearray(os.urandom(4 * 4096))
+    expect = bytes(data)
+    view = memoryview(data)
+    dev.pwrite_many([(view[i * 4096:(i + 1) * 4096], i * 2 * 4096) for i in range(4)])
+    data[:] = bytes(len(data))                   # reused before the batch completed
+    dev.flush()
+    ring.complete = real_complete
+    assert failed == [1], "the injected failure never fired"
+    assert b"".join(dev.pread(4096, i * 2 * 4096) for i in range(4)) == expect
+    dev.close()
