@@ -189,10 +189,19 @@ class LsmIndex:
         return lvl <= len(self.caps) and bool(level) and level[0].meta.count > self.caps[lvl - 1]
 
     def _merge_down(self, lvl: int) -> list[int]:
+        """Merges level `lvl` into the next one; if what they hold together would already
+        be over that level's limit, into the one below it instead (and so on), in the
+        same single merge: the output would spill at the very next checkpoint, and
+        writing it twice costs a rewrite of the deeper level's records for nothing."""
         if lvl + 1 == len(self.levels):
             self.levels.append([])
-        inputs = self.levels[lvl] + self.levels[lvl + 1]
-        bottom = not any(self.levels[lvl + 2:])
+        target = lvl + 1
+        inputs = self.levels[lvl] + self.levels[target]
+        while (target <= len(self.caps) and any(self.levels[target + 1:])
+               and sum(bit.meta.count for bit in inputs) > self.caps[target - 1]):
+            target += 1
+            inputs += self.levels[target]
+        bottom = not any(self.levels[target + 1:])
         b = self._builder(sum(bit.meta.count for bit in inputs), bottom)
         for recs in merge_streams([bit.leaves() for bit in inputs], self.fmt):
             if bottom:
@@ -200,10 +209,11 @@ class LsmIndex:
             b.add(recs)
         for bit in inputs:
             bit.release()
-        new = self._finish(b, lvl + 1)
+        new = self._finish(b, target)
         retired = [c for bit in inputs for c in bit.meta.chunks]
-        self.levels[lvl] = []
-        self.levels[lvl + 1] = [new] if new is not None else []
+        for level in range(lvl, target):
+            self.levels[level] = []
+        self.levels[target] = [new] if new is not None else []
         self.major_compactions += 1
         return retired
 
