@@ -105,6 +105,7 @@ class Workload:
                                      text=True)
         self.cond = threading.Condition()
         self.last = ("", -1)             # the last marker: (word, file number)
+        self.seen: dict = {}             # marker word -> the highest file number it had
         self.done = 0
         self.output: list = []
         threading.Thread(target=self._follow, daemon=True).start()
@@ -115,6 +116,7 @@ class Workload:
             with self.cond:
                 if len(words) == 2 and words[1].isdigit():
                     self.last = (words[0], int(words[1]))
+                    self.seen[words[0]] = int(words[1])
                     if words[0] == "done":
                         self.done += 1
                 else:
@@ -213,8 +215,12 @@ def cycles(dev: str, n: int, count: int) -> list:
         if trigger == "random":
             time.sleep(rng.uniform(0.05, 1.5))
         else:
+            # Kill as soon as the workload has entered the trigger's call for a new file.
+            # Waiting to see it as the *last* marker could wait forever: a quick directory
+            # fsync is over before this thread looks, and meanwhile the workload would fill
+            # the thin device.
             nxt = work.last[1] + 1
-            work.wait_for(lambda: work.last[1] >= nxt and work.last[0] == trigger)
+            work.wait_for(lambda: work.seen.get(trigger, -1) >= nxt)
         pid = kill_server(n)
         time.sleep(2)
         with work.cond:
