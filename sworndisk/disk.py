@@ -87,18 +87,20 @@ class SwornDisk:
     @classmethod
     def create(cls, data: Dev, meta: Dev, key=None, nr_blocks: int | None = None,
                config: Config | None = None, *, passphrase: bytes | str | None = None,
-               kdf: KdfParams | None = None, anchor: str | None = None) -> "SwornDisk":
+               kdf: KdfParams | None = None, anchor: str | None = None,
+               max_blocks: int | None = None) -> "SwornDisk":
         """Formats the two devices and returns the open, empty disk.
 
         A random master key is made; key slot 0 wraps it under `key` (a raw 16 or 32-byte
         key, as from a key file) or `passphrase` (Argon2id with `kdf`, calibrated to about
-        a second when None). With `anchor`, that file starts tracking the disk's commits."""
+        a second when None). With `anchor`, that file starts tracking the disk's commits.
+        `max_blocks` reserves meta room for growing (grow) up to that logical size."""
         cred = Credential.of(key, passphrase)
         config = (config or Config()).validate()
         master = crypto.random_bytes(MASTER_KEY_BYTES)
         d, m, owned = open_pair(data, meta)
         try:
-            layout, fitted = plan_devices(d.size, m.size, nr_blocks, config)
+            layout, fitted = plan_devices(d.size, m.size, nr_blocks, config, max_blocks)
             sb = Superblock.new(layout, fitted, cred, master, kdf)
             disk = cls(d, m, master, sb, owned)
             disk.key_slot = 0
@@ -178,10 +180,20 @@ class SwornDisk:
         """True if the meta device carries a SwornDisk superblock magic (in either copy)."""
         return any(sbmod.has_magic(b) for b in sbmod.read_copies(meta))
 
+    def move_regions(self, layout: Layout) -> None:
+        """Writes the committed state into the moved regions of a grown `layout`, then
+        closes the disk (resize.py; the superblock that names `layout` comes after)."""
+        self._check_usable()
+        try:
+            self._guarded(lambda: self._protocol.move_to(layout))
+        finally:
+            self.close()
+
     @staticmethod
     def min_meta_size(data_size: int, nr_blocks: int | None = None,
-                      config: Config | None = None) -> int:
-        return plan(data_size, nr_blocks, (config or Config()).validate()).meta_blocks * BLOCK_SIZE
+                      config: Config | None = None, max_blocks: int | None = None) -> int:
+        return plan(data_size, nr_blocks, (config or Config()).validate(),
+                    max_blocks).meta_blocks * BLOCK_SIZE
 
     @staticmethod
     def usable_blocks(data_size: int, config: Config | None = None) -> int:

@@ -113,9 +113,7 @@ class _LockedMeta:
 
     def write_copies(self, blk: bytes) -> None:
         """Copy 0, then copy 1, each durable before the next: a crash leaves one whole."""
-        for i in (0, 1):
-            self.dev.pwrite(blk, i * BLOCK_SIZE)
-            self.dev.flush()
+        sbmod.write_copies(self.dev, blk)
 
     def close(self) -> None:
         if self._owned:
@@ -129,8 +127,7 @@ class _LockedMeta:
 
 
 def _rewrite(m: _LockedMeta, sb: Superblock, master: bytes) -> None:
-    sb = Superblock(sb.uuid, sb.layout, sb.config, sb.slots, sb.generation + 1, sb.created)
-    m.write_copies(sb.encode(master))
+    m.write_copies(sb.next().encode(master))
 
 
 def add_key(meta: Dev, *, key=None, passphrase=None, new_key=None, new_passphrase=None,
