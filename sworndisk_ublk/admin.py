@@ -266,11 +266,19 @@ def resize(data: str, meta: str, *, key_file: Optional[str], sectors: Optional[i
     from sworndisk.resize import grow
     _require_file(data, "data device")
     _require_file(meta, "meta device")
+    from ublk_shim import blockio
     nr_blocks = None if sectors is None else sectors // (BLOCK_SIZE // 512)
     current = dump(meta).nr_blocks
     if nr_blocks is not None and nr_blocks < current:
         raise CliError(f"--sectors {sectors} is less than the disk's {current * 8} sectors: "
                        f"shrinking is not supported", ExitCode.USAGE)
+    data_sectors = blockio.path_size(data) // BLOCK_SIZE * 8
+    if nr_blocks is not None and nr_blocks * 8 > data_sectors:
+        raise CliError(f"--sectors {sectors} is more than the data device {data} holds "
+                       f"({data_sectors} sectors): make it larger first", ExitCode.USAGE)
+    if sectors is not None and sectors % 8:
+        print(f"sworndisk-ublk: note: --sectors {sectors} is not a multiple of 8; the disk "
+              f"gets {nr_blocks * 8} sectors (whole 4 KiB blocks)", file=sys.stderr)
     source = _existing_key(meta, key_file)
     return _engine_call(meta, lambda: grow(data, meta, nr_blocks=nr_blocks,
                                            **source.engine_args()))

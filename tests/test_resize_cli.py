@@ -75,8 +75,14 @@ def test_resize_sectors(capsys, disk):
     data, meta, key = disk
     os.truncate(data, 64 * MiB)
     os.truncate(meta, 64 * MiB)
-    code, out, err = run(capsys, "resize", data, meta, "--key-file", key, "--sectors", "80000")
+    before = digest(data, meta)
+    code, out, err = run(capsys, "resize", data, meta, "--key-file", key, "--sectors",
+                         str(64 * 2048 + 8))
+    assert code == ExitCode.USAGE and digest(data, meta) == before
+    one_line_error(err, "more than the data device", f"({64 * 2048} sectors)")
+    code, out, err = run(capsys, "resize", data, meta, "--key-file", key, "--sectors", "80003")
     assert code == 0 and out == "80000\n", err
+    assert "not a multiple of 8" in err
     with SwornDisk.open(data, meta, KEY16) as d:
         assert d.nr_blocks == 10000
 
