@@ -58,7 +58,8 @@ class SegmentTable:
         """The directory of a checkpoint pack; one written before the disk grew is
         shorter, and the segments it does not name are empty."""
         if len(directory) > self.nseg:
-            raise IntegrityError("the segment table directory names more segments than the disk has")
+            raise IntegrityError("the segment table directory names more segments than the "
+                                 "disk has")
         self.dir = np.zeros(self.nseg, directory.dtype)
         self.dir["hba"] = _NO_BLOCK
         self.dir[:len(directory)] = directory

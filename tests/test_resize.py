@@ -6,13 +6,15 @@ what was flushed before; crash tests cut power at every device call of a resize.
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 
-from sworndisk import Config, DeviceBusyError, FileDevice, InvalidArgument, SwornDisk
+from sworndisk import (Config, DeviceBusyError, FileDevice, InvalidArgument, MemoryDevice,
+                       SwornDisk)
+from sworndisk.check import check
 from sworndisk.errors import MetaTooSmall
-from sworndisk.layout import plan
 from sworndisk.resize import grow
 
 from .conftest import BS, KEY16, MiB, Model, describe, make_blocks
@@ -66,7 +68,6 @@ def assert_reads(disk, model: Model) -> None:
 
 def small_disk(data_inner: int, meta_inner: int, data_size: int, meta_size: int | None = None,
                max_blocks=None, config=CFG):
-    from sworndisk import MemoryDevice
     data = GrowDevice(MemoryDevice(data_inner), data_size)
     if meta_size is None:
         meta_size = SwornDisk.min_meta_size(data_size, None, config, max_blocks)
@@ -101,7 +102,6 @@ def exercise_new_space(data, meta, model: Model, rng: random.Random, version: in
 @pytest.mark.parametrize("reserve", [False, True], ids=["regions-move", "max-sectors"])
 def test_grow_reads_back_and_uses_new_space(reserve):
     rng = random.Random(1)
-    from sworndisk import MemoryDevice  # noqa: F401
     max_blocks = 40 * 1024 if reserve else None
     disk, data, meta = small_disk(64 * MiB, 64 * MiB, 6 * SEG, max_blocks=max_blocks)
     model = Model(disk.nr_blocks)
@@ -121,7 +121,7 @@ def test_grow_reads_back_and_uses_new_space(reserve):
         assert after[2 * BS:] == meta_before[2 * BS:] and after[:2 * BS] != meta_before[:2 * BS]
     model = grown_model(model, res.nr_blocks)
     exercise_new_space(data, meta, model, rng, v)
-    report = __import__("sworndisk.check", fromlist=["check"]).check(data, meta, KEY16)
+    report = check(data, meta, KEY16)
     assert report.clean, report.problems
 
 
@@ -197,7 +197,6 @@ def test_shrink_refused(how):
 def test_busy_refused(tmp_path):
     data, meta = tmp_path / "data.img", tmp_path / "meta.img"
     data.write_bytes(b""), meta.write_bytes(b"")
-    import os
     os.truncate(data, 8 * SEG)
     os.truncate(meta, 64 * MiB)
     with SwornDisk.create(str(data), str(meta), KEY16, config=CFG):

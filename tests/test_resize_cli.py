@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from sworndisk import Config, SwornDisk
+from sworndisk import SwornDisk
 from sworndisk.device import create_image
 from sworndisk_ublk import cli
 from sworndisk_ublk.errors import ExitCode
@@ -104,8 +104,7 @@ def test_meta_too_small_one_line_and_nothing_changes(capsys, disk):
     needed = int(err.split("needs at least ")[1].split(" bytes")[0])
     mib = err.split("truncate -s ")[1].split("M ")[0]
     assert int(mib) * MiB >= needed > os.path.getsize(meta)
-    subprocess_truncate = os.truncate
-    subprocess_truncate(meta, int(mib) * MiB)       # what the message says to do
+    os.truncate(meta, int(mib) * MiB)               # what the message says to do
     code, out, err = run(capsys, "resize", data, meta, "--key-file", key)
     assert code == 0, err
 
