@@ -172,3 +172,17 @@ def test_add_max_sectors_reserves_meta(tmp_path):
     from sworndisk.resize import grow
     res = grow(data, meta, key=KEY16)
     assert res.changed and not res.moved and os.path.getsize(meta) == need
+
+
+def test_header_backup_from_before_a_resize_is_refused(capsys, disk, tmp_path):
+    """Restoring it would take the disk back to the layout (and state) before the resize."""
+    data, meta, key = disk
+    backup = str(tmp_path / "hdr")
+    assert run(capsys, "header-backup", meta, backup)[0] == 0
+    os.truncate(data, 64 * MiB)
+    os.truncate(meta, 64 * MiB)
+    assert run(capsys, "resize", data, meta, "--key-file", key)[0] == 0
+    before = digest(meta)
+    code, _, err = run(capsys, "header-restore", meta, backup)
+    assert code == ExitCode.USAGE and digest(meta) == before
+    one_line_error(err, "before the disk was resized")
