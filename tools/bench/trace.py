@@ -373,7 +373,8 @@ def _make(kind: str, workdir: str, p: Plan, tag: str) -> ReplayDisk:
     if kind == "sworndisk":
         written = int(p.prefill.sum()) + sum(o.nr for o in p.ops if o.op == tf.WRITE)
         key = os.urandom(SWORNDISK_KEY_BYTES)
-        data_bytes = sworndisk_data_bytes(p.nr_blocks, min_bytes=written * BLOCK_SIZE * 5 // 4)
+        data_bytes = sworndisk_data_bytes(p.nr_blocks, min_bytes=max(32 << 20,
+                                                                     written * BLOCK_SIZE * 5 // 4))
         return ReplayDisk(make_sworndisk(workdir, p.nr_blocks, data_bytes, tag, key=key), key)
     key = os.urandom(CRYPT_KEY_BYTES)
     return ReplayDisk(make_cryptdisk(workdir, p.nr_blocks, tag, key=key), key)

@@ -121,7 +121,7 @@ def load(path: Union[str, os.PathLike]) -> Trace:
     except lzma.LZMAError as e:
         raise TraceFormatError(f"not an xz-compressed trace ({e})") from None
     except EOFError:
-        raise TraceFormatError("truncated xz stream") from None
+        raise TraceFormatError("not an xz-compressed trace, or a truncated one") from None
     return decode(raw)
 
 

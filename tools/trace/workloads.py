@@ -23,8 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 DEVICE_BYTES = 512 << 20
 BEGIN, END = "@@TRACE-BEGIN", "@@TRACE-END@@"
@@ -94,7 +95,7 @@ nrfiles=250
 filesize=16k-64k
 file_service_type=random
 rw=read
-bs=64k
+bs=16k
 io_size=40m
 numjobs=4
 [log]
@@ -250,32 +251,42 @@ def _sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+@contextmanager
+def served(backing: str, record: str = "") -> Iterator[str]:
+    server = LoopServer(backing, record)
+    try:
+        yield server.dev
+    finally:
+        server.stop()
+
+
+@contextmanager
+def mounted(dev: str, mnt: str) -> Iterator[None]:
+    """ext4 on `dev` at `mnt` (default options); unmounted even when the body fails."""
+    _sh("mount", dev, mnt)
+    try:
+        yield
+    finally:
+        _sh("umount", mnt)
+
+
 def record(w: Workload, workdir: str) -> str:
     backing, trace, mnt = (os.path.join(workdir, n) for n in ("backing.img", f"{w.name}.trace.xz",
                                                             "mnt"))
     with open(backing, "wb") as f:
         f.truncate(DEVICE_BYTES)
     os.makedirs(mnt, exist_ok=True)
-    server = LoopServer(backing)
-    try:
+    with served(backing) as dev:
         _sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
-            server.dev)
-        _sh("mount", server.dev, mnt)
-        w.setup(mnt)
-        _sh("umount", mnt)
-    finally:
-        server.stop()
-    server = LoopServer(backing, trace)
-    try:
-        _sh("mount", server.dev, mnt)
+            dev)
+        with mounted(dev, mnt):
+            w.setup(mnt)
+    with served(backing, trace) as dev, mounted(dev, mnt):
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
         t0 = time.monotonic()
         w.run(mnt)
-        _sh("umount", mnt)
-        print(f"{w.name}: run phase {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
-    finally:
-        server.stop()
+    print(f"{w.name}: run phase {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     os.unlink(backing)
     return trace
 
