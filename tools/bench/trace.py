@@ -43,7 +43,7 @@ from .workloads import VerifyError
 
 WORDS = BLOCK_SIZE // 8
 MAX_REQUEST_BLOCKS = 128          # prefill and read-back extents (512 KiB, ublk's max I/O)
-QUICK_REQUESTS = 3000             # --quick replays each trace's first requests only
+QUICK_REQUESTS = 400              # --quick replays each trace's first requests only
 
 # What a block holds, per LBA: a write's sequence number (>= 1, 0 = prefill), or
 ZERO = -1                         # zeros (write-zeroes)
