@@ -183,6 +183,6 @@ def test_traces_are_committed():
 def test_committed_trace_replays(path, tmp_path):
     """The first requests of each committed trace, both disks, read back checked."""
     for kind in ("sworndisk", "cryptdisk"):
-        (res,) = tr.replay_file(kind, path, [8], str(tmp_path), limit=600)
+        (res,) = tr.replay_file(kind, path, [8], str(tmp_path), limit=200)
         assert res.error is None, res.error
         assert res.requests > 0 and res.verified_blocks > 0
