@@ -43,7 +43,7 @@ from .workloads import VerifyError
 
 WORDS = BLOCK_SIZE // 8
 MAX_REQUEST_BLOCKS = 128          # prefill and read-back extents (512 KiB, ublk's max I/O)
-QUICK_REQUESTS = 400              # --quick replays each trace's first requests only
+QUICK_REQUESTS = 200              # --quick replays each trace's first requests only
 
 # What a block holds, per LBA: a write's sequence number (>= 1, 0 = prefill), or
 ZERO = -1                         # zeros (write-zeroes)
@@ -462,7 +462,8 @@ def write_charts(results: Sequence[dict], outdir: str) -> List[str]:
         for k, kind in enumerate(("sworndisk", "cryptdisk")):
             ax.bar(x + (k - 0.5) * 0.4, [at.get((t, kind), {}).get("mb_per_s", 0) for t in traces],
                    0.4, label=DISPLAY_NAMES[kind])
-        ax.set_ylabel("MB/s")
+        ax.set_ylabel("MB/s (log scale)")
+        ax.set_yscale("log")
         ax.set_title(f"Trace replay at depth {depth}")
         ax.set_xticks(x, [])
         ax.legend()
@@ -526,9 +527,9 @@ def main(args, out: TextIO, log: TextIO) -> int:
     files = list(tf.iter_files(args.trace))
     missing = [f for f in files if not os.path.isfile(f)]
     if missing or not files:
-        print(f"python -m tools.bench: no trace file {missing[0] if missing else 'in '}"
-              f"{'' if missing else ' '.join(args.trace)} (give .trace.xz files or a directory "
-              "of them, e.g. tools/trace/data)", file=log)
+        what = missing[0] if missing else "in " + " ".join(args.trace)
+        print(f"python -m tools.bench: no trace file {what} (give .trace.xz files or a "
+              "directory of them, e.g. tools/trace/data)", file=log)
         return 2
     for f in files:
         try:
