@@ -4,6 +4,7 @@ that the committed traces replay on a clean clone."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -156,11 +157,16 @@ def test_cli_replays_a_trace_file(tmp_path, capsys):
     path = tmp_path / "hand.trace.xz"
     tf.dump(HAND_MADE, path)
     rc = cli.main(["--trace", str(path), "--depth", "1,32", "--in-process", "--dir",
-                   str(tmp_path), "--json", str(tmp_path / "out.json")])
+                   str(tmp_path), "--json", str(tmp_path / "out.json"), "--plot",
+                   str(tmp_path / "charts")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "hand" in out and "SwornDisk" in out and "CryptDisk" in out
-    assert (tmp_path / "out.json").exists()
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert {(r["disk"], r["depth"]) for r in doc["results"]} == {
+        ("sworndisk", 1), ("sworndisk", 32), ("cryptdisk", 1), ("cryptdisk", 32)}
+    assert all(r["verified_blocks"] == 8 and r["error"] is None for r in doc["results"])
+    assert sorted(os.listdir(tmp_path / "charts")) == ["trace-depth1.png", "trace-depth32.png"]
 
 
 def test_cli_bad_trace_is_one_line(tmp_path, capsys):
