@@ -40,7 +40,9 @@ def _fio(mnt: str, job: str, *, layout: bool) -> None:
     path = os.path.join(tempfile.gettempdir(), "job.fio")
     with open(path, "w") as f:
         f.write(job.format(dir=mnt))
-    cmd = ["fio", "--eta=never", "--output=/dev/null", path] + (["--create_only=1"] if layout else [])
+    cmd = ["fio", "--eta=never", "--output=/dev/null", path]
+    if layout:
+        cmd.append("--create_only=1")
     subprocess.run(cmd, check=True)
 
 
@@ -204,6 +206,11 @@ class Workload:
     run: Callable[[str], None]
 
 
+def _fio_workload(name: str, job: str) -> Workload:
+    return Workload(name, f"fio equivalent of Filebench {name}",
+                    lambda m: _fio(m, job, layout=True), lambda m: _fio(m, job, layout=False))
+
+
 def _sqlite(journal: str, mix: str) -> Workload:
     label = {"wal": "WAL", "delete": "rollback journal"}[journal]
     return Workload(f"sqlite-{'wal' if journal == 'wal' else 'rollback'}-ycsb-{mix}",
@@ -212,12 +219,9 @@ def _sqlite(journal: str, mix: str) -> Workload:
 
 
 WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
-    Workload("fileserver", "fio equivalent of Filebench fileserver",
-             lambda m: _fio(m, FILESERVER, layout=True), lambda m: _fio(m, FILESERVER, layout=False)),
-    Workload("varmail", "fio equivalent of Filebench varmail",
-             lambda m: _fio(m, VARMAIL, layout=True), lambda m: _fio(m, VARMAIL, layout=False)),
-    Workload("webserver", "fio equivalent of Filebench webserver",
-             lambda m: _fio(m, WEBSERVER, layout=True), lambda m: _fio(m, WEBSERVER, layout=False)),
+    _fio_workload("fileserver", FILESERVER),
+    _fio_workload("varmail", VARMAIL),
+    _fio_workload("webserver", WEBSERVER),
     *[_sqlite(j, x) for j in ("wal", "delete") for x in ("a", "b", "f")],
     Workload("untar-delete", "unpack a site-packages tree, sync, delete it, sync, fstrim",
              untar_setup, untar_run),
