@@ -2,6 +2,7 @@
 
     python -m ublk_shim null --size 256M [--queues N] [--depth N] [--recoverable]
     python -m ublk_shim loop FILE        [--queues N] [--depth N] [--recoverable]
+    python -m ublk_shim loop FILE --record TRACE    # log every request (tools/trace)
     python -m ublk_shim null --size 256M --recover N     # take over a dead server's device
     python -m ublk_shim del N [--force] [--timeout S]
     python -m ublk_shim list
@@ -112,7 +113,10 @@ def main(argv=None) -> int:
 
     serving("null", "reads zeros, discards writes").add_argument(
         "--size", type=parse_size, required=True)
-    serving("loop", "a file or block device").add_argument("file")
+    loop = serving("loop", "a file or block device")
+    loop.add_argument("file")
+    loop.add_argument("--record", metavar="TRACE",
+                      help="log every request to this block trace (tools/trace/format.py)")
     d = sub.add_parser("del", help="delete a device")
     d.add_argument("dev_id", type=int)
     d.add_argument("--force", action="store_true", help="even if mounted")
@@ -125,7 +129,11 @@ def main(argv=None) -> int:
         if args.cmd == "null":
             return _serve(NullTarget(args.size), args)
         if args.cmd == "loop":
-            return _serve(LoopTarget(args.file), args)
+            target: Target = LoopTarget(args.file)
+            if args.record:
+                from .recording import RecordingTarget
+                target = RecordingTarget(target, args.record)
+            return _serve(target, args)
         if args.cmd == "del":
             if not args.force:
                 _refuse_if_used(args.dev_id)

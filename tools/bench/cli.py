@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "pip install -e '.[plot]')")
     p.add_argument("--from-json", metavar="PATH",
                    help="with --plot: chart the JSON of an earlier run instead of running")
+    p.add_argument("--trace", nargs="+", action="extend", metavar="FILE|DIR",
+                   help="replay block traces (tools/trace/data) on both disks at each --depth "
+                        "instead of the synthetic workloads (tools/bench/trace.py)")
     g = p.add_argument_group("aging (random overwrites at high utilisation)")
     g.add_argument("--aging", action="store_true", help="also run the aging benchmark")
     g.add_argument("--aging-only", action="store_true", help="run only the aging benchmark")
@@ -340,6 +343,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.from_json:
         _plot(_load_json(args.from_json), args.plot, sys.stdout)
         return 0
+    if args.trace:
+        from . import trace
+        return trace.main(args, sys.stderr if args.json == "-" else sys.stdout, sys.stderr)
     json_to_stdout = args.json == "-"
     human = sys.stderr if json_to_stdout else sys.stdout
     runner = Runner(args, sys.stderr)

@@ -127,8 +127,10 @@ def _open_image(path: str, size: int) -> CountingDevice:
     return CountingDevice(FileDevice(path))
 
 
-def make_sworndisk(workdir: str, nr_blocks: int, data_bytes: int, tag: str = "") -> BenchDisk:
-    """Format a SwornDisk of `nr_blocks` on fresh sparse images of `data_bytes` (+ meta)."""
+def make_sworndisk(workdir: str, nr_blocks: int, data_bytes: int, tag: str = "",
+                   key: Optional[bytes] = None) -> BenchDisk:
+    """Format a SwornDisk of `nr_blocks` on fresh sparse images of `data_bytes` (+ meta);
+    a random key unless `key` (a caller that reopens the disk needs it)."""
     from sworndisk import SwornDisk
     meta_bytes = sworndisk_meta_bytes(data_bytes, nr_blocks)
     paths = [os.path.join(workdir, f"sworndisk{tag}-data.img"),
@@ -138,7 +140,8 @@ def make_sworndisk(workdir: str, nr_blocks: int, data_bytes: int, tag: str = "")
         devices["data"] = _open_image(paths[0], data_bytes)
         devices["meta"] = _open_image(paths[1], meta_bytes)
         disk = SwornDisk.create(devices["data"], devices["meta"],
-                                os.urandom(SWORNDISK_KEY_BYTES), nr_blocks=nr_blocks, config=None)
+                                key or os.urandom(SWORNDISK_KEY_BYTES), nr_blocks=nr_blocks,
+                                config=None)
     except BaseException:
         _discard(devices, paths)
         raise
@@ -146,14 +149,15 @@ def make_sworndisk(workdir: str, nr_blocks: int, data_bytes: int, tag: str = "")
                      {"data": data_bytes, "meta": meta_bytes})
 
 
-def make_cryptdisk(workdir: str, nr_blocks: int, tag: str = "") -> BenchDisk:
+def make_cryptdisk(workdir: str, nr_blocks: int, tag: str = "",
+                   key: Optional[bytes] = None) -> BenchDisk:
     """A CryptDisk of `nr_blocks` on one fresh sparse image of exactly that size."""
     data_bytes = nr_blocks * BLOCK_SIZE
     paths = [os.path.join(workdir, f"cryptdisk{tag}.img")]
     devices: Dict[str, CountingDevice] = {}
     try:
         devices["data"] = _open_image(paths[0], data_bytes)
-        disk = CryptDisk(devices["data"], os.urandom(CRYPT_KEY_BYTES), nr_blocks)
+        disk = CryptDisk(devices["data"], key or os.urandom(CRYPT_KEY_BYTES), nr_blocks)
     except BaseException:
         _discard(devices, paths)
         raise
