@@ -189,6 +189,7 @@ class Status:
     uptime: float            # seconds
     recoverable: bool
     lost: Optional[str]
+    failed: Optional[str] = None    # why the disk stopped accepting writes, if it did
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -222,7 +223,7 @@ def status(dev_id: int, stats: Callable[[int], dict]) -> Status:
         minor_compactions=life["minor_compactions"],
         major_compactions=life["major_compactions"],
         uptime=round(time.time() - st.started, 1), recoverable=st.recoverable,
-        lost=data["lost_writes"])
+        lost=data["lost_writes"], failed=st.failed)
 
 
 def _duration(seconds: float) -> str:
@@ -254,6 +255,11 @@ def format_status(s: Status) -> str:
         f"  commit:     {s.commit_seq}"]
     if s.lost:
         lines.append(f"  lost:       {s.lost}")
+    if s.failed:
+        lines[0] = f"{s.dev} has FAILED: it accepts no more writes (requests fail with EIO)."
+        lines.append(f"  failed:     {s.failed}")
+        lines.append("  to reopen at the last completed flush: reconnect the storage, then "
+                     "del and add (or recover)")
     return "\n".join(lines)
 
 

@@ -221,6 +221,7 @@ def test_fault_at_every_call(scenario, dev_name, fault):
         with pytest.raises((OSError, SwornDiskError)) as raised:
             run.operate()
         assert run.dev[dev_name].failures == 1, f"{ctx}: the fault never fired"
+        assert run.disk.failure, f"{ctx}: the disk does not say it failed"
         if isinstance(raised.value, OSError) and not isinstance(raised.value, SwornDiskError):
             assert raised.value.errno in (errno.EIO, errno.ENOSPC), f"{ctx}: {raised.value!r}"
         # the failure latch: nothing more is accepted (close() just lets go of it)
