@@ -44,7 +44,8 @@ KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12-amd64)-unsign
 BOOT_MODULES = ["9p", "9pnet_virtio", "overlay", "virtio_blk", "ublk_drv"]
 # Installed when missing: QEMU; the initramfs's shell (the plain busybox is not static);
 # depmod and xz for the kernel's modules; fio and mkfs.ext4 for the tests in the guest.
-HOST_PACKAGES = ["qemu-system-x86", "busybox-static", "kmod", "xz-utils", "fio", "e2fsprogs"]
+HOST_PACKAGES = ["qemu-system-x86", "busybox-static", "kmod", "xz-utils", "fio", "e2fsprogs",
+                 "qemu-utils", "nbd-client"]
 BUSYBOX = Path("/bin/busybox")
 # Bump when the initramfs layout changes in a way the inputs' hashes do not show.
 INITRAMFS_FORMAT = "1"
