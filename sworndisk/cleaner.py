@@ -18,6 +18,7 @@ reserve, cost-benefit (age x free / valid) otherwise. Work per step is one segme
 """
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Callable
 
@@ -112,6 +113,10 @@ class Cleaner:
         if len(moves) > sp.free_blocks() - batch.buffered - holes:
             return None
         raw = self.data.pread(SEGMENT_BLOCKS * BLOCK_SIZE, base * BLOCK_SIZE)
+        if len(raw) != SEGMENT_BLOCKS * BLOCK_SIZE:
+            # A device fault, not tampering: failing here keeps the victim out of quarantine.
+            raise OSError(errno.EIO, f"short read of data segment {victim} "
+                                     f"({len(raw)} of {SEGMENT_BLOCKS * BLOCK_SIZE} bytes)")
         moves = self._verified(victim, raw, moves)
         if not moves:
             return 0

@@ -363,6 +363,15 @@ class SwornDisk:
             for dev in self._owned:
                 dev.close()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the disk stopped accepting writes (the failure latch: a device error, a
+        region full, ...) as one line, or None while it works. Reopening recovers."""
+        if self._failed is None:
+            return None
+        e = self._failed
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
     def __enter__(self) -> "SwornDisk":
         return self
 

@@ -177,7 +177,7 @@ class Status:
     free_mib: float
     usable_mib: float
     cipher: str
-    key_bits: int
+    key_bits: Optional[int]         # None: the meta device cannot be read (it failed)
     key_slot: Optional[int]
     anchor: Optional[str]
     commit_seq: int
@@ -189,6 +189,7 @@ class Status:
     uptime: float            # seconds
     recoverable: bool
     lost: Optional[str]
+    failed: Optional[str] = None    # why the disk stopped accepting writes, if it did
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -209,7 +210,12 @@ def status(dev_id: int, stats: Callable[[int], dict]) -> Status:
     used_blocks = min(space["valid_blocks"], usable_blocks)
     usable_mib = round(usable_blocks * BLOCK_SIZE / MiB, 1)
     used_mib = round(used_blocks * BLOCK_SIZE / MiB, 1)
-    key_bits = 8 * dump(st.meta).cipher_key_bytes
+    try:
+        key_bits: Optional[int] = 8 * dump(st.meta).cipher_key_bytes
+    except CliError:
+        if not st.failed:               # a failed meta device still gets its status shown
+            raise
+        key_bits = None
     return Status(
         dev=st.dev_path, pid=st.pid, data=st.data, meta=st.meta,
         size=space["nr_blocks"] * BLOCK_SIZE, usable=usable_blocks * BLOCK_SIZE,
@@ -222,7 +228,7 @@ def status(dev_id: int, stats: Callable[[int], dict]) -> Status:
         minor_compactions=life["minor_compactions"],
         major_compactions=life["major_compactions"],
         uptime=round(time.time() - st.started, 1), recoverable=st.recoverable,
-        lost=data["lost_writes"])
+        lost=data["lost_writes"], failed=st.failed)
 
 
 def _duration(seconds: float) -> str:
@@ -245,7 +251,7 @@ def format_status(s: Status) -> str:
         f"  usable:     {s.usable_mib:.1f} MiB",
         f"  used:       {s.used_mib:.1f} MiB",
         f"  free:       {s.free_mib:.1f} MiB",
-        f"  cipher:     {s.cipher}, {s.key_bits}-bit keys",
+        f"  cipher:     {s.cipher}, {s.key_bits or '?'}-bit keys",
         f"  key slot:   {'-' if s.key_slot is None else s.key_slot}",
         f"  anchor:     {s.anchor or 'none'}",
         f"  write amplification: {wa}",
@@ -254,6 +260,11 @@ def format_status(s: Status) -> str:
         f"  commit:     {s.commit_seq}"]
     if s.lost:
         lines.append(f"  lost:       {s.lost}")
+    if s.failed:
+        lines[0] = f"{s.dev} has FAILED: it accepts no more writes (requests fail with EIO)."
+        lines.append(f"  failed:     {s.failed}")
+        lines.append("  to reopen at the last completed flush: reconnect the storage, then "
+                     "del and add (or recover)")
     return "\n".join(lines)
 
 

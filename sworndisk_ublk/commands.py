@@ -244,6 +244,7 @@ class DeviceRow:
     recoverable: bool
     log: str
     lost: Optional[str] = None   # why a recover may have lost completed writes, if one did
+    failed: Optional[str] = None  # why the disk stopped accepting writes (storage failure)
 
 
 def list_devices() -> List[DeviceRow]:
@@ -257,18 +258,20 @@ def list_devices() -> List[DeviceRow]:
             continue
         rows.append(DeviceRow(st.dev_id, st.dev_path, st.pid, "alive" if alive else "dead",
                               st.data, st.meta, st.size, st.recoverable, st.log,
-                              restore.load_loss(st.dev_id)))
+                              restore.load_loss(st.dev_id), st.failed if alive else None))
     return rows
 
 
 def format_rows(rows: List[DeviceRow]) -> str:
     header = ("DEV", "PID", "STATE", "DATA", "META", "SIZE", "RECOVERABLE", "LOST")
-    lines = [header] + [(r.dev, str(r.pid), r.state, r.data, r.meta, format_bytes(r.size),
-                         "yes" if r.recoverable else "no", "yes" if r.lost else "-")
+    lines = [header] + [(r.dev, str(r.pid), "failed" if r.failed else r.state, r.data, r.meta,
+                         format_bytes(r.size), "yes" if r.recoverable else "no",
+                         "yes" if r.lost else "-")
                         for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
-                     for line in lines)
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+             for line in lines]
+    return "\n".join(table + [f"{r.dev} failed: {r.failed}" for r in rows if r.failed])
 
 
 def stats(dev_id: int, timeout: float = 30.0) -> Dict[str, Any]:

@@ -103,6 +103,7 @@ class Server:
         self._wake = threading.Event()
         self._stop_requested = False
         self._stats_requested = False
+        self._failure: Optional[str] = None   # the engine failure already recorded
 
     @property
     def dev_path(self) -> str:
@@ -213,9 +214,21 @@ class Server:
                 self.write_stats()
             if self.target.loss_pending:
                 self._release_when_unused()
+            self.note_failure()
         reason = "stop requested" if self._stop_requested else "device stopped"
         log.info("shutting down %s: %s", self.dev_path, reason)
         self.shutdown(waiter)
+
+    def note_failure(self) -> None:
+        """Once the engine latched a failure (the backing storage failed: every request now
+        fails with EIO), say so in the log and the state file, once: list and status show it."""
+        reason = self.target.failure
+        if reason and reason != self._failure:
+            self._failure = reason
+            log.error("the disk failed and accepts no more writes: %s; reconnect the "
+                      "storage, then del and add (or recover) to reopen it at its last "
+                      "completed flush", reason)
+            state.record_failure(self.dev_id, os.getpid(), reason)
 
     def _release_when_unused(self) -> None:
         """End the EIO on flushes once nothing that saw the lost writes uses the device:

@@ -65,6 +65,7 @@ class DeviceState:
     started: float = field(default_factory=time.time)
     key_slot: Optional[int] = None        # the key slot that opened the disk
     anchor: Optional[str] = None          # the rollback anchor file, if any
+    failed: Optional[str] = None          # why the engine stopped accepting writes, if it did
 
     @property
     def dev_path(self) -> str:
@@ -97,6 +98,14 @@ def save(state: DeviceState) -> None:
         except OSError:
             pass
         raise
+
+
+def record_failure(dev_id: int, pid: int, reason: str) -> None:
+    """Note in a live server's state file that its disk failed, and why (for list/status)."""
+    st = load(dev_id)
+    if st is not None and st.pid == pid and st.failed != reason:
+        st.failed = reason
+        save(st)
 
 
 def load(dev_id: int) -> Optional[DeviceState]:

@@ -307,6 +307,11 @@ class SwornDiskTarget(Target):
                       "wlog_failures)", self._wlog.path, exc)
 
     @property
+    def failure(self) -> Optional[str]:
+        """Why the engine stopped accepting writes (its failure latch), or None."""
+        return getattr(self.disk, "failure", None)
+
+    @property
     def loss_pending(self) -> str:
         """Why flushes fail (a wlog.LOSS_REASONS name), or "" when they work."""
         return self._loss

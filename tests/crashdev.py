@@ -21,7 +21,8 @@ CrashDevice / CrashController  (in the spirit of LevelDB's fault_injection_test.
     test can measure how many device operations e.g. one disk.flush() performs and then
     crash at each of them.
 
-FaultyDevice  -- returns EIO on chosen operations (a failing disk, not a crash).
+FaultyDevice  -- fails chosen operations: EIO, ENOSPC, short reads (a failing disk,
+                 not a crash).
 TamperDevice  -- an online adversary: rewrites what pread returns.
 RecordingDevice -- logs every write (device, offset, length, op sequence number).
 """
@@ -287,64 +288,92 @@ class WrapDevice(DeviceWrapper):
 
 
 class FaultyDevice(WrapDevice):
-    """Fails chosen operations with EIO (a failing disk; the device keeps working otherwise).
+    """Fails chosen operations (a failing disk; the device keeps working otherwise).
 
-    fail_read(lo, hi)          reads overlapping [lo, hi) fail
-    fail_write_after(k)        the (k+1)-th write from now fails (not applied), once or always
-    fail_flush_after(k)        the (k+1)-th flush from now fails, once or always
+    fail_read(lo, hi)                  reads overlapping [lo, hi) fail with EIO
+    fail_read_after(k, short=False)    the (k+1)-th read from now fails with EIO, or with
+                                       `short` returns only part of the bytes asked for
+    fail_write_after(k, err=EIO)       the (k+1)-th write from now fails (not applied)
+    fail_flush_after(k, err=EIO)       the (k+1)-th flush from now fails
+    Each once, or with sticky=True from then on; `err` is the errno (ENOSPC: a thin or
+    network backing store that ran out of room). `failures` counts the faults fired.
     """
 
     def __init__(self, inner: BlockDevice):
         super().__init__(inner)
         self.read_ranges: list[tuple[int, int]] = []
+        self.reads = 0
         self.writes = 0
         self.flushes = 0
+        self._read_fail_at = None
         self._write_fail_at = None
         self._flush_fail_at = None
         self._sticky = False
+        self._short = False
+        self._errno = errno.EIO
         self.failures = 0
 
     def clear(self) -> None:
         self.read_ranges.clear()
-        self._write_fail_at = self._flush_fail_at = None
+        self._read_fail_at = self._write_fail_at = self._flush_fail_at = None
 
     def fail_read(self, lo: int, hi: int) -> None:
         self.read_ranges.append((lo, hi))
 
-    def fail_write_after(self, k: int, sticky: bool = False) -> None:
+    def fail_read_after(self, k: int, sticky: bool = False, short: bool = False) -> None:
+        self.reads = 0
+        self._read_fail_at = k
+        self._sticky = sticky
+        self._short = short
+
+    def fail_write_after(self, k: int, sticky: bool = False, err: int = errno.EIO) -> None:
         self.writes = 0
         self._write_fail_at = k
         self._sticky = sticky
+        self._errno = err
 
-    def fail_flush_after(self, k: int, sticky: bool = False) -> None:
+    def fail_flush_after(self, k: int, sticky: bool = False, err: int = errno.EIO) -> None:
         self.flushes = 0
         self._flush_fail_at = k
         self._sticky = sticky
+        self._errno = err
+
+    def _fires(self, at, count: int) -> bool:
+        return at is not None and count >= at
 
     def pread(self, nbytes: int, offset: int) -> bytes:
         for lo, hi in self.read_ranges:
             if offset < hi and lo < offset + nbytes:
                 self.failures += 1
                 raise _eio(f"injected read error at {offset}")
-        return self.inner.pread(nbytes, offset)
+        fire = self._fires(self._read_fail_at, self.reads)
+        self.reads += 1
+        if not fire:
+            return self.inner.pread(nbytes, offset)
+        if not self._sticky:
+            self._read_fail_at = None
+        self.failures += 1
+        if self._short:     # what a read past a shrunken image's end returns
+            return self.inner.pread(nbytes, offset)[:max(0, nbytes // 2 - 1)]
+        raise _eio(f"injected read error at {offset}")
 
     def pwrite(self, data, offset: int) -> None:
-        if self._write_fail_at is not None and self.writes >= self._write_fail_at:
+        if self._fires(self._write_fail_at, self.writes):
             self.writes += 1
             if not self._sticky:
                 self._write_fail_at = None
             self.failures += 1
-            raise _eio(f"injected write error at {offset}")
+            raise OSError(self._errno, f"injected write error at {offset}")
         self.writes += 1
         self.inner.pwrite(data, offset)
 
     def flush(self) -> None:
-        if self._flush_fail_at is not None and self.flushes >= self._flush_fail_at:
+        if self._fires(self._flush_fail_at, self.flushes):
             self.flushes += 1
             if not self._sticky:
                 self._flush_fail_at = None
             self.failures += 1
-            raise _eio("injected flush error")
+            raise OSError(self._errno, "injected flush error")
         self.flushes += 1
         self.inner.flush()
 

@@ -195,21 +195,43 @@ def openers(devices: Dict[int, str], own_fd: Optional[int] = None) -> List[int]:
         lambda s: stat.S_ISBLK(s.st_mode) and s.st_rdev in devices) if (pid, fd) != mine})
 
 
+def transport(devices: Dict[int, str]) -> List[int]:
+    """The pids that carry `devices` (see block_devices) rather than use them: the client
+    of a network block device. `qemu-nbd -c` (and nbd-client in ioctl mode) keeps its
+    /dev/nbdN open for as long as the connection lasts, in the process whose thread runs
+    the NBD_DO_IT ioctl; the kernel names that thread in /sys/block/nbdN/pid."""
+    pids = set()
+    for rdev, part in devices.items():
+        if part:
+            continue
+        try:
+            with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/pid") as f:
+                tid = int(f.read())
+            with open(f"/proc/{tid}/status") as f:
+                pids.update(int(line.split()[1]) for line in f if line.startswith("Tgid:"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(pids)
+
+
 def block_users(path: str, *, with_openers: bool = True,
                 own_fd: Optional[int] = None) -> List[str]:
     """Everything using block device `path` or a partition of it, one phrase each:
     'mounted on /mnt', 'held by dm-0', 'used as swap', 'open by pid 123 (dd)' (a
     partition's prefixed with its name: 'ublkb0p1 mounted on /mnt'); with_openers=False
-    leaves out the processes (the /proc scan). Empty if unused or not a block device."""
+    leaves out the processes (the /proc scan). The device's own transport (`transport`:
+    an NBD client) is not a user. Empty if unused or not a block device."""
     devices = block_devices(path)
     found = []
     for rdev, part in devices.items():
         prefix = f"{part} " if part else ""
         found += [prefix + use for use in _mounts(rdev) + _stacked(rdev) + _swaps(rdev)]
     if with_openers:
-        found += [f"open by {describe(pid)}" for pid in openers(devices, own_fd)]
+        carriers = transport(devices)
+        found += [f"open by {describe(pid)}" for pid in openers(devices, own_fd)
+                  if pid not in carriers]
     return found
 
 
 __all__ = ["block_devices", "block_users", "describe", "lock_holders", "openers",
-           "pid_alive", "served_devices", "start_time"]
+           "pid_alive", "served_devices", "start_time", "transport"]

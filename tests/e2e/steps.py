@@ -45,12 +45,13 @@ class ScriptRun:
         assert status == "PASS", f"{step}: {reason}\n{self.context(step)}"
 
 
-def run_script(script: str, *, disks: tuple = (), timeout: int = 900) -> ScriptRun:
-    """Boot the VM once and run `script` (a path under the repo) with bash in it."""
+def run_script(script: str, *, disks: tuple = (), timeout: int = 900,
+               interpreter: str = "bash") -> ScriptRun:
+    """Boot the VM once and run `script` (a path under the repo) with `interpreter` in it."""
     cmd = [str(VM_RUN), "--timeout", str(timeout)]
     for size in disks:
         cmd += ["--disk", size]
-    done = subprocess.run([*cmd, "--", "bash", script], cwd=REPO, stdout=subprocess.PIPE,
+    done = subprocess.run([*cmd, "--", interpreter, script], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout + 120)
     steps = {m.group(1): (m.group(2), m.group(3) or "") for m in MARKER.finditer(done.stdout)}
     return ScriptRun(done.returncode, done.stdout, steps)

@@ -70,3 +70,22 @@ def test_console_parsing():
     console.feed(b"lo\r\nno newline@@SWORNDISK_VM_EXIT=5@@\r\n[ 3.2] reboot: Power down\r\n")
     console.finish()
     assert (out.getvalue(), console.status) == (b"hello\nno newline", 5)
+
+
+def test_boot_that_panics_before_command_is_retried(vm_run, monkeypatch):
+    """The first boot's init exits (SWORNDISK_VM_FAIL_BOOTS=1): a real early-boot panic."""
+    monkeypatch.setenv("SWORNDISK_VM_FAIL_BOOTS", "1")
+    done = vm_run("sh", "-c", "echo ran; exit 4", timeout=600)
+    assert done.returncode == 4, f"stdout: {done.stdout}\nstderr: {done.stderr}"
+    assert done.stdout == "ran\n"
+    retry, = [line for line in done.stderr.splitlines() if "retrying" in line]
+    assert retry.startswith("tools/vm/run: boot 1 of 3 died before COMMAND started")
+    assert "Kernel panic - not syncing: Attempted to kill init!" in retry
+
+
+def test_panic_after_command_started_is_not_retried(vm_run):
+    done = vm_run("sh", "-c", "echo before; echo c >/proc/sysrq-trigger; sleep 30", timeout=600)
+    assert done.returncode == 125, f"stdout: {done.stdout}\nstderr: {done.stderr}"
+    assert "before" in done.stdout
+    assert "retrying" not in done.stderr
+    assert "the VM died before COMMAND finished" in done.stderr

@@ -34,6 +34,9 @@ CACHE = Path(os.environ.get("SWORNDISK_VM_CACHE", "/var/cache/sworndisk-vm"))
 # probing it would cost a boot per run.
 ACCEL = os.environ.get("SWORNDISK_VM_ACCEL", "tcg")
 VERBOSE = os.environ.get("SWORNDISK_VM_VERBOSE") == "1"  # show the kernel's boot log
+# Test hook: the first N boots of a run die in early boot (the init exits before COMMAND,
+# so the kernel panics), to exercise the boot retry without waiting for a real panic.
+FAIL_BOOTS_ENV = "SWORNDISK_VM_FAIL_BOOTS"
 
 # Debian's generic 6.12 flavour; the newest one the mirror has is taken on first use.
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12-amd64)-unsigned$")
@@ -41,7 +44,8 @@ KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12-amd64)-unsign
 BOOT_MODULES = ["9p", "9pnet_virtio", "overlay", "virtio_blk", "ublk_drv"]
 # Installed when missing: QEMU; the initramfs's shell (the plain busybox is not static);
 # depmod and xz for the kernel's modules; fio and mkfs.ext4 for the tests in the guest.
-HOST_PACKAGES = ["qemu-system-x86", "busybox-static", "kmod", "xz-utils", "fio", "e2fsprogs"]
+HOST_PACKAGES = ["qemu-system-x86", "busybox-static", "kmod", "xz-utils", "fio", "e2fsprogs",
+                 "qemu-utils", "nbd-client"]
 BUSYBOX = Path("/bin/busybox")
 # Bump when the initramfs layout changes in a way the inputs' hashes do not show.
 INITRAMFS_FORMAT = "1"
@@ -51,11 +55,15 @@ PASSED_ENV = re.compile(r"^(PYTHONPATH|CI|SWORNDISK_\w*)$")
 START_MARKER = b"@@SWORNDISK_VM_START@@"
 EXIT_RE = re.compile(rb"@@SWORNDISK_VM_EXIT=(\d+)@@$")
 ERROR_RE = re.compile(rb"@@SWORNDISK_VM_ERROR=(.*)@@")
+PANIC_RE = re.compile(rb"(Kernel panic|Oops|BUG:).*")
 ANSI_RE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|c)")  # SeaBIOS clears the screen
 
 EXIT_TIMEOUT = 124   # like timeout(1)
 EXIT_HARNESS = 125   # the VM failed, not COMMAND (like docker run)
 POWEROFF_GRACE = 15  # seconds QEMU may take to exit after COMMAND finished
+# A boot that dies before COMMAND starts is tried again this many times: under TCG an
+# early-boot Oops happens about once in a dozen boots and says nothing about COMMAND.
+BOOT_RETRIES = 2
 
 
 class VMError(Exception):
@@ -295,8 +303,11 @@ def job_script(command, cwd):
     return "\n".join(lines) + "\n"
 
 
-def qemu_command(kernel, workdir, job, disks, mem, cpus):
-    """The QEMU command line; creates the sparse disk images in `workdir`."""
+def qemu_command(kernel, workdir, job, disks, mem, cpus, fail_boot=False):
+    """The QEMU command line; creates the sparse disk images in `workdir`.
+
+    `fail_boot` (the SWORNDISK_VM_FAIL_BOOTS test hook) makes the init exit before COMMAND.
+    """
     if ACCEL == "kvm":
         machine = ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -304,6 +315,8 @@ def qemu_command(kernel, workdir, job, disks, mem, cpus):
     # loglevel=1 still shows panics (KERN_EMERG), so a crashed kernel explains itself.
     append = ["console=ttyS0", "panic=-1", f"sworndisk.job={job}",
               f"sworndisk.moddir={kernel.moddir}"] + ([] if VERBOSE else ["quiet", "loglevel=1"])
+    if fail_boot:
+        append.append("sworndisk.fail_boot=1")
     cmd = ["qemu-system-x86_64", *machine, "-m", str(mem), "-smp", str(cpus),
            "-nographic", "-no-reboot", "-nic", "none",
            "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initramfs),
@@ -335,6 +348,7 @@ class Console:
         self.status = None
         self.error = None
         self.tail = deque(maxlen=30)
+        self.panic = None  # the first panic/Oops line of the boot (a trace may bury it)
         self.partial = b""
         self.midline = False  # the last output ended without a newline
 
@@ -349,6 +363,9 @@ class Console:
         self.tail.append(line)
         if not self.running:
             self.running = START_MARKER in line
+            panic = self.panic is None and PANIC_RE.search(line)
+            if panic:
+                self.panic = ANSI_RE.sub("", panic.group(0).decode(errors="replace")).strip()
             error = ERROR_RE.search(line)
             if error:
                 self.error = error.group(1).decode(errors="replace")
@@ -404,13 +421,12 @@ def run_vm(cmd, console, timeout, stderr_file):
 
 def vm_failure(console, stderr_file):
     """Explain a VM that stopped without an exit marker; the console tail shows why."""
-    stderr_file.seek(0)
-    qemu_errors = stderr_file.read().decode(errors="replace").strip()
+    qemu_errors = qemu_stderr_text(stderr_file)
     if console.running:  # the console was streamed already: a panic trace is on stdout
         lines = [f"{PROG}: the VM died before COMMAND finished (kernel panic?)"]
     else:
-        reason = console.error or "the VM stopped before COMMAND started"
-        lines = [f"{PROG}: boot failure: {reason}", "--- last console lines:"]
+        lines = [f"{PROG}: boot failure: {boot_failure_reason(console)}",
+                 "--- last console lines:"]
         lines += [ANSI_RE.sub("", line.decode(errors="replace")) for line in console.tail]
     if qemu_errors:
         lines += ["--- qemu stderr:", qemu_errors]
@@ -418,28 +434,70 @@ def vm_failure(console, stderr_file):
     return EXIT_HARNESS
 
 
+def qemu_stderr_text(stderr_file):
+    stderr_file.seek(0)
+    return stderr_file.read().decode(errors="replace").strip()
+
+
+def boot_failure_reason(console):
+    return console.error or "the VM stopped before COMMAND started"
+
+
+def death_line(console):
+    """What killed the boot: its first panic/Oops line, else the last console line, or ''."""
+    if console.panic:
+        return console.panic
+    lines = [ANSI_RE.sub("", line.decode(errors="replace")).strip() for line in console.tail]
+    return ([line for line in lines if line] or [""])[-1]
+
+
+def fail_boots():
+    """How many boots the SWORNDISK_VM_FAIL_BOOTS test hook makes die (0 when unset)."""
+    value = os.environ.get(FAIL_BOOTS_ENV, "0").strip() or "0"
+    if not value.isdigit():
+        raise VMError(f"{FAIL_BOOTS_ENV}={value!r} must be a number of boots (e.g. 1)")
+    return int(value)
+
+
 def run(args):
+    """Boot, run COMMAND, return its status; a boot that dies before COMMAND is retried.
+
+    Only a VM that stopped before the start marker is booted again (at most BOOT_RETRIES
+    times, each said on stderr): COMMAND has not run, so nothing is repeated. A failure
+    after COMMAND started (a panic, a timeout) is reported, never retried. The timeout
+    covers all boots together.
+    """
     kernel = prepare()
     cwd = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="sworndisk-vm-") as tmp, \
-            tempfile.TemporaryFile() as qemu_stderr:
+    failing = fail_boots()
+    deadline = time.monotonic() + args.timeout
+    with tempfile.TemporaryDirectory(prefix="sworndisk-vm-") as tmp:
         workdir = Path(tmp)
         job = workdir / "job.sh"
         job.write_text(job_script(args.command, cwd))
-        cmd = qemu_command(kernel, workdir, job, args.disk, args.mem, args.cpus)
-        console = Console(sys.stdout.buffer, sys.stderr.buffer if VERBOSE else None)
-        started = time.monotonic()
-        finished = run_vm(cmd, console, args.timeout, qemu_stderr)
-        if VERBOSE:
-            note(f"VM ran {time.monotonic() - started:.1f} s")
-        if not finished:
-            if console.midline:
-                sys.stderr.write("\n")
-            note(f"timed out after {args.timeout:g} s; killed the VM")
-            return EXIT_TIMEOUT
-        if console.status is None:
-            return vm_failure(console, qemu_stderr)
-        return console.status
+        for attempt in range(1 + BOOT_RETRIES):
+            with tempfile.TemporaryFile() as qemu_stderr:
+                cmd = qemu_command(kernel, workdir, job, args.disk, args.mem, args.cpus,
+                                   fail_boot=attempt < failing)
+                console = Console(sys.stdout.buffer, sys.stderr.buffer if VERBOSE else None)
+                started = time.monotonic()
+                finished = run_vm(cmd, console, deadline - started, qemu_stderr)
+                if VERBOSE:
+                    note(f"VM ran {time.monotonic() - started:.1f} s")
+                if not finished:
+                    if console.midline:
+                        sys.stderr.write("\n")
+                    note(f"timed out after {args.timeout:g} s; killed the VM")
+                    return EXIT_TIMEOUT
+                if console.status is not None:
+                    return console.status
+                if console.running or attempt == BOOT_RETRIES:
+                    return vm_failure(console, qemu_stderr)
+                last = death_line(console)
+                note(f"boot {attempt + 1} of {1 + BOOT_RETRIES} died before COMMAND started "
+                     f"({boot_failure_reason(console)}{': ' + last if last else ''}); "
+                     f"retrying")
+    raise AssertionError("unreachable")
 
 
 def parser():

@@ -262,24 +262,31 @@ def verify(dev: str) -> int:
     if fsck.returncode != 0:
         raise Failed(f"fsck.ext4 -f -n exited {fsck.returncode}:\n{fsck.stdout[-2000:]}")
     sh("mount", dev, MNT)
+    count = check_sums()
+    passed()
+    return count
+
+
+def check_sums(mnt: str = MNT, sums: str = SUMS, least: int = 10) -> int:
+    """Every file listed in `sums` (its last listing) has that content under `mnt`;
+    returns how many were checked (at least `least`). Also used by nbd.py."""
     latest = {}
-    with open(SUMS) as f:
+    with open(sums) as f:
         for line in f:
             name, digest, size = line.split()
             latest[name] = (digest, int(size))
     bad = []
     for name, (digest, size) in sorted(latest.items()):
-        with open(f"{MNT}/{name}", "rb") as f:
+        with open(f"{mnt}/{name}", "rb") as f:
             data = f.read()
         if hashlib.sha256(data).hexdigest() != digest:
             what = "zeros" if not data.strip(b"\0") else f"{len(data)} bytes, other content"
             bad.append(f"{name} ({what}, expected {size} bytes)")
     if bad:
         raise Failed(f"{len(bad)} of {len(latest)} fsynced files differ: {bad[:10]}")
-    if len(latest) < 10:
+    if len(latest) < least:
         raise Failed(f"only {len(latest)} files were written")
     print(f"verified {len(latest)} files", flush=True)
-    passed()
     return len(latest)
 
 
