@@ -350,7 +350,7 @@ def _run_check(args: argparse.Namespace) -> int:
     """fsck's exit codes: 0 clean, 4 problems found, 8 could not run."""
     try:
         report = admin.check(args.data, args.meta, key_file=args.key_file,
-                             data_blocks=args.data_blocks)
+                             data_blocks=args.data_blocks, quiet=args.json)
     except Exception as e:            # noqa: BLE001 - could not run: one line, code 8
         if os.environ.get("SWORNDISK_DEBUG"):
             traceback.print_exc()
