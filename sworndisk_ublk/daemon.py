@@ -165,9 +165,12 @@ class Server:
     def _link(self) -> None:
         """Make /dev/sworndisk/NAME; a failure costs the name only, not the device."""
         try:
+            state.save_name(self.dev_id, self.opts.name)
             names.make_link(self.opts.name, self.dev_path)
         except (OSError, CliError) as e:
             log.error("cannot make the link of %s: %s", self.dev_path, e)
+            return
+        names.announce(self.dev_path)
 
     def _restore(self, disk: Any) -> "restore.RestoreOutcome":
         """Put back what the dead server completed, then log anew from the engine's commit.

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
+import subprocess
 from typing import Optional
 
 from .errors import CliError, ExitCode
@@ -130,4 +132,20 @@ def remove_link(name: str, device: str) -> None:
     try:
         os.unlink(link_path(name))
     except FileNotFoundError:
+        pass
+
+
+def announce(device: str) -> None:
+    """Ask udev to look at `device` again (a change event), so that the rule of
+    contrib/udev/99-sworndisk.rules, which reads the name the server just recorded, adds
+    /dev/sworndisk/NAME as the device's symlink: systemd then knows the device by that
+    name, as an fstab line naming it needs. Nothing happens without udev."""
+    udevadm = shutil.which("udevadm")
+    if udevadm is None or not os.path.exists("/run/udev/control"):
+        return
+    try:
+        subprocess.run([udevadm, "trigger", "--action=change", device], timeout=10,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.SubprocessError):
         pass

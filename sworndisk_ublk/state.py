@@ -47,6 +47,18 @@ def stats_path(dev_id: int) -> str:
     return os.path.join(run_dir(), f"{dev_id}.stats.json")
 
 
+def name_path(dev_id: int) -> str:
+    """The disk's name alone, for the udev rule of contrib/udev (reads it with cat)."""
+    return os.path.join(run_dir(), f"{dev_id}.name")
+
+
+def save_name(dev_id: int, name: str) -> None:
+    path = name_path(dev_id)
+    with open(f"{path}.tmp", "w") as f:
+        f.write(name + "\n")
+    os.replace(f"{path}.tmp", path)
+
+
 def request_path(dev_id: int) -> str:
     """What `del --force`/`--deferred` asks of the server (read at its SIGUSR2)."""
     return os.path.join(run_dir(), f"{dev_id}.request")
@@ -149,7 +161,8 @@ def remove(dev_id: int, *, expect_pid: Optional[int] = None) -> None:
         st = load(dev_id)
         if st is not None and st.pid != expect_pid:
             return
-    for path in (state_path(dev_id), stats_path(dev_id), request_path(dev_id)):
+    for path in (state_path(dev_id), stats_path(dev_id), request_path(dev_id),
+                 name_path(dev_id)):
         try:
             os.unlink(path)
         except FileNotFoundError:
