@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from sworndisk import BLOCK_SIZE
 
 from . import state
+from .names import link_path
 from .progress import Progress
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource, get_key_source, load_key_file
@@ -190,6 +191,8 @@ class Status:
     uptime: float            # seconds
     recoverable: bool
     lost: Optional[str]
+    name: Optional[str] = None       # add --name: /dev/sworndisk/NAME
+    read_only: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -223,7 +226,7 @@ def status(dev_id: int, stats: Callable[[int], dict]) -> Status:
         minor_compactions=life["minor_compactions"],
         major_compactions=life["major_compactions"],
         uptime=round(time.time() - st.started, 1), recoverable=st.recoverable,
-        lost=data["lost_writes"])
+        lost=data["lost_writes"], name=st.name, read_only=st.read_only)
 
 
 def _duration(seconds: float) -> str:
@@ -240,6 +243,8 @@ def format_status(s: Status) -> str:
     lines = [
         f"{s.dev} is active.",
         f"  server:     pid {s.pid}, up {_duration(s.uptime)}",
+        *([f"  name:       {s.name} ({link_path(s.name)})"] if s.name else []),
+        *(["  mode:       read-only"] if s.read_only else []),
         f"  data:       {s.data}",
         f"  meta:       {s.meta}",
         f"  size:       {format_bytes(s.size)} ({s.size // BLOCK_SIZE} blocks of 4 KiB)",

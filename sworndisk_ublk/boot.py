@@ -100,7 +100,7 @@ def start_entry(entry: TabEntry, report: Report) -> None:
 
     def on_ready(ready: Ready) -> None:
         print(link_path(entry.name), flush=True)
-        report(f"{entry.name}: {commands.describe_ready(ready)}")
+        report(commands.describe_ready(ready))
 
     commands.add(table, key_file=key_file, foreground=False, stdin_free=False,
                  on_ready=on_ready, **_add_options(entry))
