@@ -156,7 +156,7 @@ class SwornDiskTarget(Target):
         i = 0
         while i < len(batch):
             j = i
-            while j < len(batch) and _plain_write(batch[j][0]):
+            while j < len(batch) and not self.read_only and _plain_write(batch[j][0]):
                 j += 1
             if j - i > 1:                   # consecutive plain WRITEs: one write_many
                 self._write_many(batch, range(i, j), out)

@@ -6,6 +6,7 @@ a fake ublk server in the forked server process); the links go to a temporary di
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -333,3 +334,40 @@ def test_crypto_workers_is_handed_to_add_at_one_place(monkeypatch):
     with pytest.raises(CliError) as e:
         boot._add_options(entry)
     assert "crypto-workers" in e.value.message
+
+
+# --- the target: read-only and forced removal ------------------------------------------------
+
+def test_read_only_target_and_fail_all(tmp_path):
+    """A read-only engine behind the target: reads work, a flush has nothing to do, a write
+    that got past the kernel is refused, and nothing reaches the images, not even at close.
+    fail_all (del --force) fails every request, reads included."""
+    import types
+
+    import ublk_shim
+    from sworndisk_ublk.target import SwornDiskTarget
+
+    def req(op, offset, length):
+        return types.SimpleNamespace(op=op, offset=offset, length=length, fua=False, tag=0,
+                                     q_id=0)
+    data, meta = sized_images(tmp_path)
+    key = bytes.fromhex(KEY_HEX)
+    disk = SwornDisk.create(data, meta, key=key)
+    disk.write(0, b"r" * 8192)
+    disk.close()
+    before = [open(p, "rb").read() for p in (data, meta)]
+    t = SwornDiskTarget(SwornDisk.open(data, meta, key=key, read_only=True))
+    assert t.read_only
+    buf = memoryview(bytearray(8192))
+    assert t.handle(req(ublk_shim.OP_READ, 0, 8192), buf) == 8192 and bytes(buf) == b"r" * 8192
+    assert t.handle(req(ublk_shim.OP_FLUSH, 0, 0), buf) == 0
+    assert t.handle(req(ublk_shim.OP_WRITE, 0, 4096), buf) == -errno.EROFS
+    assert t.handle(req(ublk_shim.OP_DISCARD, 0, 4096), buf) == -errno.EROFS
+    assert t.handle_batch([(req(ublk_shim.OP_WRITE, 0, 4096), buf),
+                           (req(ublk_shim.OP_WRITE, 4096, 4096), buf)]) == [-errno.EROFS] * 2
+    t.idle()
+    t.fail_all()
+    assert t.handle(req(ublk_shim.OP_READ, 0, 4096), buf) == -errno.EIO
+    assert t.handle_batch([(req(ublk_shim.OP_READ, 0, 4096), buf)] * 2) == [-errno.EIO] * 2
+    t.close()
+    assert [open(p, "rb").read() for p in (data, meta)] == before
