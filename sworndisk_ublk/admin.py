@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 from sworndisk import BLOCK_SIZE
 
 from . import state
+from .names import link_path
+from .progress import Progress
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource, get_key_source, load_key_file
 from .table import format_bytes
@@ -190,6 +192,8 @@ class Status:
     recoverable: bool
     lost: Optional[str]
     failed: Optional[str] = None    # why the disk stopped accepting writes, if it did
+    name: Optional[str] = None       # add --name: /dev/sworndisk/NAME
+    read_only: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -228,7 +232,7 @@ def status(dev_id: int, stats: Callable[[int], dict]) -> Status:
         minor_compactions=life["minor_compactions"],
         major_compactions=life["major_compactions"],
         uptime=round(time.time() - st.started, 1), recoverable=st.recoverable,
-        lost=data["lost_writes"], failed=st.failed)
+        lost=data["lost_writes"], failed=st.failed, name=st.name, read_only=st.read_only)
 
 
 def _duration(seconds: float) -> str:
@@ -245,6 +249,8 @@ def format_status(s: Status) -> str:
     lines = [
         f"{s.dev} is active.",
         f"  server:     pid {s.pid}, up {_duration(s.uptime)}",
+        *([f"  name:       {s.name} ({link_path(s.name)})"] if s.name else []),
+        *(["  mode:       read-only"] if s.read_only else []),
         f"  data:       {s.data}",
         f"  meta:       {s.meta}",
         f"  size:       {format_bytes(s.size)} ({s.size // BLOCK_SIZE} blocks of 4 KiB)",
@@ -309,37 +315,18 @@ def describe_resize(meta: str, r: Any) -> str:
 
 # --- check ------------------------------------------------------------------------------------
 
-class Progress:
-    """One self-overwriting line on stderr when it is a terminal, at most 10 a second."""
-
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < 0.1:
-            return
-        self.last = now
-        pct = f" {100 * done // total}%" if total else ""
-        sys.stderr.write(f"\rchecking {stage}:{pct} ({done}/{total})\033[K")
-        sys.stderr.flush()
-        self.shown = True
-
-    def done(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+CHECK_UNITS = {"index": "BITs", "segment table": "segments"}     # others count blocks
 
 
-def check(data: str, meta: str, *, key_file: Optional[str], data_blocks: bool) -> Any:
-    """Run sworndisk.check on the devices; returns its CheckReport."""
+def check(data: str, meta: str, *, key_file: Optional[str], data_blocks: bool,
+          quiet: bool = False) -> Any:
+    """Run sworndisk.check on the devices, with progress on a terminal unless `quiet`
+    (--json); returns its CheckReport."""
     from sworndisk.check import check as run_check
     _require_file(data, "data device")
     _require_file(meta, "meta device")
     source = _existing_key(meta, key_file)
-    progress = Progress()
+    progress = Progress("checking", units=CHECK_UNITS, quiet=quiet)
     try:
         return _engine_call(meta, lambda: run_check(data, meta, data_blocks=data_blocks,
                                                     progress=progress, **source.engine_args()))

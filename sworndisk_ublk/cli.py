@@ -15,9 +15,7 @@ import traceback
 from dataclasses import asdict
 from typing import List, NoReturn, Optional
 
-from ublk_shim.sys import block_dev_id
-
-from . import admin, commands
+from . import admin, boot, commands, tab
 from .daemon import Ready
 from .errors import CliError, ExitCode, to_cli_error
 
@@ -56,19 +54,15 @@ def _seconds(text: str) -> float:
 
 
 def _device_number(text: str) -> int:
-    """N, or the device path /dev/ublkbN (or ublkbN)."""
-    dev_id = int(text) if text.isdigit() else block_dev_id(text)
-    if dev_id is None:
-        raise CliError(f"not a SwornDisk device: {text!r} (give /dev/ublkbN or -n N)",
-                       ExitCode.USAGE)
-    return dev_id
+    """N, the device path /dev/ublkbN (or ublkbN), NAME or /dev/sworndisk/NAME."""
+    return commands.resolve_device(text)
 
 
 def _which_device(args: argparse.Namespace, what: str) -> int:
     """-n N or a device path, exactly one."""
     if (args.dev_id is None) == (args.device is None):
-        raise CliError(f"{what}: give the device as -n N or as its path /dev/ublkbN "
-                       f"(one of them)", ExitCode.USAGE)
+        raise CliError(f"{what}: give the device as NAME, /dev/sworndisk/NAME, /dev/ublkbN "
+                       f"or -n N (one of them)", ExitCode.USAGE)
     return args.dev_id if args.dev_id is not None else _device_number(args.device)
 
 
@@ -151,9 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "with no larger meta device (docs/cli.md gives the cost)")
     a.add_argument("--json", action="store_true",
                    help="print {dev_id, dev, pid, size, usable, log} as JSON instead of the path")
+    a.add_argument("--name", metavar="NAME",
+                   help="name the disk: /dev/sworndisk/NAME points at its /dev/ublkbN, and "
+                        "del, status, stats and recover take NAME")
+    a.add_argument("--read-only", action="store_true",
+                   help="serve the disk read-only: the kernel refuses writes and nothing is "
+                        "written to either image (never formats)")
 
     d = sub.add_parser("del", help="stop and delete devices (engine flushed and closed)")
-    d.add_argument("device", nargs="?", metavar="DEV", help="the device, /dev/ublkbN")
+    d.add_argument("device", nargs="?", metavar="DEV", help=_DEV_HELP)
     which = d.add_mutually_exclusive_group()
     which.add_argument("-n", "--number", type=int, metavar="N", dest="dev_id",
                        help="the device number N of /dev/ublkbN")
@@ -163,12 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: fail at once)")
     d.add_argument("--timeout", type=_seconds, default=120.0, metavar="SEC",
                    help="how long the server may take to flush and stop (default 120)")
+    busy = d.add_mutually_exclusive_group()
+    busy.add_argument("--force", action="store_true",
+                      help="tear down a device that is open or mounted: requests in flight "
+                           "and new ones fail with EIO, what was flushed stays")
+    busy.add_argument("--deferred", action="store_true",
+                      help="a device in use is removed when its last user closes it "
+                           "(list shows it as pending-removal meanwhile)")
 
     ls = sub.add_parser("list", help="list SwornDisk devices")
     ls.add_argument("--json", action="store_true", help="print a JSON list of objects")
 
     r = sub.add_parser("recover", help="restart the server of a --recoverable device")
-    r.add_argument("-n", "--number", type=int, metavar="N", dest="dev_id", required=True,
+    r.add_argument("device", nargs="?", metavar="DEV", help=_DEV_HELP)
+    r.add_argument("-n", "--number", type=int, metavar="N", dest="dev_id",
                    help="the device number N of /dev/ublkbN")
     r.add_argument("--key-file", metavar="PATH", help=_KEY_FILE_HELP)
     r.add_argument("--accept-rollback", action="store_true",
@@ -178,13 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the result as JSON")
 
     s = sub.add_parser("stats", help="show the engine's raw counters for a running device")
-    s.add_argument("-n", "--number", type=int, metavar="N", dest="dev_id", required=True,
+    s.add_argument("device", nargs="?", metavar="DEV", help=_DEV_HELP)
+    s.add_argument("-n", "--number", type=int, metavar="N", dest="dev_id",
                    help="the device number N of /dev/ublkbN")
     s.add_argument("--json", action="store_true", help="print them as JSON")
 
     st = sub.add_parser("status", help="show a running device: sizes, space, cipher, key "
                                        "slot, write amplification, uptime")
-    st.add_argument("device", nargs="?", metavar="DEV", help="the device, /dev/ublkbN")
+    st.add_argument("device", nargs="?", metavar="DEV", help=_DEV_HELP)
     st.add_argument("-n", "--number", type=int, metavar="N", dest="dev_id",
                     help="the device number N of /dev/ublkbN")
     st.add_argument("--json", action="store_true", help="print it as JSON")
@@ -246,11 +255,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", action="store_true", dest="data_blocks",
                    help="also read and verify every live data block")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_tab_verbs(sub)
     return p
 
 
+_DEV_HELP = "the device: NAME, /dev/sworndisk/NAME or /dev/ublkbN"
+
+
+def _add_tab_verbs(sub) -> None:
+    """start/stop: the disks of the tab file (boot.py, docs/boot.md)."""
+    for verb, text in (("start", "open disks of the tab file by name (never formats)"),
+                       ("stop", "flush and delete disks of the tab file by name")):
+        t = sub.add_parser(verb, help=text, description=f"{text[0].upper()}{text[1:]}: "
+                           f"lines 'NAME DATA META KEY [OPTIONS]' of {tab.DEFAULT_TAB}; "
+                           f"see docs/boot.md.")
+        t.add_argument("names", nargs="*", metavar="NAME", help="disks of the tab file")
+        t.add_argument("--all", action="store_true",
+                       help="every disk of the tab file" + (" without noauto"
+                                                            if verb == "start" else ""))
+        t.add_argument("--tab", metavar="PATH", default=tab.DEFAULT_TAB,
+                       help=f"the tab file (default {tab.DEFAULT_TAB})")
+        if verb == "stop":
+            t.add_argument("--wait", type=_seconds, default=0.0, metavar="SEC",
+                           help="wait up to SEC seconds for each disk to be unmounted/closed")
+            t.add_argument("--timeout", type=_seconds, default=120.0, metavar="SEC",
+                           help="how long each server may take to flush and stop")
+
+
+def _run_tab(args: argparse.Namespace) -> int:
+    if bool(args.names) == args.all:
+        raise CliError(f"{args.command}: give disk names or --all (one of them)",
+                       ExitCode.USAGE)
+    if args.command == "start":
+        return boot.start(args.tab, args.names, args.all, error=_error_line)
+    return boot.stop(args.tab, args.names, args.all, error=_error_line, wait=args.wait,
+                     timeout=args.timeout)
+
+
 def _error(e: CliError) -> None:
-    print(f"{PROG}: error: {e.message}", file=sys.stderr, flush=True)
+    _error_line(e.message)
+
+
+def _error_line(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
 def _ready_printer(as_json: bool):
@@ -323,7 +370,7 @@ def _run_check(args: argparse.Namespace) -> int:
     """fsck's exit codes: 0 clean, 4 problems found, 8 could not run."""
     try:
         report = admin.check(args.data, args.meta, key_file=args.key_file,
-                             data_blocks=args.data_blocks)
+                             data_blocks=args.data_blocks, quiet=args.json)
     except Exception as e:            # noqa: BLE001 - could not run: one line, code 8
         if os.environ.get("SWORNDISK_DEBUG"):
             traceback.print_exc()
@@ -339,6 +386,8 @@ def _run_check(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "check":
         return _run_check(args)
+    if args.command in ("start", "stop"):
+        return _run_tab(args)
     code = _run_admin(args)
     if code is not None:
         return code
@@ -348,17 +397,20 @@ def _run(args: argparse.Namespace) -> int:
                      recoverable=args.recoverable, queues=args.queues, depth=args.depth,
                      stdin_free=args.table != ["-"], on_ready=_ready_printer(args.json),
                      yes=args.yes, anchor=args.anchor, accept_rollback=args.accept_rollback,
-                     kdf=_kdf(args), max_sectors=args.max_sectors)
+                     kdf=_kdf(args), max_sectors=args.max_sectors, name=args.name,
+                     read_only=args.read_only)
     elif args.command == "recover":
-        commands.recover(args.dev_id, key_file=args.key_file, foreground=args.foreground,
+        commands.recover(_which_device(args, "recover"), key_file=args.key_file, foreground=args.foreground,
                          on_ready=_ready_printer(args.json),
                          accept_rollback=args.accept_rollback)
     elif args.command == "del":
         if args.all:
             if args.device is not None:
                 raise CliError("del: give a device or --all, not both", ExitCode.USAGE)
-            return commands.delete_all(wait=args.wait, timeout=args.timeout, report=_error)
-        commands.delete(_which_device(args, "del"), wait=args.wait, timeout=args.timeout)
+            return commands.delete_all(wait=args.wait, timeout=args.timeout, report=_error,
+                                       force=args.force, deferred=args.deferred)
+        commands.delete(_which_device(args, "del"), wait=args.wait, timeout=args.timeout,
+                        force=args.force, deferred=args.deferred)
     elif args.command == "list":
         rows = commands.list_devices()
         if args.json:
@@ -366,7 +418,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(commands.format_rows(rows))
     elif args.command == "stats":
-        data = commands.stats(args.dev_id)
+        data = commands.stats(_which_device(args, "stats"))
         if args.json:
             _print_json(data)
         else:

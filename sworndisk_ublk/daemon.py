@@ -33,14 +33,14 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Optional
 
 import ublk_shim
 from ublk_shim import holders
 from ublk_shim.sys import UBLK_BLOCK_PATH
 
-from . import restore, state
+from . import names, restore, state
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource
 from .table import Table
@@ -52,6 +52,7 @@ log = logging.getLogger("sworndisk_ublk.daemon")
 
 DEFAULT_START_TIMEOUT = 600.0     # Python under TCG is slow; a format may take a while
 STOP_WAIT = 60.0                  # how long shutdown waits for the queues to drain
+REQUEST_FORCE, REQUEST_DEFERRED = "force", "deferred"    # del's requests (SIGUSR2)
 
 
 def start_timeout() -> float:
@@ -71,6 +72,8 @@ class ServerOptions:
     accept_rollback: bool = False             # open a disk older than its anchor
     kdf: Any = None                           # Argon2id cost of a new passphrase slot
     max_blocks: Optional[int] = None          # a new disk's meta room for growing (resize)
+    name: Optional[str] = None                # /dev/sworndisk/NAME (names.py)
+    read_only: bool = False                   # the kernel and the engine see a read-only disk
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class Server:
         self._stop_requested = False
         self._stats_requested = False
         self._failure: Optional[str] = None   # the engine failure already recorded
+        self._request_pending = False      # SIGUSR2: del --force / --deferred (state.request_path)
+        self._forced = False               # del --force: fail every request, stop at once
+        self._record: Optional[state.DeviceState] = None     # what start() saved
 
     @property
     def dev_path(self) -> str:
@@ -117,7 +123,7 @@ class Server:
         recovering = opts.recover_dev_id is not None
         disk = open_disk(table, self.source, format=False if recovering else None,
                          opts=OpenOptions(opts.anchor, opts.accept_rollback, opts.kdf,
-                                          opts.max_blocks))
+                                          opts.max_blocks, read_only=opts.read_only))
         self.source = KeySource(self.source.description)     # drop the secret reference
         self.target = SwornDiskTarget(disk, size=table.size)
         outcome = restore.RestoreOutcome(0)
@@ -131,7 +137,7 @@ class Server:
             else:
                 self.ublk = ublk_shim.UblkServer(
                     self.target, dev_id=-1, nr_queues=opts.queues, queue_depth=opts.depth,
-                    recoverable=opts.recoverable)
+                    recoverable=opts.recoverable, read_only=opts.read_only)
                 self.dev_id = self.ublk.add()
                 restore.forget(self.dev_id)        # a previous device's log and loss note
                 if opts.recoverable:
@@ -143,16 +149,30 @@ class Server:
             raise
         self._adopt_log()
         cap = capacity(table)
-        state.save(state.DeviceState(
+        self._record = state.DeviceState(
             dev_id=self.dev_id, pid=os.getpid(), pid_start=holders.start_time(os.getpid()),
             table=table.line(), data=table.data_dev, meta=table.meta_dev, size=table.size,
             recoverable=opts.recoverable, queues=self._granted("nr_queues", opts.queues),
             depth=self._granted("queue_depth", opts.depth),
-            log=self.log_file, key_slot=disk.key_slot, anchor=opts.anchor))
+            log=self.log_file, key_slot=disk.key_slot, anchor=opts.anchor,
+            name=opts.name, read_only=opts.read_only)
+        state.save(self._record)
+        if opts.name:               # once the device is live (and recorded under its name)
+            self._link()
         log.info("serving %s: %s (%s)", self.dev_path, table.line(), cap.describe())
         lost = outcome.message(self.dev_path) if outcome.loss else None
         return Ready(self.dev_id, os.getpid(), cap.size, cap.usable, self.log_file,
                      replayed=outcome.replayed, lost=lost)
+
+    def _link(self) -> None:
+        """Make /dev/sworndisk/NAME; a failure costs the name only, not the device."""
+        try:
+            state.save_name(self.dev_id, self.opts.name)
+            names.make_link(self.opts.name, self.dev_path)
+        except (OSError, CliError) as e:
+            log.error("cannot make the link of %s: %s", self.dev_path, e)
+            return
+        names.announce(self.dev_path)
 
     def _restore(self, disk: Any) -> "restore.RestoreOutcome":
         """Put back what the dead server completed, then log anew from the engine's commit.
@@ -194,9 +214,14 @@ class Server:
             self._stats_requested = True
             self._wake.set()
 
+        def request(signum: int, frame: Any) -> None:
+            self._request_pending = True
+            self._wake.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)
         signal.signal(signal.SIGUSR1, stats)
+        signal.signal(signal.SIGUSR2, request)
 
     def serve(self) -> None:
         """Run until a stop signal or until the device is stopped from outside; then shut down.
@@ -212,10 +237,19 @@ class Server:
             if self._stats_requested:
                 self._stats_requested = False
                 self.write_stats()
+            if self._request_pending:
+                self._request_pending = False
+                self._take_request()
             if self.target.loss_pending:
                 self._release_when_unused()
             self.note_failure()
-        reason = "stop requested" if self._stop_requested else "device stopped"
+            if self._record is not None and self._record.pending_removal \
+                    and not holders.block_users(self.dev_path):
+                log.info("%s: its last user closed it; removing it (del --deferred)",
+                         self.dev_path)
+                self._stop_requested = True
+        reason = ("forced removal (del --force)" if self._forced else
+                  "stop requested" if self._stop_requested else "device stopped")
         log.info("shutting down %s: %s", self.dev_path, reason)
         self.shutdown(waiter)
 
@@ -229,6 +263,27 @@ class Server:
                       "storage, then del and add (or recover) to reopen it at its last "
                       "completed flush", reason)
             state.record_failure(self.dev_id, os.getpid(), reason)
+
+    def _take_request(self) -> None:
+        """Act on what `del` left in the request file: `force` stops now, failing every
+        request; `deferred` stops once nothing uses the device (and `list` says so)."""
+        path = state.request_path(self.dev_id)
+        try:
+            with open(path) as f:
+                what = f.read().strip()
+            os.unlink(path)
+        except OSError:
+            return
+        if what == REQUEST_FORCE:
+            self._forced = True
+            self._stop_requested = True
+            self.target.fail_all()
+        elif what == REQUEST_DEFERRED and self._record is not None:
+            self._record = replace(self._record, pending_removal=True, failed=self._failure)
+            state.save(self._record)
+            log.info("%s: removal deferred until its last user closes it", self.dev_path)
+        else:
+            log.warning("ignoring an unknown request %r in %s", what, path)
 
     def _release_when_unused(self) -> None:
         """End the EIO on flushes once nothing that saw the lost writes uses the device:
@@ -249,8 +304,13 @@ class Server:
 
         A device still mounted or held is stopped all the same: the process was asked to
         terminate, and flushing the engine is the best it can still do (`del` checks for
-        users before it sends SIGTERM).
+        users before it sends SIGTERM, unless --force). Its users then get EIO, and the
+        device is deleted without waiting for them (DEL_DEV_ASYNC): its number is freed
+        when the last one lets go.
         """
+        busy = self._forced or bool(holders.block_users(self.dev_path))
+        if self._forced:
+            self.target.fail_all()
         try:
             self.ublk.stop()
         except Exception as e:          # noqa: BLE001 - still close the engine
@@ -259,13 +319,15 @@ class Server:
             waiter.join(STOP_WAIT)
         self.target.close()             # the shim closed it already; idempotent
         try:
-            self.ublk.delete()
+            self.ublk.delete(wait=not busy)
         except Exception as e:          # noqa: BLE001
             log.error("deleting the device failed: %s", e)
         else:                           # the engine committed everything at close
             st = state.load(self.dev_id)
             if st is None or st.pid == os.getpid():     # not a newer device's log
                 restore.forget(self.dev_id)
+        if self.opts.name:
+            names.remove_link(self.opts.name, self.dev_path)
         state.remove(self.dev_id, expect_pid=os.getpid())
         log.info("%s deleted", self.dev_path)
 

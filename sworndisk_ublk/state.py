@@ -47,6 +47,23 @@ def stats_path(dev_id: int) -> str:
     return os.path.join(run_dir(), f"{dev_id}.stats.json")
 
 
+def name_path(dev_id: int) -> str:
+    """The disk's name alone, for the udev rule of contrib/udev (reads it with cat)."""
+    return os.path.join(run_dir(), f"{dev_id}.name")
+
+
+def save_name(dev_id: int, name: str) -> None:
+    path = name_path(dev_id)
+    with open(f"{path}.tmp", "w") as f:
+        f.write(name + "\n")
+    os.replace(f"{path}.tmp", path)
+
+
+def request_path(dev_id: int) -> str:
+    """What `del --force`/`--deferred` asks of the server (read at its SIGUSR2)."""
+    return os.path.join(run_dir(), f"{dev_id}.request")
+
+
 @dataclass
 class DeviceState:
     """What a running (or crashed) server left behind for the other commands."""
@@ -66,6 +83,9 @@ class DeviceState:
     key_slot: Optional[int] = None        # the key slot that opened the disk
     anchor: Optional[str] = None          # the rollback anchor file, if any
     failed: Optional[str] = None          # why the engine stopped accepting writes, if it did
+    name: Optional[str] = None            # the disk's name: /dev/sworndisk/NAME
+    read_only: bool = False               # added --read-only
+    pending_removal: bool = False         # del --deferred: goes once its last user closes it
 
     @property
     def dev_path(self) -> str:
@@ -133,6 +153,13 @@ def load_all() -> List[DeviceState]:
     return sorted(states, key=lambda s: s.dev_id)
 
 
+def find_name(name: str) -> Optional[DeviceState]:
+    """The state of the device named `name`, if any (a name is unique among live disks;
+    with stale entries left by dead servers, the newest one)."""
+    found = [st for st in load_all() if st.name == name]
+    return max(found, key=lambda st: st.started) if found else None
+
+
 def remove(dev_id: int, *, expect_pid: Optional[int] = None) -> None:
     """Remove a device's state (and stats) file; with `expect_pid`, only if that pid owns it.
 
@@ -143,7 +170,8 @@ def remove(dev_id: int, *, expect_pid: Optional[int] = None) -> None:
         st = load(dev_id)
         if st is not None and st.pid != expect_pid:
             return
-    for path in (state_path(dev_id), stats_path(dev_id)):
+    for path in (state_path(dev_id), stats_path(dev_id), request_path(dev_id),
+                 name_path(dev_id)):
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -53,6 +53,8 @@ class SwornDiskTarget(Target):
         self._wlog_failures = 0           # times the log could not be written
         self._loss = ""                   # while set, FLUSH and FUA writes fail with EIO
         self._flushes_failed = 0
+        self.read_only = bool(getattr(disk, "read_only", False))
+        self._failing = False             # del --force: every request fails with EIO
         self._ops = {
             ublk_shim.OP_READ: self._read,
             ublk_shim.OP_WRITE: self._write,
@@ -103,10 +105,22 @@ class SwornDiskTarget(Target):
             self._wlog = wlog
             self._loss = wlog.loss
 
+    def fail_all(self) -> None:
+        """From now on every request fails with EIO without touching the engine (`del
+        --force`): the kernel's drain of the device then ends at once, and whatever was
+        flushed before stays (close() commits what the engine holds)."""
+        self._failing = True
+
     def handle(self, req: Request, buf: memoryview) -> int:
+        if self._failing:
+            return -errno.EIO
         op = self._ops.get(req.op)
         if op is None:
             return -errno.EOPNOTSUPP
+        if self.read_only and req.op != ublk_shim.OP_READ:
+            # The kernel refuses writes to a read-only device before they get here; a
+            # flush has nothing to make durable.
+            return 0 if req.op == ublk_shim.OP_FLUSH else -errno.EROFS
         if req.op == ublk_shim.OP_FLUSH:
             lba = nr_blocks = 0         # a flush's sector is not meaningful (often garbage)
         elif req.offset % BLOCK_SIZE or req.length % BLOCK_SIZE:
@@ -133,6 +147,8 @@ class SwornDiskTarget(Target):
         write_many. The requests were all in flight together, so no order among them is
         owed; a FLUSH covers the writes completed before it, those of earlier batches. A
         bad block fails its own READ only."""
+        if self._failing:
+            return [-errno.EIO] * len(batch)
         out: List[Outcome] = [None] * len(batch)
         reads = [i for i, (req, _) in enumerate(batch) if req.op == ublk_shim.OP_READ]
         if len(reads) > 1:
@@ -140,7 +156,7 @@ class SwornDiskTarget(Target):
         i = 0
         while i < len(batch):
             j = i
-            while j < len(batch) and _plain_write(batch[j][0]):
+            while j < len(batch) and not self.read_only and _plain_write(batch[j][0]):
                 j += 1
             if j - i > 1:                   # consecutive plain WRITEs: one write_many
                 self._write_many(batch, range(i, j), out)
@@ -203,7 +219,8 @@ class SwornDiskTarget(Target):
 
         Never waits for the lock: if a request holds it, the queues are not idle after all.
         """
-        if self._background is None or not self._lock.acquire(blocking=False):
+        if self._background is None or self.read_only or self._failing \
+                or not self._lock.acquire(blocking=False):
             return
         try:
             if not self._closed:

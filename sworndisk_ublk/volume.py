@@ -130,6 +130,7 @@ class OpenOptions:
     accept_rollback: bool = False     # open a disk older than its anchor, and move the anchor
     kdf: Any = None                   # sworndisk.kdf.KdfParams for a new passphrase slot
     max_blocks: Optional[int] = None  # a new disk reserves meta room to grow to this size
+    read_only: bool = False           # open for reading only: nothing is written to either image
 
 
 def _format(table: Table, source: KeySource, opts: OpenOptions) -> Any:
@@ -141,7 +142,8 @@ def _format(table: Table, source: KeySource, opts: OpenOptions) -> Any:
 
 def _open(table: Table, source: KeySource, opts: OpenOptions) -> Any:
     disk = _engine().open(table.data_dev, table.meta_dev, anchor=opts.anchor,
-                          accept_rollback=opts.accept_rollback, **source.engine_args())
+                          accept_rollback=opts.accept_rollback, read_only=opts.read_only,
+                          **source.engine_args())
     if disk.nr_blocks != table.nr_blocks:
         formatted = disk.nr_blocks * (BLOCK_SIZE // 512)
         disk.close()

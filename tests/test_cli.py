@@ -539,7 +539,7 @@ class FakeUblkServer:
     fail_add = None
 
     def __init__(self, target, dev_id=-1, nr_queues=1, queue_depth=64, max_io_bytes=0,
-                 recoverable=False):
+                 recoverable=False, read_only=False):
         self.target = target
         self.stopped = threading.Event()
 

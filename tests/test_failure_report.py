@@ -58,5 +58,5 @@ def test_backing_failure_is_latched_recorded_and_listed(caplog):
     row, = commands.list_devices()
     assert (row.state, row.failed) == ("alive", target.failure)
     lines = commands.format_rows([row]).splitlines()
-    assert lines[1].split()[:3] == ["/dev/ublkb7", str(os.getpid()), "failed"]
+    assert lines[1].split()[:4] == ["-", "/dev/ublkb7", str(os.getpid()), "failed"]
     assert lines[-1] == "/dev/ublkb7 failed: OSError: [Errno 5] injected flush error"

@@ -52,7 +52,7 @@ class UblkServer:
     def __init__(self, target: Target, dev_id: int = -1, nr_queues: int = 1,
                  queue_depth: int = 64, max_io_bytes: int = 512 * 1024,
                  recoverable: bool = False, *, idle_interval: float = 0.05,
-                 timeout: float = DEFAULT_TIMEOUT):
+                 timeout: float = DEFAULT_TIMEOUT, read_only: bool = False):
         if not 1 <= nr_queues <= uapi.UBLK_MAX_NR_QUEUES:
             raise UblkError(errno.EINVAL, f"nr_queues {nr_queues} is not in 1..4096")
         if not 1 <= queue_depth <= uapi.UBLK_MAX_QUEUE_DEPTH:
@@ -67,6 +67,7 @@ class UblkServer:
         self.queue_depth = queue_depth
         self.max_io_bytes = max_io_bytes
         self.recoverable = recoverable
+        self.read_only = read_only
         self.idle_interval = idle_interval
         self.timeout = timeout
         self.info: Optional[DevInfo] = None
@@ -128,7 +129,8 @@ class UblkServer:
                 raise UblkError(errno.EOPNOTSUPP, f"ublk {self.dev_id}: the kernel did not "
                                 f"grant {uapi.flag_names(missing)}")
             ctrl.set_params(self.dev_id, DeviceParams(size=self.target.size,
-                                                      max_io_bytes=self.info.max_io_bytes))
+                                                      max_io_bytes=self.info.max_io_bytes,
+                                                      read_only=self.read_only))
         except BaseException:
             self._abandon()
             raise
