@@ -42,7 +42,8 @@ class Reader:
         Arguments are the caller's to check."""
         outs = [bytearray(n * BLOCK_SIZE) for _, n in ranges]
         errors: dict[int, SwornDiskError] = {}
-        if self.batch.is_empty() and sum(n for _, n in ranges) > SMALL_BATCH:
+        if self.batch.is_empty() and (len(ranges) > SMALL_BATCH
+                                       or sum(n for _, n in ranges) > SMALL_BATCH):
             self._read_committed(ranges, outs, errors)
         else:
             self._read_each(ranges, outs, errors)
@@ -158,9 +159,9 @@ class Reader:
 def _expand(ranges: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every block of the ranges as arrays: its range, its index in the range, its LBA."""
     m = len(ranges)
-    starts = np.fromiter((l for l, _ in ranges), np.uint64, m)
-    counts = np.fromiter((n for _, n in ranges), np.int64, m)
-    if m == 0 or (counts == 1).all():
+    firsts, sizes = zip(*ranges)
+    starts, counts = np.fromiter(firsts, np.uint64, m), np.fromiter(sizes, np.int64, m)
+    if (counts == 1).all():
         return np.arange(m), np.zeros(m, np.int64), starts
     rid = np.repeat(np.arange(m), counts)
     idx = np.arange(len(rid)) - np.repeat(np.cumsum(counts) - counts, counts)
