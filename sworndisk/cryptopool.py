@@ -141,6 +141,7 @@ class CryptoPool:
         total = lane0 + self.lanes * lane_len
         self._fd = os.memfd_create("sworndisk-crypto", os.MFD_CLOEXEC)
         self._workers: list[_Worker] = []
+        self._views: list[memoryview] = []
         try:
             os.ftruncate(self._fd, total)
             import mmap
@@ -164,7 +165,9 @@ class CryptoPool:
     # ------------------------------------------------------------------ buffers
     def plaintext(self, i: int) -> memoryview:
         """Plaintext segment buffer i (0 or 1), which the pending batch fills in place."""
-        return self.mem[self.plain[i]:self.plain[i] + SEGMENT_BLOCKS * BLOCK]
+        view = self.mem[self.plain[i]:self.plain[i] + SEGMENT_BLOCKS * BLOCK]
+        self._views.append(view)            # released at close, so the mapping can go
+        return view
 
     # ------------------------------------------------------------------ sealing
     def seal_start(self, buf: int, slots: list[int]) -> "SealJob":
@@ -372,11 +375,13 @@ class CryptoPool:
         self._workers = []
         if getattr(self, "mem", None) is not None:
             self.mem[:self.keys_len] = bytes(self.keys_len)
+            for view in self._views + [self.mem]:
+                view.release()
             self.mem = None
             try:
-                self._map.close()
-            except BufferError:     # views of the batch's buffers still alive: the mapping
-                pass                # goes with them (the memfd itself is closed below)
+                self._map.close()   # its own duplicate of the memfd goes with it
+            except BufferError:     # a view still held (a traceback's frame): the mapping
+                pass                # and its descriptor go when that view does
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
