@@ -30,7 +30,8 @@ SMALL_BATCH = 8               # blocks up to which a read goes LBA by LBA (no nu
 
 class Reader:
     def __init__(self, fmt: RecordFormat, batch: PendingBatch, state: CommittedState,
-                 data: BlockDevice, data_blocks: int):
+                 data: BlockDevice, data_blocks: int, opener=open_blocks):
+        self.opener = opener            # crypto.open_blocks, or a crypto pool's
         self.fmt = fmt
         self.batch = batch
         self.state = state
@@ -132,7 +133,7 @@ class Reader:
                 blocks.append((v[8:8 + k], v[8 + k:20 + k], v[20 + k:],
                                raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
                                views[rids[j]][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
-        for n in open_blocks(blocks):
+        for n in self.opener(blocks):
             j = order[n]
             errors.setdefault(rids[j], authentication_error(
                 f"data block {self.fmt.hba_of(values[j])} (LBA {lbas[j]})"))
