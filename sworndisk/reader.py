@@ -48,6 +48,8 @@ class Reader:
             self._read_committed(ranges, outs, errors)
         else:
             self._read_each(ranges, outs, errors)
+        if not errors:
+            return [bytes(out) for out in outs]
         return [errors.get(r) or bytes(out) for r, out in enumerate(outs)]
 
     def _read_committed(self, ranges: list, outs: list, errors: dict) -> None:
