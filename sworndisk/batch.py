@@ -18,6 +18,7 @@ from . import crypto
 from .format import BLOCK_SIZE, SEGMENT_BLOCKS
 from .device import BlockDevice
 from .ops import Discard, Op, Writes
+from .cryptopool import BlockCrypto
 from .records import RecordFormat
 from .space import DataSpace
 from .stats import Lifetime
@@ -25,15 +26,25 @@ from .stats import Lifetime
 
 class PendingBatch:
     def __init__(self, fmt: RecordFormat, space: DataSpace, data: BlockDevice,
-                 lifetime: Lifetime):
+                 lifetime: Lifetime, crypto_: BlockCrypto | None = None):
         self.fmt = fmt
         self.lifetime = lifetime
         self.space = space
         self.data = data
-        self._buf = bytearray(SEGMENT_BLOCKS * BLOCK_SIZE)
-        # Ciphertext of a seal (16 spare bytes for the last tag), reused: the device has
-        # copied or written it when pwrite_many returns.
-        self._sealed = bytearray(SEGMENT_BLOCKS * BLOCK_SIZE + crypto.TAG_BYTES)
+        self.crypto = crypto_ or BlockCrypto(0, fmt.key_bytes)
+        self.pool = pool = self.crypto.pool
+        if pool is None:
+            self._bufs = [bytearray(SEGMENT_BLOCKS * BLOCK_SIZE)]
+            # Ciphertext of a seal (16 spare bytes for the last tag), reused: the device
+            # has copied or written it when pwrite_many returns.
+            self._sealed = bytearray(SEGMENT_BLOCKS * BLOCK_SIZE + crypto.TAG_BYTES)
+        else:                           # double-buffered, in the pool's shared region
+            self._bufs = [pool.plaintext(0), pool.plaintext(1)]
+        self._cur = 0
+        self._buf = self._bufs[0]
+        # The segment the workers are sealing: (job, live slots, runs, its LBA -> slot
+        # map, its plaintext buffer), read through until its records are staged.
+        self._inflight: tuple | None = None
         self._slots: list = []                  # buffer slot -> LBA, None once discarded
         self._slot_of: dict[int, int] = {}      # LBA -> buffer slot
         self._values: dict[int, bytes] = {}     # LBA -> sealed, uncommitted record value
@@ -44,7 +55,7 @@ class PendingBatch:
 
     # ---- queries ----
     def is_empty(self) -> bool:
-        return not self._ops and not self._slot_of
+        return not self._ops and not self._slot_of and self._inflight is None
 
     @property
     def buffered(self) -> int:
@@ -70,22 +81,29 @@ class PendingBatch:
     def superseded(self, lba: int) -> bool:
         """True if something newer than the committed value of lba is buffered or pending."""
         return (lba in self._slot_of or lba in self._values
+                or (self._inflight is not None and lba in self._inflight[3])
                 or (bool(self._discards) and self._discarded(lba)))
 
     def overlay(self, lba: int, n: int, out: bytearray) -> tuple[list, list[int]]:
         """Reads [lba, lba+n) through the batch: buffered blocks are copied into `out`;
         returns the sealed values to fetch, as (index in request, lba, value), and the
         LBAs the batch says nothing about (for the committed index)."""
-        if not self._slot_of and not self._values and not self._discards:
+        inflight = self._inflight
+        if not self._slot_of and not self._values and not self._discards and inflight is None:
             return [], list(range(lba, lba + n))    # nothing pending: all committed
         fetch, rest = [], []
         tomb = self.fmt.tombstone
+        sealing = {} if inflight is None else inflight[3]
         for i in range(n):
             l = lba + i
             slot = self._slot_of.get(l)
+            buf = self._buf
+            if slot is None and sealing:
+                slot = sealing.get(l)
+                buf = inflight[4]
             if slot is not None:
                 out[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] = \
-                    self._buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE]
+                    buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE]
                 continue
             v = self._values.get(l)
             if v is not None:
@@ -111,6 +129,7 @@ class PendingBatch:
             slot = slot_of.get(lba)
             if slot is None:
                 slot = self._new_slot(lba)
+                buf = self._buf                 # a seal may have switched buffers
             buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = mv
             self.unflushed += 1
 
@@ -128,6 +147,7 @@ class PendingBatch:
             if slot is None and n - done > 1:
                 if len(slots) == SEGMENT_BLOCKS:
                     self.seal()
+                    buf = self._buf             # the other buffer, while this one seals
                 k = min(n - done, SEGMENT_BLOCKS - len(slots))
                 if not slot_of or slot_of.keys().isdisjoint(range(lo, lo + k)):
                     first = len(slots)
@@ -139,6 +159,7 @@ class PendingBatch:
                     continue
             if slot is None:
                 slot = self._new_slot(lo)
+                buf = self._buf
             buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = \
                 mv[done * BLOCK_SIZE:(done + 1) * BLOCK_SIZE]
             done += 1
@@ -154,6 +175,7 @@ class PendingBatch:
         return slot
 
     def discard(self, lo: int, hi: int) -> None:
+        self.finish_seal()          # its records go before this discard in the ops
         tomb = self.fmt.tombstone
         for table in (self._slot_of, self._values):
             keys = range(lo, hi) if hi - lo <= len(table) else list(table)
@@ -172,23 +194,33 @@ class PendingBatch:
         moves, and sealing)."""
         if not len(records):
             return
+        self.finish_seal()
         self._values.update(zip(records["lba"].tolist(), self.fmt.values_of(records)))
         self._ops.append(Writes(records))
         self._hbas.extend(records["hba"].tolist())
 
     def seal(self) -> None:
-        """Encrypts the buffer and writes it at the log head (uncommitted)."""
+        """Encrypts the buffer and writes it at the log head (uncommitted). With a crypto
+        pool, the workers seal it while the other buffer takes new writes: the segment
+        before is finished first, this one by the next seal, a discard or the commit."""
+        self.finish_seal()
         live = [(slot, l) for slot, l in enumerate(self._slots) if l is not None]
         if not live:
             self._reset_buffer()
             return
         n = len(live)
         runs = self.space.alloc(n)
+        slots = [slot for slot, _ in live]
+        if self.pool is not None:
+            job = self.pool.seal_start(self._cur, slots)
+            self._inflight = (job, live, runs, dict(self._slot_of), self._buf)
+            self._cur ^= 1
+            self._buf = self._bufs[self._cur]
+            self._reset_buffer()
+            return
         kb = self.fmt.key_bytes
         material = crypto.random_bytes(n * (kb + crypto.NONCE_BYTES))
-        slots = [slot for slot, _ in live]
         tags = bytearray(n * crypto.TAG_BYTES)
-        writes = []
         done = 0
         sealed = memoryview(self._sealed)
         for start, count in runs:
@@ -196,7 +228,27 @@ class PendingBatch:
             # spills 16 bytes into the next block's place before that block is written.
             out = sealed[done * BLOCK_SIZE:]
             crypto.seal_blocks(material, kb, self._buf, slots[done:done + count], out, tags, done)
-            writes.append((out[:count * BLOCK_SIZE], start * BLOCK_SIZE))
+            done += count
+        self.crypto.count_inline(n)
+        self._write_sealed(live, runs, material, tags, sealed)
+        self._reset_buffer()
+
+    def finish_seal(self) -> None:
+        """Waits for the segment the workers are sealing, writes it and stages its records."""
+        if self._inflight is None:
+            return
+        job, live, runs = self._inflight[:3]
+        material, tags, sealed = job.result()
+        self._inflight = None
+        self._write_sealed(live, runs, material, tags, sealed)
+
+    def _write_sealed(self, live: list, runs: list, material: bytes, tags, sealed) -> None:
+        """Writes the sealed runs (consecutive in `sealed`) and stages their records."""
+        n, kb = len(live), self.fmt.key_bytes
+        writes, done = [], 0
+        for start, count in runs:
+            writes.append((sealed[done * BLOCK_SIZE:(done + count) * BLOCK_SIZE],
+                           start * BLOCK_SIZE))
             done += count
         recs = self.fmt.records(
             [l for _, l in live],
@@ -207,11 +259,11 @@ class PendingBatch:
         self.space.stamp(recs["hba"])
         self.stage(recs)
         self.lifetime.segments_sealed += 1
-        self._reset_buffer()
 
     def take(self) -> tuple[list[Op], list[int]]:
         """The batch's operations and busy blocks, for a commit; the batch is empty after."""
         self.seal()
+        self.finish_seal()
         ops, hbas = self._ops, self._hbas
         self._values, self._ops, self._discards, self._hbas = {}, [], [], []
         self.unflushed = 0

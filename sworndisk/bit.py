@@ -30,6 +30,7 @@ from .format import NODE_HEADER, NODE_INTERNAL as INTERNAL, NODE_LEAF as LEAF, N
 _BYTES_OVERHEAD = 33 + 8     # a bytes object's header and its list slot, per fence entry
 LAZY_FILTER_RECORDS = 1 << 18     # a loaded BIT up to this size is scanned for a filter
 _RESIDENT_SLICE = 4096            # records per array a resident BIT's leaves() yields
+_READ_RUN = 256                   # nodes one read of a BIT being loaded whole covers at most
 
 
 @dataclass
@@ -131,13 +132,66 @@ class NodeStore:
             self.hits += 1
             return hit
         self.misses += 1
+        hba = self.fmt.hba_of(entry)
+        kind, pt, count = self._open(entry, self.meta.pread(BLOCK_SIZE, hba * BLOCK_SIZE), what)
+        return self._remember(mac, kind, pt, count, remember)
+
+    def _open(self, entry: bytes, ct, what: str) -> tuple[int, bytes, int]:
+        """(kind, plaintext, record count) of the node `entry` points to, from its
+        ciphertext `ct`: verified against the entry's key and MAC, header checked."""
         hba, key, nonce, tag = self.fmt.split(entry)
-        ct = self.meta.pread(BLOCK_SIZE, hba * BLOCK_SIZE)
         pt = crypto.decrypt(key, nonce, ct, tag, f"{what} at meta block {hba}")
         magic, kind, _height, _r, count, _r2 = NODE_HEADER.unpack_from(pt)
         if magic != NODE_MAGIC or kind not in (LEAF, INTERNAL) or count > self.capacity:
             raise IntegrityError(f"{what} at meta block {hba} is malformed")
-        return self._remember(mac, kind, pt, count, remember)
+        return kind, pt, count
+
+    def records_many(self, entries: list[bytes], kind: int, what: str = "BIT node") -> np.ndarray:
+        """The records of many nodes of one `kind`, concatenated in the order of
+        `entries`: for loading a BIT whole. Nodes the cache holds come from it; the others
+        are read with one `pread_many` (runs of consecutive meta blocks coalesced, as
+        a BIT's nodes mostly are) and verified one by one, as `keyed` verifies, without
+        filling the cache. One read per run instead of one per node is what makes
+        loading a BIT on a reopened disk cheap."""
+        hbas = [self.fmt.hba_of(e) for e in entries]
+        parts: list = [None] * len(entries)
+        todo = []
+        for i, e in enumerate(entries):
+            hit = self.cache.get(e[-crypto.TAG_BYTES:])
+            if hit is None:
+                todo.append(i)
+            else:
+                self.hits += 1
+                if hit[0] != kind:
+                    raise IntegrityError(f"{what} at meta block {hbas[i]}: node kind does not match its depth")
+                parts[i] = hit[1]
+        runs: list[list[int]] = []                  # positions in `todo` read together
+        for t, i in enumerate(todo):
+            if runs and hbas[i] == hbas[todo[runs[-1][-1]]] + 1 and len(runs[-1]) < _READ_RUN:
+                runs[-1].append(t)
+            else:
+                runs.append([t])
+        raws = self.meta.pread_many([(len(r) * BLOCK_SIZE, hbas[todo[r[0]]] * BLOCK_SIZE)
+                                     for r in runs])
+        self.misses += len(todo)
+        for r, raw in zip(runs, raws):
+            raw = memoryview(raw)
+            for n, t in enumerate(r):
+                i = todo[t]
+                got, pt, count = self._open(entries[i], raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
+                                            what)
+                if got != kind:
+                    raise IntegrityError(f"{what} at meta block {hbas[i]}: node kind does not match its depth")
+                parts[i] = np.frombuffer(pt, self.fmt.dtype, count, NODE_HEADER.size)
+        # Copied as bytes into one array: concatenating thousands of small record arrays
+        # costs several times more (numpy works out each one's item layout).
+        out = np.empty(sum(len(p) for p in parts), self.fmt.dtype)
+        raw, pos = memoryview(out.view(np.uint8)), 0
+        for p in parts:
+            n = p.nbytes
+            raw[pos:pos + n] = memoryview(p.view(np.uint8))
+            pos += n
+        return out
 
     def _remember(self, mac: bytes, kind: int, pt: bytes, count: int,
                   remember: bool = True) -> tuple:
@@ -275,7 +329,11 @@ class Bit:
             self._resident_tried = True
             cost = self._resident_cost()
             if self.store.reserve_resident(cost):
-                recs = self.store.fmt.concat(list(self._nodes_at(0, remember=False)))
+                m = self.meta
+                leaves = [m.root] if m.height == 0 else \
+                    self.store.fmt.values_of(self.store.fmt.concat(
+                        list(self._nodes_at(1, remember=False))))
+                recs = self.store.records_many(leaves, LEAF, self._what)
                 self._resident = (np.ascontiguousarray(recs["lba"]), recs)
                 self._resident_bytes = cost
                 self._drop_summaries()

@@ -63,6 +63,39 @@ class CommittedState:
             found.update(in_bits)
         return {l: v for l, v in found.items() if v != tomb and v != UNMAPPED}
 
+    def resolve_records(self, lbas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`resolve` for a batch, as arrays aligned with `lbas` (uint64, any order,
+        repeats allowed): each LBA's newest committed record, and which of them hold
+        data. While every BIT is resident this stays in numpy from the LBAs to the
+        records (one search per BIT for the whole batch, no dict, no value per LBA);
+        otherwise it is `resolve` (node by node, through the lookaside cache), packed."""
+        fmt = self.fmt
+        recs = np.empty(len(lbas), fmt.dtype)
+        have = np.zeros(len(lbas), bool)
+        if not self.index.all_resident():
+            ll = lbas.tolist()
+            found = self.resolve(ll)
+            pos = [i for i, l in enumerate(ll) if l in found]
+            if pos:
+                recs[pos] = fmt.array(lbas[pos], [found[ll[i]] for i in pos])
+                have[pos] = True
+            return recs, have
+        pos, values = self.index.memtable.find(lbas.tolist())
+        rest = lbas
+        if pos:
+            recs[pos] = fmt.array(lbas[pos], values)
+            have[pos] = True
+            rest = np.flatnonzero(~have)
+        if len(rest) and self.index.levels:
+            keys = lbas if rest is lbas else lbas[rest]
+            order = np.argsort(keys, kind="stable")
+            found, out = self.index.lookup_sorted(keys[order])
+            at = order[found] if rest is lbas else rest[order[found]]
+            recs[at] = out[found]
+            have[at] = True
+        have[have] = recs["hba"][have] != TOMBSTONE_HBA
+        return recs, have
+
     def lookup_exact(self, lbas: list[int]) -> dict[int, bytes]:
         return self.index.get_many_exact(lbas)
 

@@ -1,12 +1,17 @@
 """Tunables, fixed at format time and recorded in the superblock.
 
-`open` always uses the recorded values, so a disk behaves the same however it is opened.
+`open` always uses the recorded values, so a disk behaves the same however it is opened;
+the runtime fields (RUNTIME_FIELDS: crypto_workers) are not recorded and are taken from
+the Config given to create() or open().
 """
 from dataclasses import asdict, dataclass, fields
 
 from .errors import InvalidArgument
 
 from .format import BLOCK_SIZE
+
+
+RUNTIME_FIELDS = frozenset({"crypto_workers"})     # chosen at each open, never recorded
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class Config:
     lookaside_records: int = 65536       # LBA -> newest record cache, ~200 B each; 0 = off
     # Automatic commit after this many unflushed bytes (the issue allows >= 64 MiB)
     autocommit_bytes: int = 64 << 20
+    crypto_workers: int | None = None  # runtime only, not recorded: 0 = in-thread, None = automatic
 
     def validate(self) -> "Config":
         if self.memtable_records < 16:
@@ -39,12 +45,17 @@ class Config:
             raise InvalidArgument(f"node_cache_bytes must be at least {64 * BLOCK_SIZE}")
         if self.autocommit_bytes < (64 << 20):
             raise InvalidArgument("autocommit_bytes must be at least 64 MiB (flush semantics)")
+        if self.crypto_workers is not None and (
+                type(self.crypto_workers) is not int or not 0 <= self.crypto_workers <= 64):
+            raise InvalidArgument(f"crypto_workers must be 0..64 or None for automatic "
+                                  f"(got {self.crypto_workers!r})")
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The format-time fields, as the superblock records them."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - RUNTIME_FIELDS
         return cls(**{k: v for k, v in d.items() if k in known}).validate()

@@ -11,6 +11,7 @@ from typing import Callable
 from .batch import PendingBatch
 from .cleaner import Cleaner
 from .committed import CommittedState
+from .cryptopool import CryptoPool
 from .device import BlockDevice
 from .protocol import CommitProtocol
 from .records import RecordFormat
@@ -26,6 +27,7 @@ class DebugView:
     data: BlockDevice
     meta: BlockDevice
     guarded: Callable = field(repr=False)    # runs a step under the disk's failure latch
+    pool: CryptoPool | None = None           # the crypto workers (None: in the thread)
 
     @property
     def space(self):

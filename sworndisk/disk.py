@@ -15,6 +15,7 @@ the newest checkpoint, so the disk reads exactly as at the last completed commit
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Union
 
 import numpy as np
@@ -26,7 +27,8 @@ from .bit import NodeStore
 from .cleaner import Cleaner
 from .committed import CommittedState
 from .debug import DebugView
-from .config import Config
+from .config import RUNTIME_FIELDS, Config
+from .cryptopool import open_crypto
 from .device import BlockDevice, CountingDevice, open_pair
 from .format import BLOCK_SIZE, LABEL_ANCHOR, LABEL_DISK, LABEL_FRONTEND, MASTER_KEY_BYTES
 from .errors import (AnchorError, DeviceTooSmall, DiskClosedError, InvalidArgument,
@@ -49,7 +51,8 @@ class SwornDisk:
 
     # ------------------------------------------------------------------ construction
     def __init__(self, data: BlockDevice, meta: BlockDevice, master: bytes, sb: Superblock,
-                 owned: list[BlockDevice], *, read_only: bool = False):
+                 owned: list[BlockDevice], *, read_only: bool = False,
+                 runtime: Config | None = None):
         self._owned = owned
         self.read_only = read_only           # opened for inspection: close() writes nothing
         self.key_slot: int | None = None     # the key slot that opened this disk
@@ -58,7 +61,9 @@ class SwornDisk:
         self._meta = CountingDevice(meta)    # caller owns devices it passed in
         self.sb = sb
         self.layout: Layout = sb.layout
-        self.config: Config = sb.config
+        # format-time fields from the superblock, runtime ones (crypto_workers) from the caller
+        self.config: Config = replace(sb.config, **{
+            f: getattr(runtime or Config(), f) for f in RUNTIME_FIELDS})
         self.nr_blocks = self.layout.nr_blocks
         self._disk_key = crypto.derive(master, LABEL_DISK,
                                        *np.frombuffer(sb.uuid, "<u8").tolist())
@@ -72,12 +77,15 @@ class SwornDisk:
                                 self.layout.segtable_blocks,
                                 self.config.node_cache_bytes // 4 // BLOCK_SIZE)
         self._state = CommittedState(fmt, self._store, segtable, self.layout, self.config)
-        self._batch = PendingBatch(fmt, self._state.space, self._data, self._lifetime)
+        self._crypto = open_crypto(self.config.crypto_workers, fmt.key_bytes)
+        self._batch = PendingBatch(fmt, self._state.space, self._data, self._lifetime,
+                                   self._crypto)
         self._protocol = CommitProtocol(self._meta, self._data, self.layout, self.config,
                                         self._disk_key, fmt, self._state, self._batch,
                                         self._lifetime, self._session)
         self._cleaner = Cleaner(self._state, self._batch, self._data, self._lifetime)
-        self._reader = Reader(fmt, self._batch, self._state, self._data, self.layout.data_blocks)
+        self._reader = Reader(fmt, self._batch, self._state, self._data, self.layout.data_blocks,
+                              self._crypto.open_blocks)
         # Unflushed blocks (written or discarded) one commit may carry: bounds the
         # MemTable's growth per commit, which sizes level 0 (layout.max_bit_records).
         self._budget = self.config.autocommit_bytes // BLOCK_SIZE
@@ -99,16 +107,19 @@ class SwornDisk:
         config = (config or Config()).validate()
         master = crypto.random_bytes(MASTER_KEY_BYTES)
         d, m, owned = open_pair(data, meta)
+        disk = None
         try:
             layout, fitted = plan_devices(d.size, m.size, nr_blocks, config, max_blocks)
             sb = Superblock.new(layout, fitted, cred, master, kdf)
-            disk = cls(d, m, master, sb, owned)
+            disk = cls(d, m, master, sb, owned, runtime=config)
             disk.key_slot = 0
             disk._protocol.format(sb.encode(master))
             if anchor is not None:
                 disk._attach_anchor(anchor, accept_rollback=True)
             return disk
         except BaseException:
+            if disk is not None:
+                disk._crypto.close()
             for dev in owned:
                 dev.close()
             raise
@@ -116,24 +127,27 @@ class SwornDisk:
     @classmethod
     def open(cls, data: Dev, meta: Dev, key=None, *, passphrase: bytes | str | None = None,
              anchor: str | None = None, accept_rollback: bool = False,
-             read_only: bool = False) -> "SwornDisk":
+             read_only: bool = False, config: Config | None = None) -> "SwornDisk":
         """Opens a disk, recovering to the last completed flush after a crash.
 
         `key` opens any key-file slot, `passphrase` any passphrase slot. With `anchor`, a
         committed state older than the anchor raises RollbackError, and a missing or
         forged anchor AnchorError, unless `accept_rollback` (the anchor then moves to the
         disk's state). `read_only` opens for inspection: nothing is ever written, and
-        close() commits nothing."""
+        close() commits nothing. Of `config`, only the runtime fields (crypto_workers) are
+        used: the format-time ones always come from the superblock."""
         cred = Credential.of(key, passphrase)
         return cls._open(data, meta, lambda blocks: sbmod.unlock(blocks, cred), anchor=anchor,
-                         accept_rollback=accept_rollback, read_only=read_only)
+                         accept_rollback=accept_rollback, read_only=read_only,
+                         config=(config or Config()).validate())
 
     @classmethod
     def _open(cls, data: Dev, meta: Dev, unlock: Callable[[list[bytes]], Unlocked], *,
               anchor: str | None = None, accept_rollback: bool = False,
-              read_only: bool = False) -> "SwornDisk":
+              read_only: bool = False, config: Config | None = None) -> "SwornDisk":
         """open() with the unlocking step given (check.py keeps what it unlocked)."""
         d, m, owned = (open_pair_readonly if read_only else open_pair)(data, meta)
+        disk = None
         try:
             if m.size < 2 * BLOCK_SIZE:
                 raise DeviceTooSmall(f"meta device is {m.size} bytes; too small for a SwornDisk")
@@ -143,13 +157,16 @@ class SwornDisk:
                 raise DeviceTooSmall(
                     f"devices are smaller than when formatted: data needs "
                     f"{lay.data_blocks * BLOCK_SIZE} bytes, meta {lay.meta_blocks * BLOCK_SIZE}")
-            disk = cls(d, m, unlocked.master, unlocked.superblock, owned, read_only=read_only)
+            disk = cls(d, m, unlocked.master, unlocked.superblock, owned, read_only=read_only,
+                       runtime=config)
             disk.key_slot = unlocked.slot
             disk._protocol.recover()
             if anchor is not None:
                 disk._attach_anchor(anchor, accept_rollback)
             return disk
         except BaseException:
+            if disk is not None:
+                disk._crypto.close()
             for dev in owned:
                 dev.close()
             raise
@@ -360,6 +377,7 @@ class SwornDisk:
                     self._guarded(self._protocol.checkpoint)
         finally:
             self._closed = True
+            self._crypto.close()
             for dev in self._owned:
                 dev.close()
 
@@ -406,7 +424,7 @@ class SwornDisk:
     # ------------------------------------------------------------------ stats
     def stats(self) -> DiskStats:
         return collect_stats(self.debug, self._lifetime, self._session, self.nr_blocks,
-                             self.config)
+                             self.config, self._crypto.stats())
 
     # ------------------------------------------------------------------ tests and tools
     @property
@@ -414,7 +432,7 @@ class SwornDisk:
         """The parts, by name, for tests and diagnostic tools; not a stable interface."""
         return DebugView(state=self._state, batch=self._batch, cleaner=self._cleaner,
                          protocol=self._protocol, fmt=self._fmt, data=self._data,
-                         meta=self._meta, guarded=self._guarded)
+                         meta=self._meta, guarded=self._guarded, pool=self._crypto.pool)
 
 
 __all__ = ["SwornDisk"]

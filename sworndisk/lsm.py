@@ -100,13 +100,19 @@ class LsmIndex:
     def lookup_records(self, keys: np.ndarray) -> np.ndarray:
         """The newest BIT record of each of `keys` (sorted, unique uint64) that has one,
         as a record array in LBA order (MemTable not consulted)."""
+        found, out = self.lookup_sorted(keys)
+        return out[found]
+
+    def lookup_sorted(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For sorted uint64 `keys` (repeats allowed): which have a BIT record, and the
+        newest one of each (rows where not found are undefined). MemTable not consulted."""
         found = np.zeros(len(keys), bool)
         out = np.empty(len(keys), self.fmt.dtype)
         for bit in self.bits():
             bit.lookup_many(keys, found, out)
             if found.all():
                 break
-        return out[found]
+        return found, out
 
     def range(self, lo: int, hi: int) -> dict[int, bytes]:
         """Newest committed value of every mapped LBA in [lo, hi) (tombstones included)."""

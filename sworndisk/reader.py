@@ -22,14 +22,16 @@ from .crypto import authentication_error, open_blocks
 from .device import BlockDevice
 from .errors import IntegrityError, SwornDiskError
 from .format import BLOCK_SIZE
-from .records import RecordFormat
+from .records import RecordFormat, u64
 
 MAX_RUN_BLOCKS = 256          # one pread covers at most 1 MiB of consecutive blocks
+SMALL_BATCH = 8               # blocks up to which a read goes LBA by LBA (no numpy)
 
 
 class Reader:
     def __init__(self, fmt: RecordFormat, batch: PendingBatch, state: CommittedState,
-                 data: BlockDevice, data_blocks: int):
+                 data: BlockDevice, data_blocks: int, opener=open_blocks):
+        self.opener = opener            # crypto.open_blocks, or a crypto pool's
         self.fmt = fmt
         self.batch = batch
         self.state = state
@@ -40,6 +42,32 @@ class Reader:
         """For each (lba, nr_blocks), its bytes or the SwornDiskError it alone raised.
         Arguments are the caller's to check."""
         outs = [bytearray(n * BLOCK_SIZE) for _, n in ranges]
+        errors: dict[int, SwornDiskError] = {}
+        if self.batch.is_empty() and (len(ranges) > SMALL_BATCH
+                                       or sum(n for _, n in ranges) > SMALL_BATCH):
+            self._read_committed(ranges, outs, errors)
+        else:
+            self._read_each(ranges, outs, errors)
+        if not errors:
+            return [bytes(out) for out in outs]
+        return [errors.get(r) or bytes(out) for r, out in enumerate(outs)]
+
+    def _read_committed(self, ranges: list, outs: list, errors: dict) -> None:
+        """A batch with nothing pending, as arrays from the ranges to the device runs:
+        no Python per LBA until the blocks are verified. A 1 MiB range is one run of
+        LBAs, found together, and (when its records name consecutive blocks) one read."""
+        rid, idx, lba = _expand(ranges)
+        recs, have = self.state.resolve_records(lba)
+        if not have.all():
+            keep = np.flatnonzero(have)
+            rid, idx, lba, recs = rid[keep], idx[keep], lba[keep], recs[keep]
+        if len(recs):
+            self._fetch(rid.tolist(), idx.tolist(), lba.tolist(), self.fmt.values_of(recs),
+                        recs["hba"], outs, errors)
+
+    def _read_each(self, ranges: list, outs: list, errors: dict) -> None:
+        """A few blocks (where numpy's per-call cost outweighs the Python it saves), or a
+        batch the pending batch answers in part: LBA by LBA."""
         # The blocks to fetch, as parallel lists: range, index in the range, LBA, record.
         rids: list[int] = []
         idxs: list[int] = []
@@ -47,14 +75,9 @@ class Reader:
         values: list = []
         if self.batch.is_empty():                        # nothing pending: all committed
             for r, (lba, n) in enumerate(ranges):
-                if n == 1:
-                    rids.append(r)
-                    idxs.append(0)
-                    lbas.append(lba)
-                else:
-                    rids += [r] * n
-                    idxs += range(n)
-                    lbas += range(lba, lba + n)
+                rids += [r] * n
+                idxs += range(n)
+                lbas += range(lba, lba + n)
         else:                                            # the batch's records first
             later: list[tuple[int, int, int]] = []
             for r, (lba, n) in enumerate(ranges):
@@ -72,32 +95,27 @@ class Reader:
         if len(values) < len(lbas):                      # the rest: committed state
             found = self.state.resolve(lbas[len(values):])
             values += [found.get(l) for l in lbas[len(values):]]
-        errors: dict[int, SwornDiskError] = {}
-        self._fetch(rids, idxs, lbas, values, outs, errors)
-        return [errors.get(r) or bytes(out) for r, out in enumerate(outs)]
-
-    def _fetch(self, rids: list, idxs: list, lbas: list, values: list, outs: list,
-               errors: dict) -> None:
-        """Reads and verifies the blocks that have a record (value not None), coalescing
-        runs of consecutive HBAs into one read each."""
         keep = [j for j, v in enumerate(values) if v is not None]
         if not keep:
             return
         if len(keep) < len(values):
             rids, idxs = [rids[j] for j in keep], [idxs[j] for j in keep]
             lbas, values = [lbas[j] for j in keep], [values[j] for j in keep]
-        order, hbas = self._by_hba(values)
+        self._fetch(rids, idxs, lbas, values, [self.fmt.hba_of(v) for v in values], outs,
+                    errors)
+
+    def _fetch(self, rids: list, idxs: list, lbas: list, values: list, hbas, outs: list,
+               errors: dict) -> None:
+        """Reads and verifies the blocks (each with its record value and HBA, a list or
+        an array), coalescing runs of consecutive HBAs into one read each."""
+        order, hbas, cuts, good = self._runs(hbas)
         # Past the device's end: a forged or corrupt record fails its range alone.
-        good = bisect_left(hbas, self.data_blocks)
         for j in order[good:]:
             errors.setdefault(rids[j], IntegrityError(
                 f"index record points outside the data device (block {self.fmt.hba_of(values[j])}, "
                 f"LBA {lbas[j]})"))
         if not good:
             return
-        hbas, order = hbas[:good], order[:good]
-        cuts = [c for c in range(1, good) if hbas[c] != hbas[c - 1] + 1] if good <= 8 else \
-            (np.flatnonzero(np.diff(np.asarray(hbas, np.uint64)) != 1) + 1).tolist()
         runs = []                                        # (first, end) in sorted order
         for a, b in zip([0] + cuts, cuts + [good]):
             if b - a <= MAX_RUN_BLOCKS:
@@ -117,21 +135,40 @@ class Reader:
                 blocks.append((v[8:8 + k], v[8 + k:20 + k], v[20 + k:],
                                raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
                                views[rids[j]][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
-        for n in open_blocks(blocks):
+        for n in self.opener(blocks):
             j = order[n]
             errors.setdefault(rids[j], authentication_error(
                 f"data block {self.fmt.hba_of(values[j])} (LBA {lbas[j]})"))
 
-    def _by_hba(self, values: list) -> tuple[list[int], list[int]]:
-        """The blocks' order by HBA (stable) and their HBAs in that order: numpy for a
-        batch, plain Python for a few blocks (depth 1), where numpy's calls cost more."""
-        if len(values) <= 8:
-            hbas = [self.fmt.hba_of(v) for v in values]
+    def _runs(self, hbas) -> tuple[list[int], list[int], list[int], int]:
+        """The blocks' order by HBA (stable), their HBAs in that order, where runs of
+        consecutive HBAs break (positions in that order), and how many lie inside the
+        data device. Numpy for a batch, plain Python for a few blocks (depth 1), where
+        numpy's calls cost more."""
+        if len(hbas) <= SMALL_BATCH:
+            hbas = hbas if isinstance(hbas, list) else hbas.tolist()
             order = sorted(range(len(hbas)), key=hbas.__getitem__)
-            return order, [hbas[j] for j in order]
-        hbas = self.fmt.array([0] * len(values), values)["hba"]
+            hbas = [hbas[j] for j in order]
+            good = bisect_left(hbas, self.data_blocks)
+            return order, hbas, [c for c in range(1, good) if hbas[c] != hbas[c - 1] + 1], good
+        hbas = np.asarray(hbas, np.uint64)
         order = np.argsort(hbas, kind="stable")
-        return order.tolist(), hbas[order].tolist()
+        hbas = hbas[order]
+        good = int(hbas.searchsorted(u64(self.data_blocks)))
+        cuts = (np.flatnonzero(np.diff(hbas[:good]) != 1) + 1).tolist()
+        return order.tolist(), hbas.tolist(), cuts, good
+
+
+def _expand(ranges: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every block of the ranges as arrays: its range, its index in the range, its LBA."""
+    m = len(ranges)
+    firsts, sizes = zip(*ranges)
+    starts, counts = np.fromiter(firsts, np.uint64, m), np.fromiter(sizes, np.int64, m)
+    if (counts == 1).all():
+        return np.arange(m), np.zeros(m, np.int64), starts
+    rid = np.repeat(np.arange(m), counts)
+    idx = np.arange(len(rid)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rid, idx, starts[rid] + idx.astype(np.uint64)
 
 
 __all__ = ["Reader"]

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from . import crypto
+from .cryptopool import CryptoStats
 from .format import BLOCK_SIZE
 from .layout import usable_blocks
 
@@ -112,6 +113,7 @@ class DiskStats:
     pending_ops: int                 # journal operations waiting for the next commit
     buffered_blocks: int             # plaintext blocks not yet sealed
     aead_backend: str
+    crypto: CryptoStats              # the crypto workers (cryptopool.py)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -120,7 +122,7 @@ class DiskStats:
 
 
 def collect_stats(parts: "DebugView", lifetime: Lifetime, session: Session, nr_blocks: int,
-                  config: "Config") -> DiskStats:
+                  config: "Config", crypto_stats: CryptoStats) -> DiskStats:
     """A snapshot of a disk's figures, read from its parts (SwornDisk.stats)."""
     st, store, protocol = parts.state, parts.index.store, parts.protocol
     layout = protocol.layout
@@ -154,7 +156,7 @@ def collect_stats(parts: "DebugView", lifetime: Lifetime, session: Session, nr_b
                     journal_blocks=protocol.journal.nblocks),
         commit_seq=protocol.commit_seq, checkpoint_seq=protocol.pack_seq,
         pending_ops=parts.batch.op_count, buffered_blocks=parts.batch.buffered,
-        aead_backend=crypto.backend_name())
+        aead_backend=crypto.backend_name(), crypto=crypto_stats)
 
 
 __all__ = ["DiskStats", "Lifetime", "Session", "Space", "Index", "collect_stats"]

@@ -177,6 +177,53 @@ def test_bench_sworndisk_at_depth(tmp_path):
         "minimum"] == 4.0
 
 
+def test_bench_scaling_table_workers_0_and_n_and_its_chart(tmp_path, capsys):
+    charts = tmp_path / "charts"
+    rc, doc = _run_cryptdisk(tmp_path, "--disks", "sworndisk,cryptdisk", "--depth", "1,8",
+                             "--scaling", "--crypto-workers", "1", "--plot", str(charts))
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "scaling: SwornDisk with 0 crypto workers" in text and "vs w0" in text
+    assert "together MiB" in text and "crypto workers: 1" in text
+    worked = 0.0
+    for entry in doc["suite"]:
+        inline = entry["workers0"]["best"]
+        pooled = entry["disks"]["sworndisk"]["best"]
+        assert inline["crypto_workers"] == 0 and pooled["crypto_workers"] == 1
+        assert inline["workers_rss_peak_kib"] == 0 and pooled["workers_rss_peak_kib"] > 0
+        assert set(entry["workers_ratios"]) == {"randwrite", "randread", "seqwrite", "seqread"}
+        for w, r in inline["workloads"].items():
+            assert r["worker_us_per_block"] == 0 and 0 < r["thread_us_per_block"], w
+        for w, r in pooled["workloads"].items():
+            assert 0 < r["thread_us_per_block"] <= r["cpu_us_per_block"] + 1e-9, w
+            worked += r["worker_us_per_block"]
+    assert worked > 0                                  # the workers' CPU was counted
+    assert doc["suite"][1]["workers_targets"] == {}      # depth 8: the issue sets none
+    assert doc["suite"][0]["workers_targets"]["randread"] == 0.9
+    assert sorted(p.name for p in charts.iterdir()) == ["cpu.png", "scaling.png",
+                                                         "throughput.png"]
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_reads_are_measured_on_reopened_disks_unless_warm(tmp_path, monkeypatch, warm):
+    from tools.bench.disks import BenchDisk
+    real, reopened = BenchDisk.reopen, []
+
+    def counted(self):
+        reopened.append(self.kind)
+        real(self)
+    monkeypatch.setattr(BenchDisk, "reopen", counted)
+    rc, doc = _run_cryptdisk(tmp_path, "--disks", "sworndisk,cryptdisk", "--depth", "4",
+                             "--crypto-workers", "0", "--in-process",
+                             *(["--warm-reads"] if warm else []))
+    assert rc == 0
+    assert sorted(reopened) == ([] if warm else ["cryptdisk"] * 2 + ["sworndisk"] * 2)
+    stats = doc["suite"][0]["disks"]["sworndisk"]["best"]["engine_stats"]
+    # A reopened disk's session counts only what was read since the last open.
+    read_since_open = stats["session"]["user_blocks_read"]
+    assert (read_since_open == 4 << 20 >> 12) if not warm else read_since_open > 4 << 20 >> 12
+
+
 def test_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib fails
     assert main(["--quick", "--disks", "cryptdisk", "--plot", str(tmp_path)]) == 2
@@ -186,7 +233,8 @@ def test_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--depth", "0"], ["--depth", "x"], ["--from-json", "f"],
-                                  ["--size", "3k"]])
+                                  ["--size", "3k"], ["--crypto-workers", "-1"],
+                                  ["--crypto-workers", "two"]])
 def test_bad_arguments_are_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
         rc = main(argv)

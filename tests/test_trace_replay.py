@@ -57,15 +57,16 @@ def _sworndisk(nr_blocks=NR_BLOCKS) -> tr.ReplayDisk:
     data = CountingDevice(MemoryDevice(16 << 20))
     meta = CountingDevice(MemoryDevice(SwornDisk.min_meta_size(16 << 20, nr_blocks)))
     disk = SwornDisk.create(data, meta, key, nr_blocks=nr_blocks)
-    return tr.ReplayDisk(BenchDisk("sworndisk", disk, {"data": data, "meta": meta}, [], False),
-                         key, log=[])
+    return tr.ReplayDisk(BenchDisk("sworndisk", disk, {"data": data, "meta": meta}, [], False,
+                                   reopener=lambda: SwornDisk.open(data, meta, key)), log=[])
 
 
 def _cryptdisk(nr_blocks=NR_BLOCKS) -> tr.ReplayDisk:
     key = bytes(range(64))
     data = CountingDevice(MemoryDevice(nr_blocks * BS))
     return tr.ReplayDisk(BenchDisk("cryptdisk", CryptDisk(data, key, nr_blocks), {"data": data},
-                                   [], False), key, log=[])
+                                   [], False, reopener=lambda: CryptDisk(data, key, nr_blocks)),
+                         log=[])
 
 
 def _summary(log):

@@ -25,7 +25,8 @@ from .aging import AgingParams, make_plan, run_aging
 from .disks import DISK_KINDS, DISPLAY_NAMES, sworndisk_unavailable_reason
 from .isolate import Isolated, run_isolated
 from .profiling import SORTS
-from .report import AgingRow, BenchReport, aging_text, profiles_text, suite_text, to_json
+from .report import (AgingRow, BenchReport, aging_text, profiles_text, scaling_text,
+                     suite_text, to_json)
 from .suite import DEFAULT_DEPTHS, WORKLOADS, SuiteParams, run_suite
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -92,6 +93,17 @@ def _depths(text: str) -> List[int]:
     return depths
 
 
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"crypto workers must be an integer in [0, 64] "
+                                         f"(0: in the engine's thread): {text!r}")
+    return n
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad input is one line on stderr and exit status 2 (no usage dump)."""
 
@@ -123,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tight-data", action="store_true",
                    help="give SwornDisk only the data image its logical size needs (the run "
                         "then includes segment cleaning); default: room for every write")
+    p.add_argument("--crypto-workers", type=_workers, metavar="N",
+                   help="SwornDisk's crypto worker processes (Config.crypto_workers): 0 seals "
+                        "and verifies in the engine's thread (default: automatic)")
+    p.add_argument("--scaling", action="store_true",
+                   help="also run SwornDisk with --crypto-workers 0 at each depth and print "
+                        "the scaling table: MB/s, ratios to CryptDisk and to 0 workers, CPU "
+                        "per block on the engine's thread and in the workers")
+    p.add_argument("--warm-reads", action="store_true",
+                   help="read right after writing (default: close and reopen each disk "
+                        "before each read workload, as after a reboot)")
     p.add_argument("--dir", default="/var/tmp",
                    help="where the temporary image directory goes (default /var/tmp)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
@@ -192,7 +214,8 @@ class Runner:
             region_bytes=args.size or preset.size, rand_ops=args.ops or preset.ops,
             seq_bytes=args.seq_size or preset.seq_size, seed=args.seed,
             workloads=tuple(args.workloads), profile_lines=args.profile,
-            profile_sort=args.profile_sort, tight_data=args.tight_data)
+            profile_sort=args.profile_sort, tight_data=args.tight_data,
+            crypto_workers=args.crypto_workers, warm_reads=args.warm_reads)
         self.depths = list(args.depth)
         self.repeat = max(1, args.repeat or preset.repeat)
         self.aging = AgingParams(
@@ -233,6 +256,11 @@ class Runner:
                                 f"{DISPLAY_NAMES[kind]}: workloads at depth {depth} "
                                 f"(run {rep + 1}/{self.repeat})", run_suite, kind, workdir,
                                 params))
+                        if self.args.scaling and "sworndisk" in kinds:
+                            self.report.workers0.setdefault(depth, []).append(self._run(
+                                f"SwornDisk, crypto_workers=0: workloads at depth {depth} "
+                                f"(run {rep + 1}/{self.repeat})", run_suite, "sworndisk",
+                                workdir, replace(params, crypto_workers=0)))
             if self.args.aging or self.args.aging_only:
                 for u in self.aging.utilisations:
                     row = AgingRow(make_plan(self.aging, u, "sworndisk" in kinds))
@@ -271,10 +299,13 @@ class Runner:
 
 def _suite_headline(settings: dict) -> str:
     s = settings["suite"]
+    workers = s.get("crypto_workers")
     return (f"workloads: region {s['region_bytes'] >> 20} MiB, {s['rand_ops']} random 4 KiB ops, "
             f"{s['seq_bytes'] >> 20} MiB sequential in {s['request_bytes'] >> 10} KiB requests, "
             f"at depth {', '.join(map(str, settings['depths']))}; best of {settings['repeat']} "
-            f"run(s) per disk and depth")
+            f"run(s) per disk and depth; SwornDisk crypto workers: "
+            f"{'automatic' if workers is None else workers}; reads "
+            f"{'right after writing (warm)' if s.get('warm_reads') else 'on disks closed and reopened first'}")
 
 
 def _aging_headline(settings: dict) -> str:
@@ -294,6 +325,8 @@ def print_report(report: BenchReport, out: TextIO) -> None:
         print(f"note: {note}", file=out)
     if report.suite:
         print(f"\n{_suite_headline(st)}\n{suite_text(report)}", file=out)
+        if report.workers0:
+            print(f"\n{scaling_text(report)}", file=out)
         profiles = profiles_text(report)
         if profiles:
             print(f"\nprofiles (first run of each disk and depth; its timings include the "
@@ -307,6 +340,7 @@ def _failed(report: BenchReport) -> bool:
     aging is a result, not a failure)."""
     aging = [o for row in report.aging for o in row.outcomes.values()]
     suite = [o for by_kind in report.suite.values() for runs in by_kind.values() for o in runs]
+    suite += [o for runs in report.workers0.values() for o in runs]
     return (any(o.error for o in [*suite, *aging])
             or any(o.value.wrong_data for o in aging if o.error is None))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from sworndisk.device import CountingDevice, FileDevice, create_image
 
@@ -33,6 +33,26 @@ class DeviceCounts:
                             self.bytes_read - other.bytes_read)
 
 
+@dataclass(frozen=True)
+class PoolFigures:
+    """A disk's crypto worker processes at one moment."""
+    workers: int = 0
+    cpu_seconds: float = 0.0          # all its workers' CPU so far, live and dead
+    pids: Tuple[int, ...] = ()
+
+    def rss_peak_kib(self) -> int:
+        """The sum of the live workers' peak RSS (VmHWM); a worker gone meanwhile counts 0."""
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next((int(line.split()[1]) for line in f
+                                   if line.startswith("VmHWM:")), 0)
+            except OSError:
+                pass
+        return total
+
+
 @dataclass
 class BenchDisk:
     """A disk under test plus the image files and counting devices beneath it."""
@@ -42,6 +62,8 @@ class BenchDisk:
     paths: List[str]
     direct_io: bool
     sizes: Dict[str, int] = field(default_factory=dict)
+    # Opens the disk again on the same devices (after `disk.close()`): what a reboot does.
+    reopener: Optional[Callable[[], object]] = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -54,6 +76,20 @@ class BenchDisk:
     def stats(self) -> dict:
         """SwornDisk's own stats (DiskStats.as_dict()); CryptDisk keeps none."""
         return self.disk.stats().as_dict() if self.kind == "sworndisk" else {}
+
+    def reopen(self) -> None:
+        """Closes the disk (its devices stay open) and opens it again, so that what is
+        read next comes from the devices, as after a reboot: SwornDisk recovers and loads
+        its index anew, CryptDisk starts afresh (O_DIRECT: no page cache either way)."""
+        self.disk.close()
+        self.disk = self.reopener()
+
+    def pool(self) -> "PoolFigures":
+        """SwornDisk's crypto workers now (CryptDisk has none)."""
+        if self.kind != "sworndisk":
+            return PoolFigures()
+        c = self.disk.stats().crypto
+        return PoolFigures(c.workers, c.worker_cpu_seconds, tuple(c.worker_pids))
 
     def close(self, suppress_errors: bool = False) -> None:
         """Close the disk, then its devices, then delete the images (sparse, possibly GiBs).
@@ -128,10 +164,12 @@ def _open_image(path: str, size: int) -> CountingDevice:
 
 
 def make_sworndisk(workdir: str, nr_blocks: int, data_bytes: int, tag: str = "",
-                   key: Optional[bytes] = None) -> BenchDisk:
-    """Format a SwornDisk of `nr_blocks` on fresh sparse images of `data_bytes` (+ meta);
-    a random key unless `key` (a caller that reopens the disk needs it)."""
-    from sworndisk import SwornDisk
+                   crypto_workers: Optional[int] = None) -> BenchDisk:
+    """Format a SwornDisk of `nr_blocks` on fresh sparse images of `data_bytes` (+ meta),
+    with `crypto_workers` (None: the engine's automatic choice) at create and reopen."""
+    from sworndisk import Config, SwornDisk
+    config = Config(crypto_workers=crypto_workers)
+    key = os.urandom(SWORNDISK_KEY_BYTES)
     meta_bytes = sworndisk_meta_bytes(data_bytes, nr_blocks)
     paths = [os.path.join(workdir, f"sworndisk{tag}-data.img"),
              os.path.join(workdir, f"sworndisk{tag}-meta.img")]
@@ -139,29 +177,30 @@ def make_sworndisk(workdir: str, nr_blocks: int, data_bytes: int, tag: str = "",
     try:
         devices["data"] = _open_image(paths[0], data_bytes)
         devices["meta"] = _open_image(paths[1], meta_bytes)
-        disk = SwornDisk.create(devices["data"], devices["meta"],
-                                key or os.urandom(SWORNDISK_KEY_BYTES), nr_blocks=nr_blocks,
-                                config=None)
+        disk = SwornDisk.create(devices["data"], devices["meta"], key, nr_blocks=nr_blocks,
+                                config=config)
     except BaseException:
         _discard(devices, paths)
         raise
     return BenchDisk("sworndisk", disk, devices, paths, _all_direct(devices),
-                     {"data": data_bytes, "meta": meta_bytes})
+                     {"data": data_bytes, "meta": meta_bytes},
+                     lambda: SwornDisk.open(devices["data"], devices["meta"], key, config=config))
 
 
-def make_cryptdisk(workdir: str, nr_blocks: int, tag: str = "",
-                   key: Optional[bytes] = None) -> BenchDisk:
+def make_cryptdisk(workdir: str, nr_blocks: int, tag: str = "") -> BenchDisk:
     """A CryptDisk of `nr_blocks` on one fresh sparse image of exactly that size."""
     data_bytes = nr_blocks * BLOCK_SIZE
     paths = [os.path.join(workdir, f"cryptdisk{tag}.img")]
     devices: Dict[str, CountingDevice] = {}
     try:
         devices["data"] = _open_image(paths[0], data_bytes)
-        disk = CryptDisk(devices["data"], key or os.urandom(CRYPT_KEY_BYTES), nr_blocks)
+        key = os.urandom(CRYPT_KEY_BYTES)
+        disk = CryptDisk(devices["data"], key, nr_blocks)
     except BaseException:
         _discard(devices, paths)
         raise
-    return BenchDisk("cryptdisk", disk, devices, paths, _all_direct(devices), {"data": data_bytes})
+    return BenchDisk("cryptdisk", disk, devices, paths, _all_direct(devices), {"data": data_bytes},
+                     lambda: CryptDisk(devices["data"], key, nr_blocks))
 
 
 def _all_direct(devices: Dict[str, CountingDevice]) -> bool:

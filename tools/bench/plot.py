@@ -6,6 +6,9 @@ Working from the JSON means an earlier run's `--json` file can be charted again
 
   throughput.png   MB/s per workload and depth, both disks, the ratio and its target
   cpu.png          CPU us per 4 KiB block per workload and depth, SwornDisk's targets
+  scaling.png      --scaling: MB/s of SwornDisk with 0 crypto workers and with its workers
+                   against CryptDisk, and SwornDisk's CPU per block split into the engine's
+                   thread and the workers, per workload and depth
   aging.png        write amplification and MB/s against utilisation (the aging run)
 """
 from __future__ import annotations
@@ -49,6 +52,10 @@ def write_charts(doc: dict, outdir: str) -> List[str]:
         for name, draw in (("throughput.png", _throughput), ("cpu.png", _cpu)):
             written.append(_save(plt, draw(plt, suite, doc.get("settings", {})),
                                  os.path.join(outdir, name)))
+    scaling = [e for e in suite if (e.get("workers0") or {}).get("best")]
+    if scaling:
+        written.append(_save(plt, _scaling(plt, scaling, doc.get("settings", {})),
+                             os.path.join(outdir, "scaling.png")))
     aging = doc.get("aging", [])
     if aging:
         written.append(_save(plt, _aging(plt, aging, doc.get("settings", {})),
@@ -139,6 +146,68 @@ def _cpu(plt, suite: List[dict], settings: dict):
         return f"depth {entry['depth']}"
     return _grouped(plt, suite, settings, "cpu_us_per_block", "CPU us per 4 KiB block",
                     "CPU per block (lower is better)", annotate)
+
+
+SCALING_SERIES = (("w0", "#9ecae1"), ("auto", "#1f77b4"), ("cryptdisk", "#ff7f0e"))
+
+
+def _scaling(plt, suite: List[dict], settings: dict):
+    """Top row: MB/s per depth, bars for SwornDisk with 0 workers, with its workers, and
+    CryptDisk, the ratio to 0 workers below each group. Bottom row: SwornDisk's CPU per
+    block, stacked: the engine's thread, then the workers."""
+    workloads = [w for w in LABELS if any(w in e["workers0"]["best"]["workloads"] for e in suite)]
+    fig, axes = plt.subplots(2, len(workloads), figsize=(3.2 * len(workloads), 6.4),
+                             squeeze=False)
+    workers = next((e["disks"]["sworndisk"]["best"].get("crypto_workers") for e in suite), "?")
+    names = {"w0": "SwornDisk, 0 workers", "auto": f"SwornDisk, {workers} workers",
+             "cryptdisk": DISPLAY_NAMES["cryptdisk"]}
+    width = 0.8 / len(SCALING_SERIES)
+    for col, w in enumerate(workloads):
+        top, bottom = axes[0][col], axes[1][col]
+        ticks = []
+        for x, entry in enumerate(suite):
+            runs = {"w0": entry["workers0"]["best"]["workloads"].get(w),
+                    "auto": _best(entry).get("sworndisk", {}).get(w),
+                    "cryptdisk": _best(entry).get("cryptdisk", {}).get(w)}
+            for i, (key, colour) in enumerate(SCALING_SERIES):
+                r = runs[key]
+                if r is not None:
+                    bar = top.bar(x + (i - 1) * width, r["mb_per_s"], width, color=colour,
+                                  label=names[key] if x == 0 else None)
+                    top.bar_label(bar, fmt="%.0f" if r["mb_per_s"] >= 100 else "%.1f",
+                                  fontsize=7)
+            for i, key in enumerate(("w0", "auto")):
+                r = runs[key]
+                if r is None:
+                    continue
+                pos = x + (i - 0.5) * 0.4
+                thread, work = r.get("thread_us_per_block", 0.0), r.get("worker_us_per_block", 0.0)
+                bottom.bar(pos, thread, 0.38, color="#555555",
+                           label="engine thread" if x == 0 and i == 0 else None)
+                bottom.bar(pos, work, 0.38, bottom=thread, color="#2ca02c",
+                           label="workers" if x == 0 and i == 0 else None)
+                bottom.text(pos, thread + work, "w0" if key == "w0" else f"w{workers}",
+                            ha="center", va="bottom", fontsize=7)
+            ratio = entry.get("workers_ratios", {}).get(w)
+            ticks.append(f"depth {entry['depth']}" + (f"\n{ratio:.2f}x w0" if ratio else ""))
+        top.set_xticks(range(len(suite)), ticks, fontsize=8)
+        bottom.set_xticks(range(len(suite)), [f"depth {e['depth']}" for e in suite], fontsize=8)
+        top.set_title(LABELS[w], fontsize=10)
+        for ax in (top, bottom):
+            ax.margins(y=0.18)
+            ax.tick_params(axis="y", labelsize=8)
+    axes[0][0].set_ylabel("MB/s")
+    axes[1][0].set_ylabel("CPU us per 4 KiB block")
+    handles, labels = [], []
+    for ax in (axes[0][0], axes[1][0]):
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.append(h)
+            labels.append(label)
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(f"Scaling with crypto workers  ({_load_note(settings)})", fontsize=10,
+                 x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    return fig
 
 
 def _measured(outcome: Optional[dict]) -> Optional[dict]:

@@ -7,7 +7,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .aging import AgingPlan, AgingResult
 from .disks import BLOCK_SIZE, DISPLAY_NAMES
 from .isolate import Isolated
-from .suite import CPU_TARGETS, LABELS, TARGETS, SuiteResult, cpu_ratios, ratios
+from .suite import (CPU_TARGETS, LABELS, RSS_TARGETS_MIB, TARGETS, THREAD_CPU_TARGETS,
+                    WORKERS_TARGETS, SuiteResult, cpu_ratios, ratios, workers_ratios)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class BenchReport:
     suite: Dict[int, Dict[str, List[Isolated]]] = field(default_factory=dict)
     aging: List[AgingRow] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # depth -> SwornDisk's runs with crypto_workers=0 (--scaling), one per repeat
+    workers0: Dict[int, List[Isolated]] = field(default_factory=dict)
 
     @property
     def depths(self) -> List[int]:
@@ -67,6 +70,11 @@ class BenchReport:
 
     def suite_results(self, depth: int) -> Dict[str, SuiteResult]:
         return {k: s.best for k, s in self.summaries(depth).items()}
+
+    def workers0_summary(self, depth: int) -> Optional[DiskSummary]:
+        """SwornDisk with crypto_workers=0 at `depth` (--scaling), if a run completed."""
+        done = [o for o in self.workers0.get(depth, []) if o.error is None]
+        return DiskSummary.of(done) if done else None
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
@@ -111,10 +119,14 @@ def suite_text(report: BenchReport) -> str:
                 _verdict(ratio, lambda x: x >= target.minimum, target)]))
             sw = got.get("sworndisk")
             cpu_max = CPU_TARGETS.get(depth, {}).get(w)
+            thread_max = THREAD_CPU_TARGETS.get(depth, {}).get(w)
             cpu_rows.append((depth, w, got, [
                 _fmt(cpu_rat.get(w), ".2f") + "x" if w in cpu_rat else "-",
                 f"<={cpu_max:g}" if cpu_max else "-",
-                _verdict(sw and sw.cpu_us_per_block, lambda x: x <= cpu_max, cpu_max)]))
+                _verdict(sw and sw.cpu_us_per_block, lambda x: x <= cpu_max, cpu_max),
+                _fmt(sw and sw.thread_us_per_block), _fmt(sw and sw.worker_us_per_block),
+                f"<={thread_max:g}" if thread_max else "-",
+                _verdict(sw and sw.thread_us_per_block, lambda x: x <= thread_max, thread_max)]))
     if not thr_rows:
         return "no disk completed the benchmark"
 
@@ -127,11 +139,66 @@ def suite_text(report: BenchReport) -> str:
                 rows_of(thr_rows, lambda r: [_fmt(r and r.mb_per_s), _fmt(r and r.iops, ".0f")]),
                 left=2)
     cpu = table(["depth", "workload", *(f"{n} us/blk" for n in names), "CPU ratio",
-                 "SwornDisk target", ""],
+                 "SwornDisk target", "", "engine thread", "workers", "thread target", ""],
                 rows_of(cpu_rows, lambda r: [_fmt(r and r.cpu_us_per_block)]), left=2)
     failed = "".join(f"\nnote: {line}" for line in report.failures())
     return (f"{thr}{failed}\n\nCPU time per 4 KiB block (process CPU, all threads; CPU ratio = "
-            f"CryptDisk's / SwornDisk's)\n{cpu}\n\n{_per_disk_text(report)}")
+            f"CryptDisk's / SwornDisk's; then SwornDisk's engine thread, the thread driving "
+            f"it, and its crypto worker processes)\n{cpu}\n\n{_per_disk_text(report)}")
+
+
+def scaling_text(report: BenchReport) -> str:
+    """--scaling: SwornDisk with 0 crypto workers and with its workers (the run's
+    --crypto-workers, automatic by default) against CryptDisk, at every depth, with the
+    issue's targets; then the memory of the engine's process and its workers."""
+    rows, mem_rows = [], []
+    for depth in report.depths:
+        res = report.suite_results(depth)
+        auto, crypt = res.get("sworndisk"), res.get("cryptdisk")
+        inline_summary = report.workers0_summary(depth)
+        inline = inline_summary.best if inline_summary else None
+        if auto is None or inline is None:
+            continue
+        workloads = [w for w in LABELS if w in auto.results and w in inline.results]
+        vs_crypt = ratios(res, workloads)
+        vs_inline = workers_ratios(auto, inline, workloads)
+        for w in workloads:
+            a, i = auto.results[w], inline.results[w]
+            c = crypt.results.get(w) if crypt else None
+            target, wmin = TARGETS.get(depth, {}).get(w), WORKERS_TARGETS.get(depth, {}).get(w)
+            tmax = THREAD_CPU_TARGETS.get(depth, {}).get(w)
+            rows.append([str(depth), LABELS[w],
+                         _fmt(i.mb_per_s), _fmt(i.thread_us_per_block),
+                         _fmt(a.mb_per_s), _fmt(a.thread_us_per_block),
+                         _fmt(a.worker_us_per_block), _fmt(c and c.mb_per_s),
+                         _fmt(vs_crypt.get(w), ".2f") + "x" if w in vs_crypt else "-",
+                         target.text() if target else "-",
+                         _verdict(vs_crypt.get(w), lambda x: x >= target.minimum, target),
+                         _fmt(vs_inline.get(w), ".2f") + "x" if w in vs_inline else "-",
+                         f">={wmin:g}x" if wmin else "-",
+                         _verdict(vs_inline.get(w), lambda x: x >= wmin, wmin),
+                         f"<={tmax:g}" if tmax else "-",
+                         _verdict(a.thread_us_per_block, lambda x: x <= tmax, tmax)])
+        summary = report.summaries(depth)["sworndisk"]
+        workers = auto.workers_rss_peak_kib / 1024
+        total = summary.rss_peak_kib / 1024 + workers
+        limit = RSS_TARGETS_MIB.get(depth)
+        mem_rows.append([str(depth), str(auto.crypto_workers), _fmt(summary.rss_peak_kib / 1024),
+                         _fmt(workers), _fmt(total), f"<={limit:g}" if limit else "-",
+                         _verdict(total, lambda x: x <= limit, limit)])
+    if not rows:
+        return "scaling: no depth has both a SwornDisk run with workers and one without"
+    w = next(r.best.crypto_workers for d in report.depths
+             for k, r in report.summaries(d).items() if k == "sworndisk")
+    head = table(["depth", "workload", "w0 MB/s", "w0 thread", f"w{w} MB/s", f"w{w} thread",
+                  f"w{w} workers", "CryptDisk MB/s", "vs CryptDisk", "target", "",
+                  "vs w0", "target", "", "thread target", ""], rows, left=2)
+    mem = table(["depth", "workers", "engine MiB", "workers MiB", "together MiB", "target", ""],
+                mem_rows, left=1)
+    return (f"scaling: SwornDisk with 0 crypto workers (w0: sealing and verifying in the "
+            f"engine's thread) and with {w} (w{w}); MB/s, and CPU us per 4 KiB block on the "
+            f"engine's thread and in the workers\n{head}\n\npeak RSS, SwornDisk with its "
+            f"workers (the engine process's peak + the sum of its workers' VmHWM)\n{mem}")
 
 
 def _per_disk_text(report: BenchReport) -> str:
@@ -145,6 +212,8 @@ def _per_disk_text(report: BenchReport) -> str:
                 ".3f")))
     metrics += [
         ("peak RSS MiB", lambda s: _fmt(s.rss_peak_kib / 1024)),
+        ("crypto workers", lambda s: str(s.best.crypto_workers)),
+        ("workers' peak RSS MiB", lambda s: _fmt(s.best.workers_rss_peak_kib / 1024)),
         ("RSS before disk MiB", lambda s: _fmt(s.rss_start_kib / 1024)),
         ("prefill MB/s (untimed)", lambda s: _fmt(s.best.prefill.mb_per_s)),
         ("O_DIRECT", lambda s: "yes" if s.best.direct_io else "NO (page cache)"),
@@ -226,6 +295,7 @@ def _outcome_dict(outcome: Isolated, body: Callable[[object], dict]) -> dict:
 
 def _suite_dict(r: SuiteResult) -> dict:
     return {"depth": r.depth, "direct_io": r.direct_io, "image_bytes": r.image_bytes,
+            "crypto_workers": r.crypto_workers, "workers_rss_peak_kib": r.workers_rss_peak_kib,
             "prefill": r.prefill.to_dict(),
             "workloads": {w: x.to_dict() for w, x in r.results.items()},
             "engine_stats": r.engine_stats,
@@ -241,7 +311,22 @@ def _depth_dict(report: BenchReport, depth: int) -> dict:
             "ratios": ratios(res, list(LABELS)),
             "cpu_ratios": cpu_ratios(res, list(LABELS)),
             "targets": {w: asdict(t) for w, t in TARGETS.get(depth, {}).items()},
-            "cpu_targets_us": CPU_TARGETS.get(depth, {})}
+            "cpu_targets_us": CPU_TARGETS.get(depth, {}),
+            "thread_cpu_targets_us": THREAD_CPU_TARGETS.get(depth, {}),
+            **_workers0_dict(report, depth, res)}
+
+
+def _workers0_dict(report: BenchReport, depth: int, res: Dict[str, SuiteResult]) -> dict:
+    """--scaling: the crypto_workers=0 runs, and the ratios to them."""
+    if depth not in report.workers0:
+        return {}
+    summary = report.workers0_summary(depth)
+    best = summary.best if summary else None
+    return {"workers0": {"runs": [_outcome_dict(o, _suite_dict) for o in report.workers0[depth]],
+                         "best": _suite_dict(best) if best else None},
+            "workers_ratios": workers_ratios(res.get("sworndisk"), best, list(LABELS)),
+            "workers_targets": WORKERS_TARGETS.get(depth, {}),
+            "rss_target_mib": RSS_TARGETS_MIB.get(depth)}
 
 
 def _aging_dict(r: AgingResult) -> dict:

@@ -33,6 +33,7 @@ WORKLOADS = ("randwrite", "randread", "seqwrite", "seqread")
 LABELS = {"randwrite": "rand write 4K", "randread": "rand read 4K",
           "seqwrite": "seq write 1M", "seqread": "seq read 1M"}
 DEFAULT_DEPTHS = (1, 32)
+READS = ("randread", "seqread")
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,27 @@ class Target:
         return f">={self.minimum:g}x" + (f" (goal {self.goal:g}x)" if self.goal else "")
 
 
-# What the issues ask for, per depth (reported, never asserted). Depth 32 and random write
-# at depth 1: issue 9; the rest of depth 1: the 0.7x of the earlier issues.
+# What the issues ask for, per depth (reported, never asserted). Random write and read at
+# depth 32: issue 15 (reads on a disk reopened before reading); the rest of depth 32 and
+# random write at depth 1: issue 9; the rest of depth 1: the 0.7x of the earlier issues.
 TARGETS: Dict[int, Dict[str, Target]] = {
     1: {"randwrite": Target(4.0, 8.0), "randread": Target(0.7),
         "seqwrite": Target(0.7), "seqread": Target(0.7)},
-    32: {"randwrite": Target(1.5, 2.0), "randread": Target(0.9),
+    32: {"randwrite": Target(3.0), "randread": Target(1.2),
          "seqwrite": Target(1.0), "seqread": Target(0.9)},
 }
-# SwornDisk's CPU us per 4 KiB block, at most (issue 9, at depth 32)
+# SwornDisk's CPU us per 4 KiB block, at most (issue 9, at depth 32): the whole process
 CPU_TARGETS: Dict[int, Dict[str, float]] = {32: {"randread": 15.0, "randwrite": 10.0}}
+# ... and on the engine's thread alone (issue 15, at depth 32)
+THREAD_CPU_TARGETS: Dict[int, Dict[str, float]] = {32: {"randread": 6.0, "randwrite": 4.0}}
+# SwornDisk with its crypto workers / the same build with crypto_workers=0, at least
+# (issue 15): the pool's gain at depth 32, and no loss of more than 10% at depth 1
+WORKERS_TARGETS: Dict[int, Dict[str, float]] = {
+    1: {w: 0.9 for w in ("randwrite", "randread", "seqwrite", "seqread")},
+    32: {"randwrite": 1.5, "randread": 1.4, "seqwrite": 1.3, "seqread": 1.3},
+}
+# Peak RSS of the engine's process and its workers together, MiB, at most (issue 15)
+RSS_TARGETS_MIB: Dict[int, float] = {32: 256.0}
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,8 @@ class SuiteParams:
     profile_lines: int = 0          # >0: cProfile each timed workload, keep this many lines
     profile_sort: str = "own"       # or "cum"
     tight_data: bool = False        # SwornDisk data image just big enough: cleaning included
+    crypto_workers: Optional[int] = None   # SwornDisk's Config.crypto_workers (None: automatic)
+    warm_reads: bool = False        # read right after writing; default: close and reopen first
 
     @property
     def region_blocks(self) -> int:
@@ -104,13 +118,16 @@ class SuiteResult:
     results: Dict[str, WorkloadResult] = field(default_factory=dict)
     engine_stats: dict = field(default_factory=dict)
     profiles: Dict[str, WorkloadProfile] = field(default_factory=dict)
+    crypto_workers: int = 0              # the pool's size as the engine chose it
+    workers_rss_peak_kib: int = 0        # the most its workers held together (sum of VmHWM)
 
 
 def open_disk(kind: str, workdir: str, params: SuiteParams) -> BenchDisk:
     if kind == "sworndisk":
         room = 0 if params.tight_data else params.user_bytes_written() * 11 // 10 + (64 << 20)
         data_bytes = sworndisk_data_bytes(params.region_blocks, room)
-        return make_sworndisk(workdir, params.region_blocks, data_bytes)
+        return make_sworndisk(workdir, params.region_blocks, data_bytes,
+                              crypto_workers=params.crypto_workers)
     if kind == "cryptdisk":
         return make_cryptdisk(workdir, params.region_blocks)
     raise ValueError(f"unknown disk kind {kind!r}")
@@ -138,20 +155,25 @@ def run_suite(kind: str, workdir: str, params: SuiteParams) -> SuiteResult:
         prefill = timed("prefill", bench, sequential_write(
             bench.disk, 0, params.region_blocks, params.request_blocks, payload, "prefill"))
         result = SuiteResult(kind, params.depth, bench.direct_io, dict(bench.sizes), prefill)
-        builders = _bodies(bench.disk, params, payload)
         for name in WORKLOADS:
             if name not in params.workloads:
                 continue
-            body = builders[name]()
+            if name in READS and not params.warm_reads:
+                bench.reopen()          # untimed: reads meet the disk as after a reboot
+            body = _bodies(bench.disk, params, payload)[name]()
             if params.profile_lines <= 0:
                 result.results[name] = timed(name, bench, body)
-                continue
-            profiler = cProfile.Profile()
-            profiler.enable()
-            result.results[name] = r = timed(name, bench, body)
-            profiler.disable()
-            result.profiles[name] = summarise(profiler, name, r.blocks, params.profile_lines,
-                                              params.profile_sort)
+            else:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                result.results[name] = r = timed(name, bench, body)
+                profiler.disable()
+                result.profiles[name] = summarise(profiler, name, r.blocks,
+                                                  params.profile_lines, params.profile_sort)
+            # After each workload (a reopen starts new workers): the most they held together.
+            pool = bench.pool()
+            result.crypto_workers = pool.workers
+            result.workers_rss_peak_kib = max(result.workers_rss_peak_kib, pool.rss_peak_kib())
         result.engine_stats = _jsonable(bench.stats())
     return result
 
@@ -187,3 +209,12 @@ def cpu_ratios(results: Dict[str, SuiteResult], workloads: List[str]) -> Dict[st
     moves it."""
     return ratios(results, workloads,
                   lambda r: 1 / r.cpu_us_per_block if r.cpu_us_per_block else 0.0)
+
+
+def workers_ratios(auto: Optional[SuiteResult], inline: Optional[SuiteResult],
+                   workloads: List[str]) -> Dict[str, float]:
+    """SwornDisk with its crypto workers / with crypto_workers=0, MB/s per workload."""
+    if not auto or not inline:
+        return {}
+    return {w: auto.results[w].mb_per_s / inline.results[w].mb_per_s for w in workloads
+            if w in auto.results and w in inline.results and inline.results[w].mb_per_s > 0}

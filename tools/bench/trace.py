@@ -37,7 +37,7 @@ import numpy as np
 
 from tools.trace import format as tf
 
-from .disks import (BLOCK_SIZE, CRYPT_KEY_BYTES, DISPLAY_NAMES, SWORNDISK_KEY_BYTES, BenchDisk,
+from .disks import (BLOCK_SIZE, DISPLAY_NAMES, BenchDisk,
                     make_cryptdisk, make_sworndisk, sworndisk_data_bytes)
 from .workloads import VerifyError
 
@@ -234,9 +234,9 @@ class TraceResult:
 
 @dataclass
 class ReplayDisk:
-    """A disk under replay: the BenchDisk, its key (to reopen it) and its discard semantics."""
+    """A disk under replay: the BenchDisk (which knows how to reopen it) and its discard
+    semantics."""
     bench: BenchDisk
-    key: bytes
     log: Optional[list] = None        # tests: every call, (name, args), in issue order
 
     @property
@@ -245,15 +245,7 @@ class ReplayDisk:
 
     def reopen(self) -> None:
         """Close and open again on the same devices: caches cold, state from the devices."""
-        self.bench.disk.close()
-        if self.bench.kind == "sworndisk":
-            from sworndisk import SwornDisk
-            self.bench.disk = SwornDisk.open(self.bench.devices["data"],
-                                             self.bench.devices["meta"], self.key)
-        else:
-            from .cryptdisk import CryptDisk
-            self.bench.disk = CryptDisk(self.bench.devices["data"], self.key,
-                                        self.bench.disk.nr_blocks)
+        self.bench.reopen()
 
     def call(self, name: str, *args):
         if self.log is not None:
@@ -372,12 +364,10 @@ def replay(disk: ReplayDisk, p: Plan, *, reopen: bool = True) -> TraceResult:
 def _make(kind: str, workdir: str, p: Plan, tag: str) -> ReplayDisk:
     if kind == "sworndisk":
         written = int(p.prefill.sum()) + sum(o.nr for o in p.ops if o.op == tf.WRITE)
-        key = os.urandom(SWORNDISK_KEY_BYTES)
         data_bytes = sworndisk_data_bytes(p.nr_blocks, min_bytes=max(32 << 20,
                                                                      written * BLOCK_SIZE * 5 // 4))
-        return ReplayDisk(make_sworndisk(workdir, p.nr_blocks, data_bytes, tag, key=key), key)
-    key = os.urandom(CRYPT_KEY_BYTES)
-    return ReplayDisk(make_cryptdisk(workdir, p.nr_blocks, tag, key=key), key)
+        return ReplayDisk(make_sworndisk(workdir, p.nr_blocks, data_bytes, tag))
+    return ReplayDisk(make_cryptdisk(workdir, p.nr_blocks, tag))
 
 
 def load_trace(path: str, limit: int = 0) -> tf.Trace:

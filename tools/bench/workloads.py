@@ -64,7 +64,10 @@ class Payload:
 
 @dataclass
 class WorkloadResult:
-    """One timed workload on one disk. CPU time is the whole process's (engine threads too)."""
+    """One timed workload on one disk. `cpu_seconds` is the whole process's (engine
+    threads too); `thread_cpu_seconds` the thread's that drove the disk (the engine's
+    thread: it runs the index, the commit and the I/O submission); `worker_cpu_seconds`
+    what SwornDisk's crypto worker processes spent meanwhile."""
     name: str
     ops: int
     user_bytes: int
@@ -73,6 +76,8 @@ class WorkloadResult:
     device_bytes_written: int
     device_bytes_read: int
     error: Optional[str] = None
+    thread_cpu_seconds: float = 0.0
+    worker_cpu_seconds: float = 0.0
 
     @property
     def mb_per_s(self) -> float:
@@ -91,6 +96,14 @@ class WorkloadResult:
         return self.cpu_seconds * 1e6 / self.blocks if self.blocks else 0.0
 
     @property
+    def thread_us_per_block(self) -> float:
+        return self.thread_cpu_seconds * 1e6 / self.blocks if self.blocks else 0.0
+
+    @property
+    def worker_us_per_block(self) -> float:
+        return self.worker_cpu_seconds * 1e6 / self.blocks if self.blocks else 0.0
+
+    @property
     def write_amplification(self) -> float:
         """Device bytes written per user byte (meaningful for write workloads)."""
         return self.device_bytes_written / self.user_bytes if self.user_bytes else 0.0
@@ -99,6 +112,8 @@ class WorkloadResult:
         d = asdict(self)
         d.update(mb_per_s=self.mb_per_s, iops=self.iops,
                  cpu_us_per_block=self.cpu_us_per_block,
+                 thread_us_per_block=self.thread_us_per_block,
+                 worker_us_per_block=self.worker_us_per_block,
                  write_amplification=self.write_amplification)
         return d
 
@@ -108,13 +123,17 @@ Body = Callable[[], Tuple[int, int]]
 
 
 def timed(name: str, bench: BenchDisk, body: Body) -> WorkloadResult:
-    """Run `body` once, measuring wall time, process CPU time and device traffic."""
-    before = bench.counts()
-    cpu0, t0 = time.process_time(), time.perf_counter()
+    """Run `body` once, measuring wall time, CPU time (the process's, this thread's and
+    the crypto workers') and device traffic."""
+    before, pool0 = bench.counts(), bench.pool().cpu_seconds
+    cpu0, thread0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
     ops, nbytes = body()
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    seconds, thread = time.perf_counter() - t0, time.thread_time() - thread0
+    cpu = time.process_time() - cpu0
     delta = bench.counts() - before
-    return WorkloadResult(name, ops, nbytes, seconds, cpu, delta.bytes_written, delta.bytes_read)
+    return WorkloadResult(name, ops, nbytes, seconds, cpu, delta.bytes_written, delta.bytes_read,
+                          thread_cpu_seconds=thread,
+                          worker_cpu_seconds=bench.pool().cpu_seconds - pool0)
 
 
 def random_lbas(seed: int, count: int, lo: int, hi: int) -> List[int]:

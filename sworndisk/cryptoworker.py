@@ -1,0 +1,128 @@
+"""A crypto worker process: seals and opens 4 KiB blocks in shared memory for its pool.
+
+Started by `cryptopool.CryptoPool` as `python -m sworndisk.cryptoworker MEMFD SOCK`
+(exec, not a fork of the threaded engine), it imports only the standard library and
+`cryptography`. It first makes itself die with its parent (PR_SET_PDEATHSIG, then a
+getppid() check for the race), non-dumpable (the region holds plaintext and keys), and
+locks its key pages in memory where RLIMIT_MEMLOCK allows. Then it answers jobs, one
+SOCK_SEQPACKET message each (docs/modules.md, "Crypto workers"): a job names places in
+the region (`MEMFD`, an anonymous memfd), the worker does the cipher work there and
+replies with the job's id, how many blocks failed and its own CPU time so far.
+
+The job functions are also what the pool runs in its own thread when a job must be
+redone (its worker died) or is too small to send: same code, same bytes.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+# Job: op, key bytes, first block, count, then offsets in the region of the blocks' input,
+# output, key/nonce material, tags and aux (seal: u16 buffer slot per block; open: u8
+# status per block, 1 = failed). Reply: job id, failures, worker CPU nanoseconds.
+JOB = struct.Struct("<IBBxxII5Q")    # job id first
+REPLY = struct.Struct("<IIQ")
+HELLO = struct.Struct("<iii")       # pid, PR_GET_DUMPABLE, key pages locked (1/0)
+OP_SEAL, OP_OPEN = 1, 2
+NONCE, TAG, BLOCK = 12, 16, 4096
+CT_STRIDE = BLOCK + TAG             # an open job's input: ciphertext || tag per block
+
+PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 1, 3, 4
+
+
+class Cipher:
+    """AES-GCM over the region with `cryptography`, the engine's default backend."""
+
+    def __init__(self):
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        self.aesgcm, self.invalid = AESGCM, InvalidTag
+
+    def seal(self, mem: memoryview, kb: int, first: int, count: int, src: int, out: int,
+             mat: int, tags: int, aux: int) -> int:
+        """Encrypts blocks first..first+count: block j is buffer slot aux[j] of `src`, its
+        ciphertext goes to out + j*4096 and its tag to tags + j*16. The last block goes
+        through a scratch buffer so that its tag never spills over a neighbour's place,
+        which another worker may be writing."""
+        aesgcm, step = self.aesgcm, kb + NONCE
+        slots = mem[aux:aux + (first + count) * 2].cast("H")
+        scratch = memoryview(bytearray(BLOCK + TAG))
+        for j in range(first, first + count):
+            s = src + slots[j] * BLOCK
+            m = mat + j * step
+            o = out + j * BLOCK
+            dst = scratch if j == first + count - 1 else mem[o:o + BLOCK + TAG]
+            aesgcm(mem[m:m + kb]).encrypt_into(mem[m + kb:m + step], mem[s:s + BLOCK],
+                                               None, dst)
+            mem[tags + j * TAG:tags + (j + 1) * TAG] = dst[BLOCK:]
+            if dst is scratch:
+                mem[o:o + BLOCK] = scratch[:BLOCK]
+        return 0
+
+    def open(self, mem: memoryview, kb: int, first: int, count: int, src: int, out: int,
+             mat: int, tags: int, aux: int) -> int:
+        """Decrypts and verifies blocks first..first+count (ciphertext || tag at
+        src + j*4112, plaintext to out + j*4096); a failed block gets status 1 at aux + j
+        and nothing meaningful in its output. Returns the number that failed."""
+        aesgcm, invalid, step, failed = self.aesgcm, self.invalid, kb + NONCE, 0
+        for j in range(first, first + count):
+            m = mat + j * step
+            s = src + j * CT_STRIDE
+            o = out + j * BLOCK
+            try:
+                aesgcm(mem[m:m + kb]).decrypt_into(mem[m + kb:m + step], mem[s:s + CT_STRIDE],
+                                                   None, mem[o:o + BLOCK])
+                mem[aux + j] = 0
+            except invalid:
+                mem[aux + j] = 1
+                failed += 1
+        return failed
+
+    def run(self, mem: memoryview, job: tuple) -> int:
+        """One job (JOB's fields); returns how many blocks failed."""
+        _id, op, kb, first, count, src, out, mat, tags, aux = job
+        fn = self.seal if op == OP_SEAL else self.open
+        return fn(mem, kb, first, count, src, out, mat, tags, aux)
+
+
+def _harden(libc, region: mmap.mmap, keys_len: int) -> tuple[int, int]:
+    """Dies with the parent, not dumpable, the key pages (the region's first keys_len
+    bytes) locked in memory where RLIMIT_MEMLOCK allows, as cryptsetup locks its keys."""
+    parent = int(os.environ.get("SWORNDISK_POOL_PARENT", "0"))
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:          # the parent died before the prctl took effect
+        os._exit(1)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    dumpable = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    buf = (ctypes.c_char * keys_len).from_buffer(region)
+    locked = libc.mlock(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(keys_len)) == 0
+    del buf
+    return dumpable, int(locked)
+
+
+def main(argv: list[str]) -> None:
+    memfd, sockfd, keys_len = (int(a) for a in argv[1:4])
+    libc = ctypes.CDLL(None, use_errno=True)
+    region = mmap.mmap(memfd, 0)
+    os.close(memfd)
+    dumpable, locked = _harden(libc, region, keys_len)
+    sock = socket.socket(fileno=sockfd)
+    sock.send(HELLO.pack(os.getpid(), dumpable, locked))
+    cipher, mem = Cipher(), memoryview(region)
+    while True:
+        msg = sock.recv(64)
+        if not msg:
+            break
+        job = JOB.unpack(msg)
+        failed = cipher.run(mem, job)
+        sock.send(REPLY.pack(job[0], failed, time.process_time_ns()))
+
+
+if __name__ == "__main__":
+    main(sys.argv)

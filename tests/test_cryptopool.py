@@ -1,0 +1,238 @@
+"""Crypto workers (cryptopool.py, cryptoworker.py): real worker processes, no mocks.
+
+Same bytes whichever path seals; nothing left behind by open/close; a worker killed with
+SIGKILL during writes and during reads costs nothing that was acknowledged and is
+replaced; workers are not dumpable and their region is not a named file."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from sworndisk import Config, IntegrityError, InvalidArgument, MemoryDevice, SwornDisk
+from sworndisk import crypto
+from sworndisk.cryptopool import CryptoPool, automatic_workers
+from sworndisk.format import SEGMENT_BLOCKS
+
+from .conftest import BS, KEY16, MiB, Model, make_block, new_devices, new_disk, verify_disk
+
+
+def _children() -> list[int]:
+    """Live child processes of this process (from /proc, zombies included)."""
+    me, kids = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                kids.append(int(name))
+    return kids
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_config_crypto_workers_is_runtime_only():
+    assert "crypto_workers" not in Config(crypto_workers=3).to_dict()
+    assert Config.from_dict(Config(crypto_workers=3).to_dict()).crypto_workers is None
+    for bad in (-1, 65, "2", 1.5):
+        with pytest.raises(InvalidArgument, match="crypto_workers"):
+            Config(crypto_workers=bad).validate()
+    assert automatic_workers() == max(0, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
+def test_workers_zero_is_in_thread():
+    kids = _children()
+    disk, _, _ = new_disk(config=Config(crypto_workers=0))
+    assert _children() == kids
+    rng = random.Random(3)
+    model = Model(disk.nr_blocks)
+    for lba in rng.sample(range(disk.nr_blocks), 2000):
+        b = make_block(rng, lba, 0)
+        disk.write(lba, b)
+        model.write(lba, b)
+    disk.flush()
+    verify_disk(disk, model)
+    st = disk.stats().crypto
+    assert (st.workers, st.worker_pids, st.batches, st.blocks_in_workers) == (0, (), 0, 0)
+    assert st.blocks_inline >= 4000
+    disk.close()
+
+
+def test_pool_seals_the_same_bytes_as_the_thread():
+    """The ciphertext format is unchanged: a worker's seal equals crypto.seal_blocks' with
+    the same keys and nonces, and opens with crypto.decrypt."""
+    pool = CryptoPool(2, 16)
+    try:
+        rng = random.Random(5)
+        plain = pool.plaintext(1)
+        plain[:] = rng.randbytes(SEGMENT_BLOCKS * BS)
+        slots = sorted(rng.sample(range(SEGMENT_BLOCKS), 700))
+        material, tags, sealed = pool.seal_start(1, slots).result()
+        sealed = bytes(sealed)
+        assert pool.stats().blocks_in_workers == 700 and pool.stats().batches == 2
+        out = bytearray(len(slots) * BS + 16)
+        tags2 = bytearray(len(slots) * 16)
+        crypto.seal_blocks(material, 16, bytes(plain), slots, out, tags2, 0)
+        assert sealed == bytes(out[:len(slots) * BS]) and tags == bytes(tags2)
+        j = 699
+        key, nonce = material[j * 28:j * 28 + 16], material[j * 28 + 16:j * 28 + 28]
+        assert crypto.decrypt(key, nonce, sealed[j * BS:(j + 1) * BS], tags[j * 16:j * 16 + 16],
+                              "block") == bytes(plain[slots[j] * BS:(slots[j] + 1) * BS])
+        # the region's copy of the keys is zeroed once the seal is collected
+        assert not any(pool.mem[:len(material)])
+    finally:
+        pool.close()
+
+
+def test_pool_open_fails_only_the_bad_block():
+    pool = CryptoPool(1, 16)
+    try:
+        rng = random.Random(6)
+        blocks, plains = [], []
+        for i in range(40):
+            key, nonce, pt = rng.randbytes(16), rng.randbytes(12), rng.randbytes(BS)
+            ct, tag = crypto.encrypt(key, nonce, pt)
+            if i == 17:
+                ct = bytes([ct[0] ^ 1]) + ct[1:]
+            blocks.append((key, nonce, tag, ct, bytearray(BS)))
+            plains.append(pt)
+        assert pool.open_blocks(blocks) == [17]
+        assert all(bytes(b[4]) == p for i, (b, p) in enumerate(zip(blocks, plains)) if i != 17)
+        assert pool.stats().blocks_in_workers > 0
+    finally:
+        pool.close()
+
+
+def test_workers_not_dumpable_and_region_not_a_named_file():
+    shm = set(os.listdir("/dev/shm"))
+    disk, _, _ = new_disk(config=Config(crypto_workers=2))
+    try:
+        pool = disk.debug.pool
+        assert len(pool.pids()) == 2 and set(pool.pids()) <= set(_children())
+        assert pool.dumpable() == (0, 0)
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+        assert "/memfd:sworndisk-crypto (deleted)" in maps
+        assert set(os.listdir("/dev/shm")) == shm
+        for pid in pool.pids():            # no descriptor of the worker is a named file
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                assert not target.startswith("/dev/shm"), target
+    finally:
+        disk.close()
+
+
+def test_open_close_cycles_leave_nothing():
+    """100 open/close cycles with the default (automatic) pool: no child process, no
+    descriptor left over."""
+    data, meta = new_devices()
+    SwornDisk.create(data, meta, KEY16, config=Config(crypto_workers=0)).close()
+    kids, fds = _children(), _fds()
+    workers = automatic_workers()
+    for i in range(100):
+        disk = SwornDisk.open(data, meta, KEY16)
+        assert len(disk.stats().crypto.worker_pids) == workers
+        disk.write(i, bytes([i]) * BS)
+        disk.close()
+    assert _children() == kids
+    assert _fds() == fds
+    disk = SwornDisk.open(data, meta, KEY16, config=Config(crypto_workers=0))
+    assert [disk.read(i, 1) for i in range(100)] == [bytes([i]) * BS for i in range(100)]
+    disk.close()
+
+
+class _Killer(threading.Thread):
+    """SIGKILLs a worker of the disk every `every` seconds, `times` different ones (a
+    killed worker stays in the pool until the pool notices, at its next job)."""
+
+    def __init__(self, pool, times: int, every: float):
+        super().__init__(daemon=True)
+        self.pool, self.times, self.every = pool, times, every
+        self.killed: list[int] = []
+
+    def run(self):
+        while len(self.killed) < self.times:
+            time.sleep(self.every)
+            alive = [p for p in self.pool.pids() if p not in self.killed]
+            if alive:                   # else the pool has not noticed the last kill yet
+                pid = random.choice(alive)
+                os.kill(pid, signal.SIGKILL)
+                self.killed.append(pid)
+
+
+def test_worker_killed_during_writes_and_flushes():
+    disk, data, meta = new_disk(64 * MiB, config=Config(crypto_workers=2))
+    rng = random.Random(7)
+    model = Model(disk.nr_blocks)
+    killer = _Killer(disk.debug.pool, 4, 0.15)
+    killer.start()
+    version = 0
+    while killer.is_alive() or version < 3:
+        version += 1
+        for lba in rng.sample(range(disk.nr_blocks), 3000):
+            b = make_block(rng, lba, version)
+            disk.write(lba, b)
+            model.write(lba, b)
+        disk.flush()
+    killer.join()
+    assert len(killer.killed) == 4
+    st = disk.stats().crypto
+    assert st.worker_restarts >= 1 and len(st.worker_pids) == 2
+    assert not set(killer.killed) & set(st.worker_pids)
+    verify_disk(disk, model)
+    disk.close()
+    disk = SwornDisk.open(data, meta, KEY16, config=Config(crypto_workers=0))
+    verify_disk(disk, model)                # what reached the device is right too
+    disk.close()
+
+
+def test_worker_killed_during_read_many():
+    disk, _, _ = new_disk(64 * MiB, config=Config(crypto_workers=2))
+    rng = random.Random(8)
+    model = Model(disk.nr_blocks)
+    lbas = rng.sample(range(disk.nr_blocks), 6000)
+    for lba in lbas:
+        b = make_block(rng, lba, 1)
+        disk.write(lba, b)
+        model.write(lba, b)
+    disk.flush()
+    killer = _Killer(disk.debug.pool, 4, 0.1)
+    killer.start()
+    rounds = 0
+    while killer.is_alive() or rounds < 2:
+        rounds += 1
+        for i in range(0, len(lbas), 64):
+            batch = lbas[i:i + 64]
+            got = disk.read_many([(lba, 1) for lba in batch])
+            for lba, g in zip(batch, got):
+                assert g == model.get(lba), f"LBA {lba} wrong after a worker died"
+    killer.join()
+    assert len(killer.killed) == 4
+    assert disk.stats().crypto.worker_restarts >= 1
+    disk.close()
+
+
+def test_tampered_block_fails_its_range_through_the_pool():
+    disk, data, _ = new_disk(config=Config(crypto_workers=1))
+    rng = random.Random(9)
+    blocks = {lba: make_block(rng, lba, 0) for lba in range(64)}
+    for lba, b in blocks.items():
+        disk.write(lba, b)
+    disk.flush()
+    hba = int.from_bytes(disk.debug.index.get(10)[:8], "little")
+    data.buf[hba * BS] ^= 1
+    before = disk.stats().crypto.blocks_in_workers
+    got = disk.read_many([(lba, 1) for lba in range(64)])
+    assert disk.stats().crypto.blocks_in_workers > before
+    assert isinstance(got[10], IntegrityError)
+    assert all(got[l] == blocks[l] for l in range(64) if l != 10)
+    disk.close()
