@@ -36,7 +36,7 @@ from .errors import (AnchorError, DeviceTooSmall, DiskClosedError, InvalidArgume
 from .kdf import KdfParams
 from .layout import Layout, plan, plan_devices, usable_blocks
 from .protocol import CommitProtocol
-from .reader import Reader
+from .reader import PendingReads, Reader
 from .records import RecordFormat
 from .segtable import SegmentTable
 from .stats import DiskStats, Lifetime, Session, collect_stats
@@ -85,7 +85,7 @@ class SwornDisk:
                                         self._lifetime, self._session)
         self._cleaner = Cleaner(self._state, self._batch, self._data, self._lifetime)
         self._reader = Reader(fmt, self._batch, self._state, self._data, self.layout.data_blocks,
-                              self._crypto.open_blocks)
+                              self._crypto.open_start)
         # Unflushed blocks (written or discarded) one commit may carry: bounds the
         # MemTable's growth per commit, which sizes level 0 (layout.max_bit_records).
         self._budget = self.config.autocommit_bytes // BLOCK_SIZE
@@ -226,6 +226,14 @@ class SwornDisk:
         its bytes or the SwornDiskError (e.g. IntegrityError) that this range alone
         raised; the other ranges still return their data. Bad arguments raise before any
         I/O, as read() does. Each result is what read() would return at this moment."""
+        return self.start_reads(ranges).result()
+
+    def start_reads(self, ranges) -> PendingReads:
+        """read_many in two steps: this call looks the blocks up and reads them; the
+        verification runs in the crypto workers, and result() on what it returns waits
+        for it and gives read_many's answer. result() touches no state of the disk, so a
+        caller that serialises calls into the disk (a ublk target's queues) may let other
+        calls in before it: their crypto then overlaps."""
         self._check_usable()
         ranges = [(lba, n) for lba, n in ranges]
         blocks, limit = 0, self.nr_blocks
@@ -234,10 +242,10 @@ class SwornDisk:
                     or lba + n > limit:
                 self._check_range(lba, n)       # raises, or passes an int subclass
             blocks += n
-        results = self._reader.read_many(ranges)
+        pending = self._reader.start(ranges)
         self._lifetime.user_blocks_read += blocks
         self._session.user_blocks_read += blocks
-        return results
+        return pending
 
     def write(self, lba: int, data) -> None:
         """Buffers the blocks; `data` (any buffer) is copied before this returns.

@@ -18,7 +18,7 @@ import numpy as np
 
 from .batch import PendingBatch
 from .committed import CommittedState
-from .crypto import authentication_error, open_blocks
+from .crypto import authentication_error
 from .device import BlockDevice
 from .errors import IntegrityError, SwornDiskError
 from .format import BLOCK_SIZE
@@ -29,8 +29,8 @@ MAX_RUN_BLOCKS = 256          # one pread covers at most 1 MiB of consecutive bl
 
 class Reader:
     def __init__(self, fmt: RecordFormat, batch: PendingBatch, state: CommittedState,
-                 data: BlockDevice, data_blocks: int, opener=open_blocks):
-        self.opener = opener            # crypto.open_blocks, or a crypto pool's
+                 data: BlockDevice, data_blocks: int, opener):
+        self.opener = opener            # BlockCrypto.open_start: in the thread or the pool
         self.fmt = fmt
         self.batch = batch
         self.state = state
@@ -40,6 +40,12 @@ class Reader:
     def read_many(self, ranges: list[tuple[int, int]]) -> list:
         """For each (lba, nr_blocks), its bytes or the SwornDiskError it alone raised.
         Arguments are the caller's to check."""
+        return self.start(ranges).result()
+
+    def start(self, ranges: list[tuple[int, int]]) -> "PendingReads":
+        """read_many up to the verification: the index looked up, the ciphertext read,
+        the crypto started. What is left (PendingReads.result) touches no engine state,
+        so a caller may let other requests into the engine meanwhile."""
         outs = [bytearray(n * BLOCK_SIZE) for _, n in ranges]
         # The blocks to fetch, as parallel lists: range, index in the range, LBA, record.
         rids: list[int] = []
@@ -74,16 +80,17 @@ class Reader:
             found = self.state.resolve(lbas[len(values):])
             values += [found.get(l) for l in lbas[len(values):]]
         errors: dict[int, SwornDiskError] = {}
-        self._fetch(rids, idxs, lbas, values, outs, errors)
-        return [errors.get(r) or bytes(out) for r, out in enumerate(outs)]
+        return PendingReads(self.fmt, outs, errors,
+                            self._fetch(rids, idxs, lbas, values, outs, errors))
 
     def _fetch(self, rids: list, idxs: list, lbas: list, values: list, outs: list,
-               errors: dict) -> None:
-        """Reads and verifies the blocks that have a record (value not None), coalescing
-        runs of consecutive HBAs into one read each."""
+               errors: dict) -> tuple | None:
+        """Reads the blocks that have a record (value not None), coalescing runs of
+        consecutive HBAs into one read each, and starts verifying them: returns the
+        verification and, in its order, each block's range, LBA and value."""
         keep = [j for j, v in enumerate(values) if v is not None]
         if not keep:
-            return
+            return None
         if len(keep) < len(values):
             rids, idxs = [rids[j] for j in keep], [idxs[j] for j in keep]
             lbas, values = [lbas[j] for j in keep], [values[j] for j in keep]
@@ -95,7 +102,7 @@ class Reader:
                 f"index record points outside the data device (block {self.fmt.hba_of(values[j])}, "
                 f"LBA {lbas[j]})"))
         if not good:
-            return
+            return None
         hbas, order = hbas[:good], order[:good]
         cuts = [c for c in range(1, good) if hbas[c] != hbas[c - 1] + 1] if good <= 8 else \
             (np.flatnonzero(np.diff(np.asarray(hbas, np.uint64)) != 1) + 1).tolist()
@@ -108,20 +115,12 @@ class Reader:
         first = [hbas[a] for a, _ in runs]
         raws = self.data.pread_many([((b - a) * BLOCK_SIZE, h * BLOCK_SIZE)
                                      for (a, b), h in zip(runs, first)])
-        k = self.fmt.key_bytes
         views = [memoryview(out) for out in outs]
-        blocks = []
-        for (a, b), raw in zip(runs, raws):
-            raw = memoryview(raw)
-            for n, j in enumerate(order[a:b]):
-                v, i = values[j], idxs[j]
-                blocks.append((v[8:8 + k], v[8 + k:20 + k], v[20 + k:],
-                               raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
-                               views[rids[j]][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
-        for n in self.opener(blocks):
-            j = order[n]
-            errors.setdefault(rids[j], authentication_error(
-                f"data block {self.fmt.hba_of(values[j])} (LBA {lbas[j]})"))
+        ordered = [values[j] for j in order]
+        job = self.opener(ordered, self.fmt.key_at, raws,
+                          [views[rids[j]][idxs[j] * BLOCK_SIZE:(idxs[j] + 1) * BLOCK_SIZE]
+                           for j in order])
+        return job, [rids[j] for j in order], [lbas[j] for j in order], ordered
 
     def _by_hba(self, values: list) -> tuple[list[int], list[int]]:
         """The blocks' order by HBA (stable) and their HBAs in that order: numpy for a
@@ -135,4 +134,21 @@ class Reader:
         return order.tolist(), hbas[order].tolist()
 
 
-__all__ = ["Reader"]
+class PendingReads:
+    """A read_many whose blocks are being verified; result() finishes it."""
+
+    def __init__(self, fmt: RecordFormat, outs: list, errors: dict, fetch: tuple | None):
+        self.fmt, self.outs, self.errors, self.fetch = fmt, outs, errors, fetch
+
+    def result(self) -> list:
+        """Each range's bytes, or the SwornDiskError it alone raised."""
+        errors = self.errors
+        if self.fetch is not None:
+            job, rids, lbas, values = self.fetch
+            for n in job.result():
+                errors.setdefault(rids[n], authentication_error(
+                    f"data block {self.fmt.hba_of(values[n])} (LBA {lbas[n]})"))
+        return [errors.get(r) or bytes(out) for r, out in enumerate(self.outs)]
+
+
+__all__ = ["Reader", "PendingReads"]

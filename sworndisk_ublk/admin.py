@@ -189,6 +189,8 @@ class Status:
     uptime: float            # seconds
     recoverable: bool
     lost: Optional[str]
+    crypto_workers: int = 0              # the engine's crypto worker processes
+    crypto_worker_restarts: int = 0      # workers replaced after dying
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -222,7 +224,8 @@ def status(dev_id: int, stats: Callable[[int], dict]) -> Status:
         minor_compactions=life["minor_compactions"],
         major_compactions=life["major_compactions"],
         uptime=round(time.time() - st.started, 1), recoverable=st.recoverable,
-        lost=data["lost_writes"])
+        lost=data["lost_writes"], crypto_workers=data["crypto"]["workers"],
+        crypto_worker_restarts=data["crypto"]["worker_restarts"])
 
 
 def _duration(seconds: float) -> str:
@@ -251,7 +254,9 @@ def format_status(s: Status) -> str:
         f"  write amplification: {wa}",
         f"  cleaning:   {s.cleaning_runs} runs, {s.blocks_moved} blocks moved",
         f"  compaction: {s.minor_compactions} minor, {s.major_compactions} major",
-        f"  commit:     {s.commit_seq}"]
+        f"  commit:     {s.commit_seq}",
+        f"  crypto:     {s.crypto_workers or 'no'} worker process"
+        f"{'' if s.crypto_workers == 1 else 'es'}, {s.crypto_worker_restarts} restarted"]
     if s.lost:
         lines.append(f"  lost:       {s.lost}")
     return "\n".join(lines)

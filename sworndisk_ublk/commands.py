@@ -78,10 +78,12 @@ def read_table_text(words: List[str], stdin: Any) -> str:
 def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverable: bool,
         queues: int, depth: int, stdin_free: bool,
         on_ready: Callable[[Ready], None], yes: bool = False, anchor: Optional[str] = None,
-        accept_rollback: bool = False, kdf: Any = None) -> None:
+        accept_rollback: bool = False, kdf: Any = None,
+        crypto_workers: Optional[int] = None) -> None:
     """Parse and check everything, confirm the overwrite of an existing SwornDisk (unless
     `yes`), ask for the key, then start the server. `anchor` is the rollback anchor file,
-    `kdf` the Argon2id cost of a new passphrase slot (None: calibrated)."""
+    `kdf` the Argon2id cost of a new passphrase slot (None: calibrated), `crypto_workers`
+    the engine's crypto worker processes (None: automatic)."""
     table = resolve_devices(parse_table(table_text))
     if table.rounding_note:
         print(f"sworndisk-ublk: note: {table.rounding_note}", file=sys.stderr)
@@ -95,7 +97,8 @@ def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverab
     source = get_key_source(key_file, table.meta_dev, new=formatting, stdin_free=stdin_free)
     opts = ServerOptions(table=table, recoverable=recoverable, queues=queues, depth=depth,
                          anchor=os.path.abspath(anchor) if anchor else None,
-                         accept_rollback=accept_rollback, kdf=kdf)
+                         accept_rollback=accept_rollback, kdf=kdf,
+                         crypto_workers=crypto_workers)
     _launch(opts, source, foreground, on_ready)
 
 

@@ -70,6 +70,7 @@ class ServerOptions:
     anchor: Optional[str] = None              # the rollback anchor file (absolute)
     accept_rollback: bool = False             # open a disk older than its anchor
     kdf: Any = None                           # Argon2id cost of a new passphrase slot
+    crypto_workers: Optional[int] = None      # engine crypto worker processes (None: auto)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ class Server:
         table, opts = self.opts.table, self.opts
         recovering = opts.recover_dev_id is not None
         disk = open_disk(table, self.source, format=False if recovering else None,
-                         opts=OpenOptions(opts.anchor, opts.accept_rollback, opts.kdf))
+                         opts=OpenOptions(opts.anchor, opts.accept_rollback, opts.kdf,
+                                          opts.crypto_workers))
         self.source = KeySource(self.source.description)     # drop the secret reference
         self.target = SwornDiskTarget(disk, size=table.size)
         outcome = restore.RestoreOutcome(0)

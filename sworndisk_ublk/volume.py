@@ -106,16 +106,24 @@ class OpenOptions:
     anchor: Optional[str] = None      # the rollback anchor file
     accept_rollback: bool = False     # open a disk older than its anchor, and move the anchor
     kdf: Any = None                   # sworndisk.kdf.KdfParams for a new passphrase slot
+    crypto_workers: Optional[int] = None   # the engine's crypto worker processes (None: auto)
+
+
+def _runtime(opts: OpenOptions) -> Any:
+    """The engine's runtime settings (crypto workers); format-time ones are its defaults."""
+    from sworndisk import Config
+    return Config(crypto_workers=opts.crypto_workers)
 
 
 def _format(table: Table, source: KeySource, opts: OpenOptions) -> Any:
     check_meta_size(table)
     return _engine().create(table.data_dev, table.meta_dev, nr_blocks=table.nr_blocks,
+                            config=_runtime(opts),
                             kdf=opts.kdf, anchor=opts.anchor, **source.engine_args())
 
 
 def _open(table: Table, source: KeySource, opts: OpenOptions) -> Any:
-    disk = _engine().open(table.data_dev, table.meta_dev, anchor=opts.anchor,
+    disk = _engine().open(table.data_dev, table.meta_dev, anchor=opts.anchor, config=_runtime(opts),
                           accept_rollback=opts.accept_rollback, **source.engine_args())
     if disk.nr_blocks != table.nr_blocks:
         formatted = disk.nr_blocks * (BLOCK_SIZE // 512)

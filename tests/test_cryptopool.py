@@ -97,16 +97,18 @@ def test_pool_open_fails_only_the_bad_block():
     pool = CryptoPool(1, 16)
     try:
         rng = random.Random(6)
-        blocks, plains = [], []
+        values, raws, plains = [], [], []
         for i in range(40):
             key, nonce, pt = rng.randbytes(16), rng.randbytes(12), rng.randbytes(BS)
             ct, tag = crypto.encrypt(key, nonce, pt)
             if i == 17:
                 ct = bytes([ct[0] ^ 1]) + ct[1:]
-            blocks.append((key, nonce, tag, ct, bytearray(BS)))
+            values.append(bytes(8) + key + nonce + tag)
+            raws.append(ct)
             plains.append(pt)
-        assert pool.open_blocks(blocks) == [17]
-        assert all(bytes(b[4]) == p for i, (b, p) in enumerate(zip(blocks, plains)) if i != 17)
+        dsts = [memoryview(bytearray(BS)) for _ in values]
+        assert pool.open_start(values, 8, [b"".join(raws[:5])] + raws[5:], dsts).result() == [17]
+        assert all(bytes(d) == p for i, (d, p) in enumerate(zip(dsts, plains)) if i != 17)
         assert pool.stats().blocks_in_workers > 0
     finally:
         pool.close()
