@@ -20,6 +20,7 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ VALUE_MAX = 72              # room per block for its record value (key, nonce, t
 MIN_OPEN_BLOCKS = 8         # smaller read batches are verified in the calling thread
 MIN_SEAL_BLOCKS = 64        # smaller seals (a flush of a few blocks) stay in the thread
 MAX_WORKERS = 64
+_WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cryptoworker.py")
 ENGINE_SHARE = 0            # a read batch's share the calling thread verifies, in workers' shares
 _PAGE = 4096
 
@@ -67,7 +69,7 @@ class CryptoStats:
     blocks_inline: int              # sealed or verified in the engine's threads
     worker_restarts: int            # workers replaced after dying
     worker_cpu_seconds: float       # all workers', live and dead
-    keys_locked: bool               # every live worker mlocked its key pages
+    keys_locked: bool               # every live worker reported its key pages mlocked
 
 
 def _align(n: int) -> int:
@@ -80,41 +82,39 @@ class _Worker:
     def __init__(self, memfd: int, keys_len: int):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            env = dict(os.environ, SWORNDISK_POOL_PARENT=str(os.getpid()))
+            # the file itself, isolated (-I): not the sworndisk package and what it imports
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sworndisk.cryptoworker", str(memfd),
-                 str(theirs.fileno()), str(keys_len)],
-                pass_fds=(memfd, theirs.fileno()), env=env, stdin=subprocess.DEVNULL,
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                [sys.executable, "-I", _WORKER_FILE, str(memfd), str(theirs.fileno()),
+                 str(keys_len), str(os.getpid())],
+                pass_fds=(memfd, theirs.fileno()), stdin=subprocess.DEVNULL, cwd="/")
         except BaseException:
             mine.close()
             raise
         finally:
             theirs.close()
         self.sock = mine
+        self.pid = self.proc.pid
         self.jobs: set[int] = set()     # sent, not answered
         self.cpu_ns = 0
-        hello = mine.recv(64)
-        if len(hello) != HELLO.size:
-            self.stop()
-            raise OSError("a crypto worker failed to start")
-        self.pid, self.dumpable, locked, self.cpu_ns = HELLO.unpack(hello)
+        # From its hello, the worker's first message (read when the pool first hears
+        # from it, so that opening a disk does not wait for the workers' start-up).
+        self.dumpable: int | None = None
+        self.keys_locked = False
+
+    def hello(self, msg: bytes) -> None:
+        _pid, self.dumpable, locked, self.cpu_ns = HELLO.unpack(msg)
         self.keys_locked = bool(locked)
 
     def stop(self) -> float:
-        """Ends the process (EOF on its socket, then a kill if it lingers) and reaps it;
-        returns its total CPU seconds."""
+        """Ends the process and reaps it; returns its total CPU seconds. It holds nothing
+        to clean up (the keys it saw are in the region, which the pool zeroes)."""
         self.sock.close()
-        deadline = time.monotonic() + 2
-        while True:
-            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                pid, status, usage = os.wait4(self.proc.pid, 0)
-                break
-            time.sleep(0.0005)
+        if self.proc.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _pid, status, usage = os.wait4(self.pid, 0)
         self.proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here (rusage)
         return usage.ru_utime + usage.ru_stime
 
@@ -307,6 +307,9 @@ class CryptoPool:
             msg = w.sock.recv(64)
         except OSError:
             msg = b""
+        if len(msg) == HELLO.size:
+            w.hello(msg)
+            return
         if len(msg) != REPLY.size:
             self._replace(w)
             return
@@ -341,8 +344,16 @@ class CryptoPool:
         return tuple(w.pid for w in self._workers)
 
     def dumpable(self) -> tuple[int, ...]:
-        """PR_GET_DUMPABLE as each live worker reported it at start (0 expected)."""
-        return tuple(w.dumpable for w in self._workers)
+        """PR_GET_DUMPABLE as each live worker reported it at start (0 expected); waits
+        for their hellos."""
+        with self._cv:
+            for i in range(len(self._workers)):
+                while self._workers[i].dumpable is None:     # (a replacement's, if it died)
+                    if self._polling:
+                        self._cv.wait()
+                        continue
+                    self._receive(self._workers[i])
+            return tuple(w.dumpable for w in self._workers)
 
     def close(self) -> None:
         """Ends the workers, zeroes the key pages, releases the region and sockets."""

@@ -1,8 +1,8 @@
 """A crypto worker process: seals and opens 4 KiB blocks in shared memory for its pool.
 
-Started by `cryptopool.CryptoPool` as `python -m sworndisk.cryptoworker MEMFD SOCK`
-(exec, not a fork of the threaded engine), it imports only the standard library and
-`cryptography`. It first makes itself die with its parent (PR_SET_PDEATHSIG, then a
+Started by `cryptopool.CryptoPool` as `python -I .../cryptoworker.py MEMFD SOCK KEYS PARENT`
+(exec, not a fork of the threaded engine; the file, not the package), it imports only
+the standard library and `cryptography`. It first makes itself die with its parent (PR_SET_PDEATHSIG, then a
 getppid() check for the race), non-dumpable (the region holds plaintext and keys), and
 locks its key pages in memory where RLIMIT_MEMLOCK allows. Then it answers jobs, one
 SOCK_SEQPACKET message each (docs/modules.md, "Crypto workers"): a job names places in
@@ -93,10 +93,9 @@ class Cipher:
         return fn(mem, *job[2:])
 
 
-def _harden(libc, region: mmap.mmap, keys_len: int) -> tuple[int, int]:
+def _harden(libc, region: mmap.mmap, keys_len: int, parent: int) -> tuple[int, int]:
     """Dies with the parent, not dumpable, the key pages (the region's first keys_len
     bytes) locked in memory where RLIMIT_MEMLOCK allows, as cryptsetup locks its keys."""
-    parent = int(os.environ.get("SWORNDISK_POOL_PARENT", "0"))
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:          # the parent died before the prctl took effect
         os._exit(1)
@@ -109,11 +108,11 @@ def _harden(libc, region: mmap.mmap, keys_len: int) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> None:
-    memfd, sockfd, keys_len = (int(a) for a in argv[1:4])
+    memfd, sockfd, keys_len, parent = (int(a) for a in argv[1:5])
     libc = ctypes.CDLL(None, use_errno=True)
     region = mmap.mmap(memfd, 0)
     os.close(memfd)
-    dumpable, locked = _harden(libc, region, keys_len)
+    dumpable, locked = _harden(libc, region, keys_len, parent)
     sock = socket.socket(fileno=sockfd)
     sock.send(HELLO.pack(os.getpid(), dumpable, locked, time.process_time_ns()))
     cipher, mem = Cipher(), memoryview(region)
