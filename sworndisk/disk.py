@@ -39,7 +39,8 @@ from .protocol import CommitProtocol
 from .reader import PendingReads, Reader
 from .records import RecordFormat
 from .segtable import SegmentTable
-from .stats import DiskStats, Lifetime, Session, collect_stats
+from .counters import Lifetime, Session
+from .stats import DiskStats, collect_stats
 from .readonly import open_pair_readonly
 from .superblock import Credential, Superblock, Unlocked
 
