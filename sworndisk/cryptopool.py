@@ -108,12 +108,12 @@ class _Worker:
     def stop(self) -> float:
         """Ends the process and reaps it; returns its total CPU seconds. It holds nothing
         to clean up (the keys it saw are in the region, which the pool zeroes)."""
-        self.sock.close()
         if self.proc.returncode is None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.sock.close()
         _pid, status, usage = os.wait4(self.pid, 0)
         self.proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here (rusage)
         return usage.ru_utime + usage.ru_stime

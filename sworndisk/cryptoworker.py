@@ -116,13 +116,16 @@ def main(argv: list[str]) -> None:
     sock = socket.socket(fileno=sockfd)
     sock.send(HELLO.pack(os.getpid(), dumpable, locked, time.process_time_ns()))
     cipher, mem = Cipher(), memoryview(region)
-    while True:
-        msg = sock.recv(64)
-        if not msg:
-            break
-        job = JOB.unpack(msg)
-        failed = cipher.run(mem, job)
-        sock.send(REPLY.pack(job[0], failed, time.process_time_ns()))
+    try:
+        while True:
+            msg = sock.recv(64)
+            if not msg:
+                break
+            job = JOB.unpack(msg)
+            failed = cipher.run(mem, job)
+            sock.send(REPLY.pack(job[0], failed, time.process_time_ns()))
+    except OSError:             # the pool went away: nothing to say to anyone
+        pass
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 This module checks arguments, keeps the failure latch and assembles stats; the work is
 done by the parts (docs/modules.md):
 
+    Admission       admission.py  writes and discards into the batch; early commits
+    BlockCrypto     cryptopool.py sealing and verifying blocks, in worker processes
     PendingBatch    batch.py      writes and discards since the last commit; sealing
     CommittedState  committed.py  the secure index and space accounting; apply(ops)
     CommitProtocol  protocol.py   commit, checkpoint and recovery over journal and packs
@@ -21,7 +23,8 @@ from typing import Callable, Union
 import numpy as np
 
 from . import crypto, superblock as sbmod
-from .anchor import Anchor
+from .admission import Admission
+from .anchor import Anchor, attach_anchor
 from .batch import PendingBatch
 from .bit import NodeStore
 from .cleaner import Cleaner
@@ -29,10 +32,9 @@ from .committed import CommittedState
 from .debug import DebugView
 from .config import RUNTIME_FIELDS, Config
 from .cryptopool import open_crypto
-from .device import BlockDevice, CountingDevice, open_pair
+from .device import BlockDevice, CountingDevice, closing_on_error, open_pair
 from .format import BLOCK_SIZE, LABEL_ANCHOR, LABEL_DISK, LABEL_FRONTEND, MASTER_KEY_BYTES
-from .errors import (AnchorError, DeviceTooSmall, DiskClosedError, InvalidArgument,
-                     RollbackError, SwornDiskError)
+from .errors import DiskClosedError, InvalidArgument, SwornDiskError
 from .kdf import KdfParams
 from .layout import Layout, plan, plan_devices, usable_blocks
 from .protocol import CommitProtocol
@@ -53,10 +55,14 @@ class SwornDisk:
     # ------------------------------------------------------------------ construction
     def __init__(self, data: BlockDevice, meta: BlockDevice, master: bytes, sb: Superblock,
                  owned: list[BlockDevice], *, read_only: bool = False,
-                 runtime: Config | None = None):
+                 runtime: Config | None = None, slot: int | None = None,
+                 fresh: bytes | None = None, anchor: str | None = None,
+                 accept_rollback: bool = False):
+        """The disk on opened devices and an unlocked superblock: formatted with the
+        superblock bytes `fresh`, else recovered; then checked against `anchor`."""
         self._owned = owned
         self.read_only = read_only           # opened for inspection: close() writes nothing
-        self.key_slot: int | None = None     # the key slot that opened this disk
+        self.key_slot = slot                 # the key slot that opened this disk
         self.anchor: Anchor | None = None
         self._data = CountingDevice(data)    # close() is never called on these: the
         self._meta = CountingDevice(meta)    # caller owns devices it passed in
@@ -87,11 +93,18 @@ class SwornDisk:
         self._cleaner = Cleaner(self._state, self._batch, self._data, self._lifetime)
         self._reader = Reader(fmt, self._batch, self._state, self._data, self.layout.data_blocks,
                               self._crypto.open_start)
-        # Unflushed blocks (written or discarded) one commit may carry: bounds the
-        # MemTable's growth per commit, which sizes level 0 (layout.max_bit_records).
-        self._budget = self.config.autocommit_bytes // BLOCK_SIZE
+        self._admission = Admission(self._batch, self._state, self._protocol.commit,
+                                    self.config.autocommit_bytes // BLOCK_SIZE,
+                                    self._lifetime, self._session, self._guarded)
         self._closed = False
         self._failed: BaseException | None = None
+        try:
+            self._protocol.format(fresh) if fresh is not None else self._protocol.recover()
+            if anchor is not None:
+                self._attach_anchor(anchor, accept_rollback)
+        except BaseException:
+            self._crypto.close()
+            raise
 
     @classmethod
     def create(cls, data: Dev, meta: Dev, key=None, nr_blocks: int | None = None,
@@ -106,22 +119,11 @@ class SwornDisk:
         config = (config or Config()).validate()
         master = crypto.random_bytes(MASTER_KEY_BYTES)
         d, m, owned = open_pair(data, meta)
-        disk = None
-        try:
+        with closing_on_error(owned):
             layout, fitted = plan_devices(d.size, m.size, nr_blocks, config)
             sb = Superblock.new(layout, fitted, cred, master, kdf)
-            disk = cls(d, m, master, sb, owned, runtime=config)
-            disk.key_slot = 0
-            disk._protocol.format(sb.encode(master))
-            if anchor is not None:
-                disk._attach_anchor(anchor, accept_rollback=True)
-            return disk
-        except BaseException:
-            if disk is not None:
-                disk._crypto.close()
-            for dev in owned:
-                dev.close()
-            raise
+            return cls(d, m, master, sb, owned, runtime=config, slot=0,
+                       fresh=sb.encode(master), anchor=anchor, accept_rollback=True)
 
     @classmethod
     def open(cls, data: Dev, meta: Dev, key=None, *, passphrase: bytes | str | None = None,
@@ -146,49 +148,20 @@ class SwornDisk:
               read_only: bool = False, config: Config | None = None) -> "SwornDisk":
         """open() with the unlocking step given (check.py keeps what it unlocked)."""
         d, m, owned = (open_pair_readonly if read_only else open_pair)(data, meta)
-        disk = None
-        try:
-            if m.size < 2 * BLOCK_SIZE:
-                raise DeviceTooSmall(f"meta device is {m.size} bytes; too small for a SwornDisk")
-            unlocked = unlock(sbmod.read_copies(m))
-            lay = unlocked.superblock.layout
-            if d.size < lay.data_blocks * BLOCK_SIZE or m.size < lay.meta_blocks * BLOCK_SIZE:
-                raise DeviceTooSmall(
-                    f"devices are smaller than when formatted: data needs "
-                    f"{lay.data_blocks * BLOCK_SIZE} bytes, meta {lay.meta_blocks * BLOCK_SIZE}")
-            disk = cls(d, m, unlocked.master, unlocked.superblock, owned, read_only=read_only,
-                       runtime=config)
-            disk.key_slot = unlocked.slot
-            disk._protocol.recover()
-            if anchor is not None:
-                disk._attach_anchor(anchor, accept_rollback)
-            return disk
-        except BaseException:
-            if disk is not None:
-                disk._crypto.close()
-            for dev in owned:
-                dev.close()
-            raise
+        with closing_on_error(owned):
+            unlocked = sbmod.unlock_devices(d, m, unlock)
+            return cls(d, m, unlocked.master, unlocked.superblock, owned, read_only=read_only,
+                       runtime=config, slot=unlocked.slot, anchor=anchor,
+                       accept_rollback=accept_rollback)
 
     def _attach_anchor(self, path: str, accept_rollback: bool) -> None:
-        """Checks the disk against its anchor, moves the anchor to the disk's commit, and
-        keeps it moving with every commit (not for a read-only disk: it only checks)."""
-        anchor = Anchor(path, self.sb.uuid, crypto.derive(self._disk_key, LABEL_ANCHOR))
-        try:
-            seq: int | None = anchor.read()
-        except AnchorError:
-            if not accept_rollback:
-                raise
-            seq = None
-        if seq is not None and self.commit_seq < seq and not accept_rollback:
-            raise RollbackError(
-                f"the disk was rolled back: its last commit is {self.commit_seq}, but the "
-                f"anchor {path} says commit {seq} was made", self.commit_seq, seq)
+        """Checks the disk against its anchor and keeps the anchor moving with every
+        commit (not for a read-only disk: it only checks)."""
+        self.anchor = attach_anchor(path, self.sb.uuid,
+                                    crypto.derive(self._disk_key, LABEL_ANCHOR),
+                                    self.commit_seq, accept_rollback, self.read_only)
         if not self.read_only:
-            if seq != self.commit_seq:
-                anchor.write(self.commit_seq)
-            self._protocol.on_commit = anchor.write
-        self.anchor = anchor
+            self._protocol.on_commit = self.anchor.write
 
     # ------------------------------------------------------------------ static helpers
     @staticmethod
@@ -260,27 +233,13 @@ class SwornDisk:
             raise InvalidArgument(f"write length must be a positive multiple of {BLOCK_SIZE} "
                                   f"bytes (got {len(data)})")
         self._check_range(lba, n)
-        mv = memoryview(data).cast("B")
-        done = 0
-        while done < n:
-            k = self._make_room(lba + done, n - done)
-            try:
-                self._batch.put(lba + done, mv if k == n else
-                                mv[done * BLOCK_SIZE:(done + k) * BLOCK_SIZE])
-            except BaseException as e:          # a seal failed: latch, as _guarded does
-                self._failed = e
-                raise
-            done += k
-        self._lifetime.user_blocks_written += n
-        self._session.user_blocks_written += n
+        self._admission.write(lba, memoryview(data).cast("B"))
 
     def write_many(self, items) -> None:
         """Writes many (lba, data) requests, in order: the same as write() for each, as a
         ublk queue's batch of WRITEs hands them over, with the per-request work done
         once for the batch where it can be. Bad arguments raise before anything is
-        buffered. When the whole batch fits the autocommit budget and the free space, it
-        goes into the pending batch directly; otherwise one write() at a time, each
-        committing early as it needs."""
+        buffered."""
         self._check_usable()
         views, total, limit = [], 0, self.nr_blocks
         for lba, data in items:
@@ -293,56 +252,14 @@ class SwornDisk:
                 self._check_range(lba, n)       # raises, or passes an int subclass
             views.append((lba, mv))
             total += n
-        batch = self._batch
-        if total > min(self._budget - batch.unflushed,
-                       self._state.space.free_blocks() - batch.buffered):
-            for lba, mv in views:
-                self.write(lba, mv)
-            return
-        try:
-            batch.put_many(views)
-        except BaseException as e:              # a seal failed: latch, as _guarded does
-            self._failed = e
-            raise
-        self._lifetime.user_blocks_written += total
-        self._session.user_blocks_written += total
-
-    def _make_room(self, lba: int, n: int) -> int:
-        """How many of blocks [lba, lba+n) may be buffered now (at least one), committing
-        first if they do not all fit. NoSpaceError, with nothing of the write buffered,
-        when even then the blocks it adds to the live data do not fit: possible on a thin
-        disk alone (docs/cleaning.md). A write larger than the free space that does fit
-        (an overwrite) goes in pieces, each committed to free the blocks it replaces."""
-        k = self._room(lba, n)
-        if k == n:
-            return n
-        self._guarded(self._protocol.commit)
-        k = self._room(lba, n)
-        if k < n and (k == 0 or n - self._state.live_blocks(list(range(lba, lba + n)))
-                      > self._state.space.free_blocks()):
-            raise self._state.space.no_space()
-        return k
-
-    def _room(self, lba: int, n: int) -> int:
-        """The longest prefix of [lba, lba+n) that fits both the autocommit budget and the
-        free blocks left once every buffered block is sealed."""
-        batch = self._batch
-        n = min(n, self._budget - batch.unflushed)
-        return batch.new_blocks(lba, n, self._state.space.free_blocks() - batch.buffered)
+        self._admission.write_many(views, total)
 
     def discard(self, lba: int, nr_blocks: int) -> None:
         """Unmaps blocks. A large range goes in several commits (each at most the
         autocommit budget of blocks), since every mapped block becomes a tombstone."""
         self._check_usable()
         self._check_range(lba, nr_blocks)
-        end = lba + nr_blocks
-        while lba < end:
-            if self._batch.unflushed >= self._budget:
-                self._guarded(self._protocol.commit)
-            hi = min(end, lba + self._budget - self._batch.unflushed)
-            self._batch.discard(lba, hi)
-            lba = hi
-        self._lifetime.blocks_discarded += nr_blocks
+        self._admission.discard(lba, nr_blocks)
 
     def flush(self) -> None:
         self._check_usable()
