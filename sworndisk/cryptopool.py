@@ -407,7 +407,7 @@ class OpenJob:
                  dsts: list):
         n = len(values)
         self.pool, self.values, self.key_at, self.dsts = pool, values, key_at, dsts
-        self.ct = memoryview(raws[0] if len(raws) == 1 else b"".join(raws))
+        self.ct = _joined(raws)
         share = pool.size + ENGINE_SHARE
         per = min(LANE_BLOCKS, -(-n // share))
         self.mine = max(0, n - per * pool.size) if ENGINE_SHARE and n <= per * share else 0
@@ -448,7 +448,7 @@ class _InlineOpen:
 
     def result(self) -> list[int]:
         values, key_at, kb, raws, dsts = self.args
-        ct = memoryview(raws[0] if len(raws) == 1 else b"".join(raws))
+        ct = _joined(raws)
         return open_inline(values, key_at, kb, ct, dsts)
 
 
@@ -499,6 +499,11 @@ class BlockCrypto:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+
+
+def _joined(raws: list) -> memoryview:
+    """The ciphertext runs of a read batch as one buffer (no copy for a single run)."""
+    return memoryview(raws[0] if len(raws) == 1 else b"".join(raws))
 
 
 def open_inline(values: list[bytes], key_at: int, kb: int, ct: memoryview,
