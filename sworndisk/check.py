@@ -52,6 +52,7 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)        # worth saying, not wrong
     checked: dict[str, int] = field(default_factory=dict)  # what was verified, by kind
+    nr_blocks: int = 0          # the logical size the verified superblock gives (0: none)
 
     @property
     def clean(self) -> bool:
@@ -65,7 +66,8 @@ class CheckReport:
 
     def as_dict(self) -> dict:
         return {"clean": self.clean, "problems": [asdict(p) for p in self.problems],
-                "notes": list(self.notes), "checked": dict(self.checked)}
+                "notes": list(self.notes), "checked": dict(self.checked),
+                "nr_blocks": self.nr_blocks}
 
 
 def check(data, meta, key=None, *, passphrase=None, data_blocks: bool = False,
@@ -92,6 +94,7 @@ def check(data, meta, key=None, *, passphrase=None, data_blocks: bool = False,
             _superblocks(report, kept["blocks"], kept["unlocked"])
             report.problem("recovery (the newest checkpoint and the journal after it)", str(e))
         return report
+    report.nr_blocks = disk.nr_blocks
     try:
         _Checker(disk, report, progress or (lambda stage, done, total: None)).run(
             kept["blocks"], kept["unlocked"], data_blocks)

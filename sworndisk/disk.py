@@ -100,8 +100,12 @@ class SwornDisk:
         self._failed: BaseException | None = None
         try:
             self._protocol.format(fresh) if fresh is not None else self._protocol.recover()
-            if anchor is not None:
-                self._attach_anchor(anchor, accept_rollback)
+            if anchor is not None:      # checked; moved along with every commit
+                self.anchor = attach_anchor(anchor, sb.uuid,
+                                            crypto.derive(self._disk_key, LABEL_ANCHOR),
+                                            self.commit_seq, accept_rollback, read_only)
+                if not read_only:
+                    self._protocol.on_commit = self.anchor.write
         except BaseException:
             self._crypto.close()
             raise
@@ -109,18 +113,20 @@ class SwornDisk:
     @classmethod
     def create(cls, data: Dev, meta: Dev, key=None, nr_blocks: int | None = None,
                config: Config | None = None, *, passphrase: bytes | str | None = None,
-               kdf: KdfParams | None = None, anchor: str | None = None) -> "SwornDisk":
+               kdf: KdfParams | None = None, anchor: str | None = None,
+               max_blocks: int | None = None) -> "SwornDisk":
         """Formats the two devices and returns the open, empty disk.
 
         A random master key is made; key slot 0 wraps it under `key` (a raw 16 or 32-byte
         key, as from a key file) or `passphrase` (Argon2id with `kdf`, calibrated to about
-        a second when None). With `anchor`, that file starts tracking the disk's commits."""
+        a second when None). With `anchor`, that file starts tracking the disk's commits.
+        `max_blocks` reserves meta room for growing (grow) up to that logical size."""
         cred = Credential.of(key, passphrase)
         config = (config or Config()).validate()
         master = crypto.random_bytes(MASTER_KEY_BYTES)
         d, m, owned = open_pair(data, meta)
         with closing_on_error(owned):
-            layout, fitted = plan_devices(d.size, m.size, nr_blocks, config)
+            layout, fitted = plan_devices(d.size, m.size, nr_blocks, config, max_blocks)
             sb = Superblock.new(layout, fitted, cred, master, kdf)
             return cls(d, m, master, sb, owned, runtime=config, slot=0,
                        fresh=sb.encode(master), anchor=anchor, accept_rollback=True)
@@ -154,25 +160,26 @@ class SwornDisk:
                        runtime=config, slot=unlocked.slot, anchor=anchor,
                        accept_rollback=accept_rollback)
 
-    def _attach_anchor(self, path: str, accept_rollback: bool) -> None:
-        """Checks the disk against its anchor and keeps the anchor moving with every
-        commit (not for a read-only disk: it only checks)."""
-        self.anchor = attach_anchor(path, self.sb.uuid,
-                                    crypto.derive(self._disk_key, LABEL_ANCHOR),
-                                    self.commit_seq, accept_rollback, self.read_only)
-        if not self.read_only:
-            self._protocol.on_commit = self.anchor.write
-
     # ------------------------------------------------------------------ static helpers
     @staticmethod
     def probe(meta: Dev) -> bool:
         """True if the meta device carries a SwornDisk superblock magic (in either copy)."""
         return any(sbmod.has_magic(b) for b in sbmod.read_copies(meta))
 
+    def move_regions(self, layout: Layout) -> None:
+        """Writes the committed state into the moved regions of a grown `layout`, then
+        closes the disk (resize.py; the superblock that names `layout` comes after)."""
+        self._check_usable()
+        try:
+            self._guarded(lambda: self._protocol.move_to(layout))
+        finally:
+            self.close()
+
     @staticmethod
     def min_meta_size(data_size: int, nr_blocks: int | None = None,
-                      config: Config | None = None) -> int:
-        return plan(data_size, nr_blocks, (config or Config()).validate()).meta_blocks * BLOCK_SIZE
+                      config: Config | None = None, max_blocks: int | None = None) -> int:
+        return plan(data_size, nr_blocks, (config or Config()).validate(),
+                    max_blocks).meta_blocks * BLOCK_SIZE
 
     @staticmethod
     def usable_blocks(data_size: int, config: Config | None = None) -> int:
@@ -326,7 +333,6 @@ class SwornDisk:
             self._failed = e
             raise
 
-    # ------------------------------------------------------------------ stats
     def stats(self) -> DiskStats:
         return collect_stats(self.debug, self._lifetime, self._session, self.nr_blocks,
                              self.config, self._crypto.stats())

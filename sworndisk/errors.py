@@ -111,3 +111,11 @@ class InvalidArgument(ValueError):
 
 class DeviceTooSmall(InvalidArgument):
     """A data or meta device cannot hold the requested disk; the message gives the minimum."""
+
+
+class MetaTooSmall(DeviceTooSmall):
+    """The meta device cannot hold the regions a grown disk needs (resize.py)."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = needed          # bytes the meta device must have

@@ -113,9 +113,7 @@ class _LockedMeta:
 
     def write_copies(self, blk: bytes) -> None:
         """Copy 0, then copy 1, each durable before the next: a crash leaves one whole."""
-        for i in (0, 1):
-            self.dev.pwrite(blk, i * BLOCK_SIZE)
-            self.dev.flush()
+        sbmod.write_copies(self.dev, blk)
 
     def close(self) -> None:
         if self._owned:
@@ -129,8 +127,7 @@ class _LockedMeta:
 
 
 def _rewrite(m: _LockedMeta, sb: Superblock, master: bytes) -> None:
-    sb = Superblock(sb.uuid, sb.layout, sb.config, sb.slots, sb.generation + 1, sb.created)
-    m.write_copies(sb.encode(master))
+    m.write_copies(sb.next().encode(master))
 
 
 def add_key(meta: Dev, *, key=None, passphrase=None, new_key=None, new_passphrase=None,
@@ -242,6 +239,11 @@ def read_backup(path: str) -> Copy:
         raise InvalidArgument(f"{path} is not a usable header backup: {e}") from None
 
 
+def _sizes(c: Copy) -> tuple:
+    f = c.fields
+    return f["nr_blocks"], f["data_blocks"], f["meta_blocks"]
+
+
 def restore_header(meta: Dev, path: str) -> RestoreReport:
     """Writes a header backup back to both superblock copies. Refuses a backup of another
     disk (another uuid); slots removed or changed since the backup come back."""
@@ -255,6 +257,11 @@ def restore_header(meta: Dev, path: str) -> RestoreReport:
                     f"{uuidlib.UUID(bytes=backup.uuid)}); the disk on this meta device is "
                     f"{uuidlib.UUID(bytes=c.uuid)}")
         newest = max(current, key=lambda c: c.generation, default=None)
+        if newest is not None and _sizes(newest) != _sizes(backup):
+            raise InvalidArgument(
+                f"{path} is a header from before the disk was resized (its sizes differ): "
+                f"restoring it would take the disk back to its old layout; make a new "
+                f"header-backup after a resize")
         back = [i for i, s in enumerate(backup.slots)
                 if s.active and (newest is None or newest.slots[i] != s)]
         m.write_copies(backup.raw)

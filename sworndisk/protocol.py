@@ -93,6 +93,14 @@ class CommitProtocol:
         st = self.state
         st.ispace.retire(st.index.compact())
         st.segtable.write_dirty()
+        self._write_pack(1 - self._pack_slot)
+        st.ispace.release_retired()
+        st.segtable.release_retired()
+        self.lifetime.checkpoints += 1
+
+    def _write_pack(self, slot: int) -> None:
+        """The Checkpoint record, then the pack in `slot`, then a flush."""
+        st = self.state
         seq = self.pack_seq + 1
         self.gather_lifetime()
         pack = Pack(seq, self.journal.head_seq, self.journal.last_mac,
@@ -107,14 +115,28 @@ class CommitProtocol:
         self.journal.append(encode([Checkpoint(seq, mac)]))
         # Never over the trusted pack, whichever slot it was found in: until this one is
         # durable, the trusted one is what recovery needs.
-        slot = 1 - self._pack_slot
         self.meta.pwrite(slot_bytes, self.layout.checkpoint_slot(slot) * BLOCK_SIZE)
         self.meta.flush()
         self.pack_seq, self._pack_slot = seq, slot
         self.journal.set_anchor(anchor)
-        st.ispace.release_retired()
-        st.segtable.release_retired()
-        self.lifetime.checkpoints += 1
+
+    # ---- resize ----
+    def move_to(self, layout: Layout) -> None:
+        """Writes the committed state into the checkpoint slots, journal and segment
+        table of `layout` (a grown disk's, resize.py), which overlap nothing the current
+        layout uses: a checkpoint here first (the state is then whole in one pack), the
+        segment-table blocks copied, an empty slot 1, then in slot 0 a pack confirmed by
+        the first block of a new journal (sequence 1 and the genesis MAC, as at format:
+        the chain and the pack MAC still tie every block to this pack). Until the
+        superblock names `layout`, the disk stays as it was."""
+        self.commit()
+        self.checkpoint()
+        self.state.segtable.move(layout.segtable_start, layout.segtable_blocks)
+        self.meta.pwrite(bytes(BLOCK_SIZE), layout.checkpoint_slot(1) * BLOCK_SIZE)
+        journal = Journal(self.meta, self.disk_key, layout.journal_start, layout.journal_blocks)
+        journal.restore_count(self.journal.blocks_written)
+        self.journal, self.layout = journal, layout
+        self._write_pack(0)
 
     def gather_lifetime(self) -> None:
         """Brings the counters the parts keep themselves into the lifetime counters."""
@@ -161,8 +183,10 @@ class CommitProtocol:
 
     def _load_pack(self, pack: Pack) -> None:
         st, m = self.state, pack.meta
-        if len(pack.segdir) != self.layout.data_segments \
-                or len(pack.ichunks) != self.layout.index_chunks:
+        # A pack written before a resize names fewer segments and chunks (the others
+        # are empty and free); never more.
+        if len(pack.segdir) > self.layout.data_segments \
+                or len(pack.ichunks) > self.layout.index_chunks:
             raise IntegrityError("checkpoint pack does not match the disk layout")
         self.pack_seq = pack.seq
         self.commit_seq = m["commit_seq"]

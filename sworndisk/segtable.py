@@ -55,7 +55,14 @@ class SegmentTable:
         return len(self.dirty)
 
     def load(self, directory: np.ndarray) -> None:
-        self.dir = directory.copy()
+        """The directory of a checkpoint pack; one written before the disk grew is
+        shorter, and the segments it does not name are empty."""
+        if len(directory) > self.nseg:
+            raise IntegrityError("the segment table directory names more segments than the "
+                                 "disk has")
+        self.dir = np.zeros(self.nseg, directory.dtype)
+        self.dir["hba"] = _NO_BLOCK
+        self.dir[:len(directory)] = directory
         self.count = self.dir["count"].astype(np.int32)
         self.total_valid = int(self.count.sum())
         self.cache.clear()
@@ -193,6 +200,25 @@ class SegmentTable:
         self._evict()
         self.blocks_written += n
         return n
+
+    def move(self, region_start: int, region_blocks: int) -> int:
+        """Copies every detail block into a new region (at the same offset: it is at
+        least as large) and points the directory there; returns the blocks copied. For a
+        resize (resize.py): the old region is left as it was, and the blocks need no
+        re-encryption since nothing binds them to where they are."""
+        if region_blocks < self.region_blocks or self.dirty or self.retiring:
+            raise ValueError("the segment table moves only when clean, to a region as large")
+        hbas = self.dir["hba"]
+        named = np.flatnonzero(hbas != _NO_BLOCK)
+        for seg in named.tolist():
+            old = int(hbas[seg])
+            ct = self.meta.pread(BLOCK_SIZE, old * BLOCK_SIZE)
+            self.meta.pwrite(ct, (region_start + old - self.region_start) * BLOCK_SIZE)
+        hbas[named] += region_start - self.region_start
+        used = np.zeros(region_blocks, bool)
+        used[:self.region_blocks] = self.region_used
+        self.region_start, self.region_blocks, self.region_used = region_start, region_blocks, used
+        return len(named)
 
     def release_retired(self) -> None:
         if self.retiring:

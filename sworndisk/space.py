@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .format import SEGMENT_BLOCKS
-from .errors import MetadataFullError, NoSpaceError
+from .errors import IntegrityError, MetadataFullError, NoSpaceError
 from .segtable import NONE, SegmentTable
 
 from .format import ICHUNK_FREE as CHUNK_FREE, ICHUNK_RETIRING as CHUNK_RETIRING
@@ -249,8 +249,14 @@ class IndexSpace:
         return c
 
     def load(self, state) -> None:
-        """The chunk map of a checkpoint pack; retiring chunks are free once it is durable."""
-        self.state = np.asarray(state, np.uint8).copy()
+        """The chunk map of a checkpoint pack; retiring chunks are free once it is durable.
+        A pack written before the index region grew (a resize) names fewer chunks: the
+        others are free."""
+        state = np.asarray(state, np.uint8)
+        if len(state) > len(self.state):
+            raise IntegrityError("the chunk map names more index chunks than the region has")
+        self.state = np.zeros(len(self.state), np.uint8)
+        self.state[:len(state)] = state
         self.release_retired()
 
     def retire(self, chunks) -> None:

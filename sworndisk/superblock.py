@@ -153,6 +153,11 @@ class Superblock:
         return cls(disk_uuid, layout, config, (slot0,) + (EMPTY_SLOT,) * (KEY_SLOTS - 1),
                    1, int(time.time()))
 
+    def next(self, **changes) -> "Superblock":
+        """The superblock that replaces this one: `changes` (slots, layout) and the
+        generation bumped, so that the newer copy wins at open."""
+        return replace(self, generation=self.generation + 1, **changes)
+
     def with_slot(self, index: int, slot: KeySlot) -> "Superblock":
         slots = list(self.slots)
         slots[index] = slot
@@ -173,6 +178,14 @@ class Superblock:
             raise ValueError("superblock body too large")
         blk += bytes(SUPERBLOCK_CHECKSUM_AT - len(blk))
         return blk + hashlib.sha256(blk).digest()
+
+
+def write_copies(meta, blk: bytes) -> None:
+    """Copy 0, then copy 1, each durable before the next: a crash leaves one whole, and
+    the newer one wins at open (key changes, header restore, resize)."""
+    for i in (0, 1):
+        meta.pwrite(blk, i * BLOCK_SIZE)
+        meta.flush()
 
 
 # ---- reading copies (no key needed) ---------------------------------------------------------

@@ -262,6 +262,45 @@ def format_status(s: Status) -> str:
     return "\n".join(lines)
 
 
+# --- resize -----------------------------------------------------------------------------------
+
+def resize(data: str, meta: str, *, key_file: Optional[str], sectors: Optional[int]) -> Any:
+    """Grow the closed disk onto its enlarged devices (sworndisk.resize.grow); returns its
+    GrowResult. A shrink is refused before the key is asked for (the header says the
+    size, unverified; the engine checks again, verified)."""
+    from sworndisk.resize import grow
+    _require_file(data, "data device")
+    _require_file(meta, "meta device")
+    from ublk_shim import blockio
+    nr_blocks = None if sectors is None else sectors // (BLOCK_SIZE // 512)
+    current = dump(meta).nr_blocks
+    if nr_blocks is not None and nr_blocks < current:
+        raise CliError(f"--sectors {sectors} is less than the disk's {current * 8} sectors: "
+                       f"shrinking is not supported", ExitCode.USAGE)
+    data_sectors = blockio.path_size(data) // BLOCK_SIZE * 8
+    if nr_blocks is not None and nr_blocks * 8 > data_sectors:
+        raise CliError(f"--sectors {sectors} is more than the data device {data} holds "
+                       f"({data_sectors} sectors): make it larger first", ExitCode.USAGE)
+    if sectors is not None and sectors % 8:
+        print(f"sworndisk-ublk: note: --sectors {sectors} is not a multiple of 8; the disk "
+              f"gets {nr_blocks * 8} sectors (whole 4 KiB blocks)", file=sys.stderr)
+    source = _existing_key(meta, key_file)
+    return _engine_call(meta, lambda: grow(data, meta, nr_blocks=nr_blocks,
+                                           **source.engine_args()))
+
+
+def describe_resize(meta: str, r: Any) -> str:
+    if not r.changed:
+        return (f"the SwornDisk on {meta} already has {format_bytes(r.nr_blocks * BLOCK_SIZE)} "
+                f"({r.sectors} sectors) on its devices: nothing to grow")
+    moved = "; its meta regions moved" if r.moved else ""
+    return (f"grew the SwornDisk on {meta} from {format_bytes(r.old_nr_blocks * BLOCK_SIZE)} to "
+            f"{format_bytes(r.nr_blocks * BLOCK_SIZE)} ({r.sectors} sectors; data device "
+            f"{format_bytes(r.data_blocks * BLOCK_SIZE)} used, meta "
+            f"{format_bytes(r.meta_blocks * BLOCK_SIZE)}{moved}): add it with <sectors> "
+            f"{r.sectors}")
+
+
 # --- check ------------------------------------------------------------------------------------
 
 class Progress:
@@ -305,6 +344,9 @@ def check(data: str, meta: str, *, key_file: Optional[str], data_blocks: bool) -
 def format_check(data: str, meta: str, report: Any) -> str:
     checked = ", ".join(f"{what} {n}" for what, n in report.checked.items())
     lines = [f"checked {meta} and {data}:", f"  {checked or 'nothing'}"]
+    if report.nr_blocks:
+        lines.append(f"  logical size {format_bytes(report.nr_blocks * BLOCK_SIZE)} "
+                     f"({report.nr_blocks * 8} sectors)")
     lines += [f"note: {n}" for n in report.notes]
     if report.clean:
         lines.append("clean")

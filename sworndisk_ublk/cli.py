@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with <format> force: overwrite a meta device that already holds a "
                         "SwornDisk without asking (needed where there is no terminal to "
                         "type YES on)")
+    a.add_argument("--max-sectors", type=_positive, metavar="N",
+                   help="when formatting: reserve meta room to grow (resize) up to N sectors "
+                        "with no larger meta device (docs/cli.md gives the cost)")
     a.add_argument("--json", action="store_true",
                    help="print {dev_id, dev, pid, size, usable, log} as JSON instead of the path")
 
@@ -242,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                "removed keys)")
     hr.add_argument("file", metavar="FILE", help="a file made by header-backup for this disk")
 
+    rs = sub.add_parser("resize", help="grow a disk (offline) after its data device, and if "
+                                       "need be its meta device, was made larger")
+    rs.add_argument("data", metavar="DATA", help="the data device")
+    rs.add_argument("meta", metavar="META", help="the meta device")
+    rs.add_argument("--sectors", type=_positive, metavar="N",
+                    help="the new logical size in 512-byte sectors (default: what the data "
+                         "device now allows, as at format); never less than now")
+    rs.add_argument("--key-file", metavar="PATH", help=_KEY_FILE_HELP)
+    rs.add_argument("--json", action="store_true", help="print the sizes before and after as JSON")
+
     c = sub.add_parser("check", help="verify every structure of a disk, writing nothing "
                                      "(exit 0 clean, 4 problems, 8 could not run)")
     c.usage_code = admin.CHECK_FAILED
@@ -309,6 +322,13 @@ def _run_admin(args: argparse.Namespace) -> Optional[int]:
         print(f"{PROG}: restored the header of {args.meta} (uuid {report.uuid}) from "
               f"{args.file}{back}", file=sys.stderr)
         print(f"{PROG}: warning: {admin.RESTORE_WARNING}", file=sys.stderr)
+    elif args.command == "resize":
+        result = admin.resize(args.data, args.meta, key_file=args.key_file, sectors=args.sectors)
+        if args.json:
+            _print_json(result.as_dict())
+        else:
+            print(result.sectors)
+        print(f"{PROG}: {admin.describe_resize(args.meta, result)}", file=sys.stderr)
     elif args.command == "status":
         st = admin.status(_which_device(args, "status"), commands.stats)
         print(json.dumps(st.as_dict(), indent=2) if args.json else admin.format_status(st))
@@ -346,7 +366,8 @@ def _run(args: argparse.Namespace) -> int:
                      recoverable=args.recoverable, queues=args.queues, depth=args.depth,
                      stdin_free=args.table != ["-"], on_ready=_ready_printer(args.json),
                      yes=args.yes, anchor=args.anchor, accept_rollback=args.accept_rollback,
-                     kdf=_kdf(args), crypto_workers=args.crypto_workers)
+                     kdf=_kdf(args), max_sectors=args.max_sectors,
+                     crypto_workers=args.crypto_workers)
     elif args.command == "recover":
         commands.recover(args.dev_id, key_file=args.key_file, foreground=args.foreground,
                          on_ready=_ready_printer(args.json),

@@ -23,7 +23,7 @@ from .daemon import Ready, ServerOptions, run_foreground, start_background
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import get_key_source
 from .table import Table, format_bytes, parse_table, resolve_devices, same_device
-from .volume import check_meta_size, confirm_overwrite, will_format
+from .volume import check_meta_size, confirm_overwrite, growth_limit, will_format
 
 POLL = 0.2
 
@@ -79,11 +79,12 @@ def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverab
         queues: int, depth: int, stdin_free: bool,
         on_ready: Callable[[Ready], None], yes: bool = False, anchor: Optional[str] = None,
         accept_rollback: bool = False, kdf: Any = None,
-        crypto_workers: Optional[int] = None) -> None:
+        max_sectors: Optional[int] = None, crypto_workers: Optional[int] = None) -> None:
     """Parse and check everything, confirm the overwrite of an existing SwornDisk (unless
     `yes`), ask for the key, then start the server. `anchor` is the rollback anchor file,
-    `kdf` the Argon2id cost of a new passphrase slot (None: calibrated), `crypto_workers`
-    the engine's crypto worker processes (None: automatic)."""
+    `kdf` the Argon2id cost of a new passphrase slot (None: calibrated), `max_sectors`
+    the size a new disk reserves meta room to grow to (resize), `crypto_workers` the
+    engine's crypto worker processes (None: automatic)."""
     table = resolve_devices(parse_table(table_text))
     if table.rounding_note:
         print(f"sworndisk-ublk: note: {table.rounding_note}", file=sys.stderr)
@@ -91,13 +92,14 @@ def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverab
     require_root()
     _require_devices_free(table)
     formatting = will_format(table)
+    max_blocks = growth_limit(table, max_sectors, formatting)
     if formatting:
-        check_meta_size(table)
+        check_meta_size(table, max_blocks)
         confirm_overwrite(table, assume_yes=yes)
     source = get_key_source(key_file, table.meta_dev, new=formatting, stdin_free=stdin_free)
     opts = ServerOptions(table=table, recoverable=recoverable, queues=queues, depth=depth,
                          anchor=os.path.abspath(anchor) if anchor else None,
-                         accept_rollback=accept_rollback, kdf=kdf,
+                         accept_rollback=accept_rollback, kdf=kdf, max_blocks=max_blocks,
                          crypto_workers=crypto_workers)
     _launch(opts, source, foreground, on_ready)
 

@@ -71,6 +71,7 @@ class ServerOptions:
     anchor: Optional[str] = None              # the rollback anchor file (absolute)
     accept_rollback: bool = False             # open a disk older than its anchor
     kdf: Any = None                           # Argon2id cost of a new passphrase slot
+    max_blocks: Optional[int] = None          # a new disk's meta room for growing (resize)
     crypto_workers: Optional[int] = None      # engine crypto worker processes (None: auto)
 
 
@@ -120,7 +121,8 @@ class Server:
         libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         disk = open_disk(table, self.source, format=False if recovering else None,
                          opts=OpenOptions(opts.anchor, opts.accept_rollback, opts.kdf,
-                                          opts.crypto_workers))
+                                          max_blocks=opts.max_blocks,
+                                          crypto_workers=opts.crypto_workers))
         self.source = KeySource(self.source.description)     # drop the secret reference
         self.target = SwornDiskTarget(disk, size=table.size)
         outcome = restore.RestoreOutcome(0)

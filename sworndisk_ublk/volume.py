@@ -11,6 +11,7 @@ a single byte is written.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -20,7 +21,7 @@ from ublk_shim import blockio
 from . import terminal
 from .errors import CliError, ExitCode, to_cli_error
 from .keys import KeySource
-from .table import Table, format_bytes
+from .table import SECTORS_PER_BLOCK, Table, format_bytes
 
 
 def _engine() -> Any:
@@ -86,16 +87,38 @@ def capacity(table: Table) -> Capacity:
     return Capacity(table.size, min(usable, table.size), data_size)
 
 
-def check_meta_size(table: Table) -> None:
-    """Refuse a meta device too small for the index of this logical size, naming the minimum."""
+def growth_limit(table: Table, max_sectors: Optional[int], formatting: bool) -> Optional[int]:
+    """The logical size (blocks) a new disk reserves meta room to grow to, from `add
+    --max-sectors` (whole 4 KiB blocks); None without it, or for a disk that exists."""
+    if max_sectors is None:
+        return None
+    if not formatting:
+        print(f"sworndisk-ublk: note: --max-sectors only applies when formatting; the "
+              f"SwornDisk on {table.meta_dev} keeps its layout", file=sys.stderr)
+        return None
+    if max_sectors // SECTORS_PER_BLOCK < table.nr_blocks:
+        raise CliError(f"--max-sectors {max_sectors} is less than the table's <sectors> "
+                       f"{table.sectors}: give at least {table.nr_blocks * SECTORS_PER_BLOCK}",
+                       ExitCode.USAGE)
+    return max_sectors // SECTORS_PER_BLOCK
+
+
+def check_meta_size(table: Table, max_blocks: Optional[int] = None) -> None:
+    """Refuse a meta device too small for the index of this logical size (and the room
+    to grow to `max_blocks`), naming the minimum."""
     data_size = blockio.path_size(table.data_dev)
     meta_size = blockio.path_size(table.meta_dev)
-    need = _engine().min_meta_size(data_size, table.nr_blocks)
+    try:
+        need = _engine().min_meta_size(data_size, table.nr_blocks, max_blocks=max_blocks)
+    except ValueError as e:
+        raise CliError(str(e), ExitCode.USAGE) from None
     if meta_size < need:
+        grow = (f" and room to grow to {format_bytes(max_blocks * BLOCK_SIZE)}"
+                if max_blocks else "")
         raise CliError(
             f"meta device {table.meta_dev} is too small: {meta_size} bytes "
             f"({format_bytes(meta_size)}); a {format_bytes(table.size)} SwornDisk on a "
-            f"{format_bytes(data_size)} data device needs at least {need} bytes "
+            f"{format_bytes(data_size)} data device{grow} needs at least {need} bytes "
             f"({format_bytes(need)})", ExitCode.USAGE)
 
 
@@ -106,6 +129,7 @@ class OpenOptions:
     anchor: Optional[str] = None      # the rollback anchor file
     accept_rollback: bool = False     # open a disk older than its anchor, and move the anchor
     kdf: Any = None                   # sworndisk.kdf.KdfParams for a new passphrase slot
+    max_blocks: Optional[int] = None  # a new disk reserves meta room to grow to this size
     crypto_workers: Optional[int] = None   # the engine's crypto worker processes (None: auto)
 
 
@@ -119,7 +143,8 @@ def _format(table: Table, source: KeySource, opts: OpenOptions) -> Any:
     check_meta_size(table)
     return _engine().create(table.data_dev, table.meta_dev, nr_blocks=table.nr_blocks,
                             config=_runtime(opts),
-                            kdf=opts.kdf, anchor=opts.anchor, **source.engine_args())
+                            kdf=opts.kdf, anchor=opts.anchor, max_blocks=opts.max_blocks,
+                            **source.engine_args())
 
 
 def _open(table: Table, source: KeySource, opts: OpenOptions) -> Any:

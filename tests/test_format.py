@@ -254,3 +254,63 @@ def test_doc_tails_match_the_block_sizes():
     assert tail[1][0] == F.SUPERBLOCK_BODY_AT
     assert tail[-1] == (F.SUPERBLOCK_CHECKSUM_AT, 32)
     assert "version 3" in open(DOC, encoding="utf-8").readline()
+
+
+# ---- resize (sworndisk/resize.py, docs/format.md "Resize") ------------------------------------
+
+def test_resize_layouts_golden():
+    """The layouts --max-sectors reserves and a resize writes (the superblock body's
+    "layout"): a reservation sizes the regions for the larger disk; growing within it
+    changes only the sizes; growing beyond moves the checkpoint slots, journal and
+    segment table behind everything in use, and the index region grows over the gap."""
+    from sworndisk import Config
+    from sworndisk.layout import grown, plan_devices
+    reserved, cfg = plan_devices(64 * MiB, 14774 * 4096, None, Config(), 1 << 18)
+    assert reserved.to_dict() == {
+        "nr_blocks": 14336, "data_segments": 16, "reserve_segments": 2, "checkpoint_start": 2,
+        "checkpoint_blocks": 12, "journal_start": 26, "journal_blocks": 1024,
+        "segtable_start": 1050, "segtable_blocks": 540, "index_start": 1590,
+        "index_chunks": 206}
+    assert cfg.memtable_records == 8192 and reserved.meta_blocks == 14774
+    assert grown(reserved, cfg, 1 << 30, 14774 * 4096).to_dict() == dict(
+        reserved.to_dict(), nr_blocks=256000, data_segments=256, reserve_segments=6)
+    old, cfg = plan_devices(24 * MiB, 3054 * 4096, None, Config())
+    assert (old.index_start, old.index_chunks, old.meta_blocks) == (1070, 31, 3054)
+    moved = grown(old, cfg, 64 * MiB, 64 * MiB)
+    assert moved.to_dict() == {
+        "nr_blocks": 14336, "data_segments": 16, "reserve_segments": 2,
+        "checkpoint_start": 4782, "checkpoint_blocks": 8, "journal_start": 4798,
+        "journal_blocks": 1024, "segtable_start": 5822, "segtable_blocks": 48,
+        "index_start": 1070, "index_chunks": 58}
+    assert moved.meta_blocks == 5870     # the header's "meta device blocks in use"
+
+
+def test_resized_superblock_as_written():
+    """After a resize: generation 2 in both copies, the header's sizes the new layout's,
+    and the authenticated body's layout the one grown() computed."""
+    from sworndisk import superblock as sbmod
+    from sworndisk.layout import grown
+    from sworndisk.resize import grow
+
+    class Grow(MemoryDevice):
+        def __init__(self, size, visible):
+            super().__init__(size)
+            self.visible = visible
+
+        @property
+        def size(self):
+            return self.visible
+    data = Grow(64 * MiB, 24 * MiB)
+    meta = Grow(64 * MiB, SwornDisk.min_meta_size(24 * MiB))
+    disk = SwornDisk.create(data, meta, KEY16)
+    old, cfg = disk.layout, disk.config
+    disk.close()
+    data.visible = meta.visible = 64 * MiB
+    grow(data, meta, key=KEY16)
+    blocks = [bytes(meta.buf[i * 4096:(i + 1) * 4096]) for i in (0, 1)]
+    want = grown(old, cfg, 64 * MiB, 64 * MiB)
+    for blk in blocks:
+        h = header(blk)
+        assert (h["generation"], h["nr_blocks"], h["data_blocks"], h["meta_blocks"]) == \
+            (2, want.nr_blocks, want.data_blocks, want.meta_blocks)
+    assert sbmod.unlock(blocks, sbmod.Credential.of(KEY16)).superblock.layout == want
