@@ -2,8 +2,7 @@
 
 The script does every step (add, fio write+verify at depth 1 and 16, ext4, del, re-add without formatting,
 a del refused while the device is open or mounted, SIGTERM flushing, wrong keys, kill -9
-and recover of a --recoverable server, passphrases, no secrets in /run, crypto workers with
-two queues) and prints
+and recover of a --recoverable server, passphrases, no secrets in /run) and prints
 ``@@STEP <name> PASS`` or ``@@STEP <name> FAIL: <why>``; each test here asserts on one
 step, so a failure names the step and shows the script's output around it.
 """
@@ -19,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "tests/e2e/scripts/sworndisk.sh"
 TIMEOUT = 900
 STEPS = ["setup", "add", "fio", "fiodepth", "filesystem", "del", "readd", "busy", "sigterm", "wrongkey",
-         "recover", "passphrase", "secrets", "pool", "done"]
+         "recover", "passphrase", "secrets", "done"]
 MARKER = re.compile(r"^@@STEP (\S+) (PASS|FAIL)(?:: (.*))?$", re.M)
 
 

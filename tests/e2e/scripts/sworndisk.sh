@@ -220,26 +220,5 @@ grep -rq "$KEYHEX" /run/sworndisk/ && fail "key in /run/sworndisk"
 grep -rqa "correct horse" /run/sworndisk/ && fail "passphrase in /run/sworndisk"
 pass
 
-step pool
-# Crypto workers with two queues: every block verifies, status and stats show the pool.
-out=$($CLI add --crypto-workers x "$(table p false)" 2>&1) && fail "bad --crypto-workers accepted"
-echo "$out" | grep -q "crypto-workers" || fail "no one-line error for --crypto-workers: $out"
-PDEV=$(echo "correct horse battery staple" | add --crypto-workers 1 --queues 2 "$(table p false)") || exit 1
-N=$(devnum "$PDEV")
-fio --name=pool --filename="$PDEV" --direct=1 --ioengine=libaio --iodepth=16 --numjobs=2 \
-    --rw=randwrite --bs=4k --size=8M --offset_increment=8M --fsync=32 --verify=crc32c \
-    --do_verify=1 --verify_fatal=1 --randrepeat=1 --group_reporting \
-    --output-format=terse >/dev/null || fail "fio write+verify with 2 queues and a worker failed"
-$CLI status -n "$N"
-$CLI status -n "$N" --json | "$PY" -c "import json,sys; s=json.load(sys.stdin); sys.exit(s['crypto_workers'] != 1)" \
-    || fail "status does not show 1 crypto worker"
-$CLI stats -n "$N" --json | "$PY" -c "
-import json, sys
-c = json.load(sys.stdin)['crypto']
-sys.exit(not (c['workers'] == 1 and len(c['worker_pids']) == 1 and c['blocks_in_workers'] > 0))" \
-    || fail "stats do not show the worker doing the crypto"
-$CLI del -n "$N" || fail "del"
-pass
-
 step done
 pass
