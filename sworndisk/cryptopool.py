@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
 import select
 import signal
 import socket
@@ -145,14 +146,14 @@ class CryptoPool:
         self.mem = self._region.mem
         self._fd = self._region.fd
         self._workers: list[_Worker] = []
+        # Workers start at the first job (a disk that never needs them has none), from a
+        # thread of the pool's own: PR_SET_PDEATHSIG fires when the thread that started a
+        # worker ends, so not a caller's (a ublk queue's) but one that lives as long as
+        # the pool does.
+        self._spawner = _Spawner(self._fd, self.keys_len)
         # A disk dropped without close() still ends its workers when collected.
-        self._finalizer = weakref.finalize(self, _release, self._workers, self._region)
-        try:
-            for _ in range(workers):
-                self._workers.append(_Worker(self._fd, self.keys_len))
-        except BaseException:
-            self.close()
-            raise
+        self._finalizer = weakref.finalize(self, _release, self._workers, self._region,
+                                           self._spawner)
         self._cipher = Cipher()
         self._cv = threading.Condition()
         self._polling = False
@@ -258,6 +259,7 @@ class CryptoPool:
             jid = self._next_id
             self._next_id = jid % 0xFFFFFFFF + 1
             self._specs[jid] = spec
+            self._start_locked()
             w = min(self._workers, key=lambda w: len(w.jobs))
             w.jobs.add(jid)
             self.batches += 1
@@ -329,7 +331,7 @@ class CryptoPool:
             self.blocks_in_workers -= spec[5]
             self._done[jid] = self._inline(spec)
         w.jobs.clear()
-        self._workers[self._workers.index(w)] = _Worker(self._fd, self.keys_len)
+        self._workers[self._workers.index(w)] = self._spawner.worker()
 
     # ------------------------------------------------------------------ life
     def stats(self) -> CryptoStats:
@@ -338,15 +340,26 @@ class CryptoPool:
                            blocks_in_workers=self.blocks_in_workers,
                            blocks_inline=self.blocks_inline, worker_restarts=self.restarts,
                            worker_cpu_seconds=self._dead_cpu + live,
-                           keys_locked=all(w.keys_locked for w in self._workers))
+                           keys_locked=bool(self._workers)
+                           and all(w.keys_locked for w in self._workers))
 
     def pids(self) -> tuple[int, ...]:
         return tuple(w.pid for w in self._workers)
 
-    def dumpable(self) -> tuple[int, ...]:
-        """PR_GET_DUMPABLE as each live worker reported it at start (0 expected); waits
-        for their hellos."""
+    def start(self) -> None:
+        """Starts the workers now (they start at the first job otherwise)."""
         with self._cv:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        while len(self._workers) < self.size:
+            self._workers.append(self._spawner.worker())
+
+    def dumpable(self) -> tuple[int, ...]:
+        """PR_GET_DUMPABLE as each worker reported it at start (0 expected); starts them
+        if need be and waits for their hellos."""
+        with self._cv:
+            self._start_locked()
             for i in range(len(self._workers)):
                 while self._workers[i].dumpable is None:     # (a replacement's, if it died)
                     if self._polling:
@@ -392,12 +405,53 @@ class _Region:
         os.close(self.fd)
 
 
-def _release(workers: list, region: _Region) -> None:
+def _release(workers: list, region: _Region, spawner: "_Spawner") -> None:
     """A pool's end (close() or collection): workers first, then the region."""
     for w in workers:
         w.stop()
     workers.clear()
+    spawner.stop()
     region.close()
+
+
+class _Spawner:
+    """The thread that starts a pool's workers (see CryptoPool.__init__), started with
+    the first of them and ended by the pool's end."""
+
+    def __init__(self, memfd: int, keys_len: int):
+        self.memfd, self.keys_len = memfd, keys_len
+        self.requests: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+
+    def worker(self) -> _Worker:
+        if self.thread is None:
+            self.thread = threading.Thread(target=_spawn_loop, name="sworndisk-crypto-spawner",
+                                           args=(self.requests, self.memfd, self.keys_len),
+                                           daemon=True)
+            self.thread.start()
+        reply: queue.Queue = queue.Queue(1)
+        self.requests.put(reply)
+        got = reply.get()
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.requests.put(None)
+            self.thread.join()
+            self.thread = None
+
+
+def _spawn_loop(requests: queue.Queue, memfd: int, keys_len: int) -> None:
+    while True:
+        reply = requests.get()
+        if reply is None:
+            return
+        try:
+            reply.put(_Worker(memfd, keys_len))
+        except BaseException as e:      # noqa: BLE001 - raised in the asking thread
+            reply.put(e)
 
 
 class OpenJob:
