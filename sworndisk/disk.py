@@ -36,6 +36,7 @@ from .device import BlockDevice, CountingDevice, closing_on_error, open_pair
 from .format import BLOCK_SIZE, LABEL_ANCHOR, LABEL_DISK, LABEL_FRONTEND, MASTER_KEY_BYTES
 from .errors import DiskClosedError, InvalidArgument, SwornDiskError
 from .kdf import KdfParams
+from .latch import FailureLatch
 from .layout import Layout, plan, plan_devices, usable_blocks
 from .protocol import CommitProtocol
 from .reader import PendingReads, Reader
@@ -61,6 +62,8 @@ class SwornDisk:
         """The disk on opened devices and an unlocked superblock: formatted with the
         superblock bytes `fresh`, else recovered; then checked against `anchor`."""
         self._owned = owned
+        self._latch = FailureLatch()        # a failed step makes the disk refuse calls
+        self._guarded = self._latch.run     # runs a state-changing step under the latch
         self.read_only = read_only           # opened for inspection: close() writes nothing
         self.key_slot = slot                 # the key slot that opened this disk
         self.anchor: Anchor | None = None
@@ -97,7 +100,6 @@ class SwornDisk:
                                     self.config.autocommit_bytes // BLOCK_SIZE,
                                     self._lifetime, self._session, self._guarded)
         self._closed = False
-        self._failed: BaseException | None = None
         try:
             self._protocol.format(fresh) if fresh is not None else self._protocol.recover()
             if anchor is not None:      # checked; moved along with every commit
@@ -292,7 +294,7 @@ class SwornDisk:
         if self._closed:
             return
         try:
-            if self._failed is None and not self.read_only:
+            if self._latch.failed is None and not self.read_only:
                 self._guarded(self._protocol.commit)
                 if self._protocol.journal.used() > 1:
                     self._guarded(self._protocol.checkpoint)
@@ -312,8 +314,9 @@ class SwornDisk:
     def _check_usable(self) -> None:
         if self._closed:
             raise DiskClosedError("the disk is closed")
-        if self._failed is not None:
-            raise DiskClosedError(f"the disk stopped after an I/O failure ({self._failed}); "
+        failed = self._latch.failed
+        if failed is not None:
+            raise DiskClosedError(f"the disk stopped after an I/O failure ({failed}); "
                                   f"reopen it to recover to the last flush")
 
     def _check_range(self, lba: int, n: int) -> None:
@@ -322,16 +325,6 @@ class SwornDisk:
         if lba < 0 or n < 0 or lba + n > self.nr_blocks:
             raise InvalidArgument(f"blocks [{lba}, {lba + n}) are outside the disk "
                                   f"(0..{self.nr_blocks - 1})")
-
-    def _guarded(self, fn):
-        """Runs a state-changing step; any failure midway (device error, an internal
-        region full, a bug) makes the disk unusable: the on-disk state is consistent,
-        the in-memory one may not be. Reopening recovers to the last commit."""
-        try:
-            return fn()
-        except BaseException as e:
-            self._failed = e
-            raise
 
     def stats(self) -> DiskStats:
         return collect_stats(self.debug, self._lifetime, self._session, self.nr_blocks,

@@ -1,0 +1,25 @@
+"""The disk's failure latch: the first failure of a state-changing step stops the disk.
+
+Any failure midway (device error, an internal region full, a bug) leaves the on-disk
+state consistent but the in-memory one perhaps not, so the disk refuses further calls
+until it is reopened (which recovers to the last commit). An object apart from the disk
+so that the parts it is handed to (Admission) do not hold the disk itself: a disk
+dropped without close() is then freed, with its crypto workers, at once.
+"""
+from __future__ import annotations
+
+
+class FailureLatch:
+    def __init__(self):
+        self.failed: BaseException | None = None
+
+    def run(self, fn):
+        """fn(), latching whatever it raises."""
+        try:
+            return fn()
+        except BaseException as e:
+            self.failed = e
+            raise
+
+
+__all__ = ["FailureLatch"]
