@@ -11,14 +11,16 @@ from __future__ import annotations
 
 class FailureLatch:
     def __init__(self):
-        self.failed: BaseException | None = None
+        # What failed, as text: the exception itself would keep its traceback's frames,
+        # and with them the disk, alive.
+        self.failed: str | None = None
 
     def run(self, fn):
         """fn(), latching whatever it raises."""
         try:
             return fn()
         except BaseException as e:
-            self.failed = e
+            self.failed = str(e) or type(e).__name__
             raise
 
 
