@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import os
 
-from .errors import AnchorError
+from .errors import AnchorError, RollbackError
 from .format import ANCHOR as _ANCHOR, ANCHOR_MAGIC, ANCHOR_VERSION
 
 _SIGNED = _ANCHOR.size - 32          # every field before the MAC
@@ -82,4 +82,27 @@ class Anchor:
             os.close(dfd)
 
 
-__all__ = ["Anchor"]
+
+
+def attach_anchor(path: str, disk_uuid: bytes, key: bytes, commit_seq: int,
+                  accept_rollback: bool, read_only: bool) -> Anchor:
+    """Checks a disk at `commit_seq` against its anchor and moves the anchor to it (not
+    for a read-only disk: it only checks). RollbackError if the disk is older than the
+    anchor, AnchorError if the anchor is missing or forged, unless `accept_rollback`."""
+    anchor = Anchor(path, disk_uuid, key)
+    try:
+        seq: int | None = anchor.read()
+    except AnchorError:
+        if not accept_rollback:
+            raise
+        seq = None
+    if seq is not None and commit_seq < seq and not accept_rollback:
+        raise RollbackError(
+            f"the disk was rolled back: its last commit is {commit_seq}, but the "
+            f"anchor {path} says commit {seq} was made", commit_seq, seq)
+    if not read_only and seq != commit_seq:
+        anchor.write(commit_seq)
+    return anchor
+
+
+__all__ = ["Anchor", "attach_anchor"]

@@ -21,7 +21,7 @@ from .ops import Discard, Op, Writes
 from .cryptopool import BlockCrypto
 from .records import RecordFormat
 from .space import DataSpace
-from .stats import Lifetime
+from .counters import Lifetime
 
 
 class PendingBatch:

@@ -32,7 +32,7 @@ from .device import BlockDevice
 from .errors import IntegrityError
 from .segtable import NONE
 from .space import HEAD_COLD
-from .stats import Lifetime
+from .counters import Lifetime
 
 log = logging.getLogger("sworndisk.cleaner")
 

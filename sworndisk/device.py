@@ -24,6 +24,7 @@ import os
 import stat
 import struct
 import threading
+from contextlib import contextmanager
 from itertools import accumulate
 
 from ublk_shim import blockio
@@ -469,6 +470,18 @@ def open_pair(data, meta) -> tuple[BlockDevice, BlockDevice, list[BlockDevice]]:
     return devs[0], devs[1], owned
 
 
+@contextmanager
+def closing_on_error(owned: list[BlockDevice]):
+    """Closes the devices `open_pair` opened if the block raises (they stay open, and
+    owned by what the block made of them, if it does not)."""
+    try:
+        yield
+    except BaseException:
+        for dev in owned:
+            dev.close()
+        raise
+
+
 def check_unowned(path: str, what: str) -> None:
     """Raise DeviceBusyError if the device at `path` is owned now (by an open SwornDisk,
     a mount, ...), so a front end can refuse before it asks questions or forks. Only a
@@ -500,4 +513,4 @@ def create_image(path: str, size: int) -> None:
 
 
 __all__ = ["BlockDevice", "CountingDevice", "FileDevice", "MemoryDevice", "as_device",
-           "check_unowned", "create_image", "open_pair"]
+           "check_unowned", "closing_on_error", "create_image", "open_pair"]

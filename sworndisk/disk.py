@@ -3,6 +3,8 @@
 This module checks arguments, keeps the failure latch and assembles stats; the work is
 done by the parts (docs/modules.md):
 
+    Admission       admission.py  writes and discards into the batch; early commits
+    BlockCrypto     cryptopool.py sealing and verifying blocks, in worker processes
     PendingBatch    batch.py      writes and discards since the last commit; sealing
     CommittedState  committed.py  the secure index and space accounting; apply(ops)
     CommitProtocol  protocol.py   commit, checkpoint and recovery over journal and packs
@@ -21,7 +23,8 @@ from typing import Callable, Union
 import numpy as np
 
 from . import crypto, superblock as sbmod
-from .anchor import Anchor
+from .admission import Admission
+from .anchor import Anchor, attach_anchor
 from .batch import PendingBatch
 from .bit import NodeStore
 from .cleaner import Cleaner
@@ -29,17 +32,18 @@ from .committed import CommittedState
 from .debug import DebugView
 from .config import RUNTIME_FIELDS, Config
 from .cryptopool import open_crypto
-from .device import BlockDevice, CountingDevice, open_pair
+from .device import BlockDevice, CountingDevice, closing_on_error, open_pair
 from .format import BLOCK_SIZE, LABEL_ANCHOR, LABEL_DISK, LABEL_FRONTEND, MASTER_KEY_BYTES
-from .errors import (AnchorError, DeviceTooSmall, DiskClosedError, InvalidArgument,
-                     RollbackError, SwornDiskError)
+from .errors import DiskClosedError, InvalidArgument, SwornDiskError
 from .kdf import KdfParams
+from .latch import FailureLatch
 from .layout import Layout, plan, plan_devices, usable_blocks
 from .protocol import CommitProtocol
-from .reader import Reader
+from .reader import PendingReads, Reader
 from .records import RecordFormat
 from .segtable import SegmentTable
-from .stats import DiskStats, Lifetime, Session, collect_stats
+from .counters import Lifetime, Session
+from .stats import DiskStats, collect_stats
 from .readonly import open_pair_readonly
 from .superblock import Credential, Superblock, Unlocked
 
@@ -52,10 +56,16 @@ class SwornDisk:
     # ------------------------------------------------------------------ construction
     def __init__(self, data: BlockDevice, meta: BlockDevice, master: bytes, sb: Superblock,
                  owned: list[BlockDevice], *, read_only: bool = False,
-                 runtime: Config | None = None):
+                 runtime: Config | None = None, slot: int | None = None,
+                 fresh: bytes | None = None, anchor: str | None = None,
+                 accept_rollback: bool = False):
+        """The disk on opened devices and an unlocked superblock: formatted with the
+        superblock bytes `fresh`, else recovered; then checked against `anchor`."""
         self._owned = owned
+        self._latch = FailureLatch()        # a failed step makes the disk refuse calls
+        self._guarded = self._latch.run     # runs a state-changing step under the latch
         self.read_only = read_only           # opened for inspection: close() writes nothing
-        self.key_slot: int | None = None     # the key slot that opened this disk
+        self.key_slot = slot                 # the key slot that opened this disk
         self.anchor: Anchor | None = None
         self._data = CountingDevice(data)    # close() is never called on these: the
         self._meta = CountingDevice(meta)    # caller owns devices it passed in
@@ -85,12 +95,22 @@ class SwornDisk:
                                         self._lifetime, self._session)
         self._cleaner = Cleaner(self._state, self._batch, self._data, self._lifetime)
         self._reader = Reader(fmt, self._batch, self._state, self._data, self.layout.data_blocks,
-                              self._crypto.open_blocks)
-        # Unflushed blocks (written or discarded) one commit may carry: bounds the
-        # MemTable's growth per commit, which sizes level 0 (layout.max_bit_records).
-        self._budget = self.config.autocommit_bytes // BLOCK_SIZE
+                              self._crypto.open_start)
+        self._admission = Admission(self._batch, self._state, self._protocol.commit,
+                                    self.config.autocommit_bytes // BLOCK_SIZE,
+                                    self._lifetime, self._session, self._guarded)
         self._closed = False
-        self._failed: BaseException | None = None
+        try:
+            self._protocol.format(fresh) if fresh is not None else self._protocol.recover()
+            if anchor is not None:      # checked; moved along with every commit
+                self.anchor = attach_anchor(anchor, sb.uuid,
+                                            crypto.derive(self._disk_key, LABEL_ANCHOR),
+                                            self.commit_seq, accept_rollback, read_only)
+                if not read_only:
+                    self._protocol.on_commit = self.anchor.write
+        except BaseException:
+            self._crypto.close()
+            raise
 
     @classmethod
     def create(cls, data: Dev, meta: Dev, key=None, nr_blocks: int | None = None,
@@ -107,22 +127,11 @@ class SwornDisk:
         config = (config or Config()).validate()
         master = crypto.random_bytes(MASTER_KEY_BYTES)
         d, m, owned = open_pair(data, meta)
-        disk = None
-        try:
+        with closing_on_error(owned):
             layout, fitted = plan_devices(d.size, m.size, nr_blocks, config, max_blocks)
             sb = Superblock.new(layout, fitted, cred, master, kdf)
-            disk = cls(d, m, master, sb, owned, runtime=config)
-            disk.key_slot = 0
-            disk._protocol.format(sb.encode(master))
-            if anchor is not None:
-                disk._attach_anchor(anchor, accept_rollback=True)
-            return disk
-        except BaseException:
-            if disk is not None:
-                disk._crypto.close()
-            for dev in owned:
-                dev.close()
-            raise
+            return cls(d, m, master, sb, owned, runtime=config, slot=0,
+                       fresh=sb.encode(master), anchor=anchor, accept_rollback=True)
 
     @classmethod
     def open(cls, data: Dev, meta: Dev, key=None, *, passphrase: bytes | str | None = None,
@@ -147,49 +156,11 @@ class SwornDisk:
               read_only: bool = False, config: Config | None = None) -> "SwornDisk":
         """open() with the unlocking step given (check.py keeps what it unlocked)."""
         d, m, owned = (open_pair_readonly if read_only else open_pair)(data, meta)
-        disk = None
-        try:
-            if m.size < 2 * BLOCK_SIZE:
-                raise DeviceTooSmall(f"meta device is {m.size} bytes; too small for a SwornDisk")
-            unlocked = unlock(sbmod.read_copies(m))
-            lay = unlocked.superblock.layout
-            if d.size < lay.data_blocks * BLOCK_SIZE or m.size < lay.meta_blocks * BLOCK_SIZE:
-                raise DeviceTooSmall(
-                    f"devices are smaller than when formatted: data needs "
-                    f"{lay.data_blocks * BLOCK_SIZE} bytes, meta {lay.meta_blocks * BLOCK_SIZE}")
-            disk = cls(d, m, unlocked.master, unlocked.superblock, owned, read_only=read_only,
-                       runtime=config)
-            disk.key_slot = unlocked.slot
-            disk._protocol.recover()
-            if anchor is not None:
-                disk._attach_anchor(anchor, accept_rollback)
-            return disk
-        except BaseException:
-            if disk is not None:
-                disk._crypto.close()
-            for dev in owned:
-                dev.close()
-            raise
-
-    def _attach_anchor(self, path: str, accept_rollback: bool) -> None:
-        """Checks the disk against its anchor, moves the anchor to the disk's commit, and
-        keeps it moving with every commit (not for a read-only disk: it only checks)."""
-        anchor = Anchor(path, self.sb.uuid, crypto.derive(self._disk_key, LABEL_ANCHOR))
-        try:
-            seq: int | None = anchor.read()
-        except AnchorError:
-            if not accept_rollback:
-                raise
-            seq = None
-        if seq is not None and self.commit_seq < seq and not accept_rollback:
-            raise RollbackError(
-                f"the disk was rolled back: its last commit is {self.commit_seq}, but the "
-                f"anchor {path} says commit {seq} was made", self.commit_seq, seq)
-        if not self.read_only:
-            if seq != self.commit_seq:
-                anchor.write(self.commit_seq)
-            self._protocol.on_commit = anchor.write
-        self.anchor = anchor
+        with closing_on_error(owned):
+            unlocked = sbmod.unlock_devices(d, m, unlock)
+            return cls(d, m, unlocked.master, unlocked.superblock, owned, read_only=read_only,
+                       runtime=config, slot=unlocked.slot, anchor=anchor,
+                       accept_rollback=accept_rollback)
 
     # ------------------------------------------------------------------ static helpers
     @staticmethod
@@ -238,6 +209,14 @@ class SwornDisk:
         its bytes or the SwornDiskError (e.g. IntegrityError) that this range alone
         raised; the other ranges still return their data. Bad arguments raise before any
         I/O, as read() does. Each result is what read() would return at this moment."""
+        return self.start_reads(ranges).result()
+
+    def start_reads(self, ranges) -> PendingReads:
+        """read_many in two steps: this call looks the blocks up and reads them; the
+        verification runs in the crypto workers, and result() on what it returns waits
+        for it and gives read_many's answer. result() touches no state of the disk, so a
+        caller that serialises calls into the disk (a ublk target's queues) may let other
+        calls in before it: their crypto then overlaps."""
         self._check_usable()
         ranges = [(lba, n) for lba, n in ranges]
         blocks, limit = 0, self.nr_blocks
@@ -246,10 +225,10 @@ class SwornDisk:
                     or lba + n > limit:
                 self._check_range(lba, n)       # raises, or passes an int subclass
             blocks += n
-        results = self._reader.read_many(ranges)
+        pending = self._reader.start(ranges)
         self._lifetime.user_blocks_read += blocks
         self._session.user_blocks_read += blocks
-        return results
+        return pending
 
     def write(self, lba: int, data) -> None:
         """Buffers the blocks; `data` (any buffer) is copied before this returns.
@@ -263,27 +242,13 @@ class SwornDisk:
             raise InvalidArgument(f"write length must be a positive multiple of {BLOCK_SIZE} "
                                   f"bytes (got {len(data)})")
         self._check_range(lba, n)
-        mv = memoryview(data).cast("B")
-        done = 0
-        while done < n:
-            k = self._make_room(lba + done, n - done)
-            try:
-                self._batch.put(lba + done, mv if k == n else
-                                mv[done * BLOCK_SIZE:(done + k) * BLOCK_SIZE])
-            except BaseException as e:          # a seal failed: latch, as _guarded does
-                self._failed = e
-                raise
-            done += k
-        self._lifetime.user_blocks_written += n
-        self._session.user_blocks_written += n
+        self._admission.write(lba, memoryview(data).cast("B"))
 
     def write_many(self, items) -> None:
         """Writes many (lba, data) requests, in order: the same as write() for each, as a
         ublk queue's batch of WRITEs hands them over, with the per-request work done
         once for the batch where it can be. Bad arguments raise before anything is
-        buffered. When the whole batch fits the autocommit budget and the free space, it
-        goes into the pending batch directly; otherwise one write() at a time, each
-        committing early as it needs."""
+        buffered."""
         self._check_usable()
         views, total, limit = [], 0, self.nr_blocks
         for lba, data in items:
@@ -296,56 +261,14 @@ class SwornDisk:
                 self._check_range(lba, n)       # raises, or passes an int subclass
             views.append((lba, mv))
             total += n
-        batch = self._batch
-        if total > min(self._budget - batch.unflushed,
-                       self._state.space.free_blocks() - batch.buffered):
-            for lba, mv in views:
-                self.write(lba, mv)
-            return
-        try:
-            batch.put_many(views)
-        except BaseException as e:              # a seal failed: latch, as _guarded does
-            self._failed = e
-            raise
-        self._lifetime.user_blocks_written += total
-        self._session.user_blocks_written += total
-
-    def _make_room(self, lba: int, n: int) -> int:
-        """How many of blocks [lba, lba+n) may be buffered now (at least one), committing
-        first if they do not all fit. NoSpaceError, with nothing of the write buffered,
-        when even then the blocks it adds to the live data do not fit: possible on a thin
-        disk alone (docs/cleaning.md). A write larger than the free space that does fit
-        (an overwrite) goes in pieces, each committed to free the blocks it replaces."""
-        k = self._room(lba, n)
-        if k == n:
-            return n
-        self._guarded(self._protocol.commit)
-        k = self._room(lba, n)
-        if k < n and (k == 0 or n - self._state.live_blocks(list(range(lba, lba + n)))
-                      > self._state.space.free_blocks()):
-            raise self._state.space.no_space()
-        return k
-
-    def _room(self, lba: int, n: int) -> int:
-        """The longest prefix of [lba, lba+n) that fits both the autocommit budget and the
-        free blocks left once every buffered block is sealed."""
-        batch = self._batch
-        n = min(n, self._budget - batch.unflushed)
-        return batch.new_blocks(lba, n, self._state.space.free_blocks() - batch.buffered)
+        self._admission.write_many(views, total)
 
     def discard(self, lba: int, nr_blocks: int) -> None:
         """Unmaps blocks. A large range goes in several commits (each at most the
         autocommit budget of blocks), since every mapped block becomes a tombstone."""
         self._check_usable()
         self._check_range(lba, nr_blocks)
-        end = lba + nr_blocks
-        while lba < end:
-            if self._batch.unflushed >= self._budget:
-                self._guarded(self._protocol.commit)
-            hi = min(end, lba + self._budget - self._batch.unflushed)
-            self._batch.discard(lba, hi)
-            lba = hi
-        self._lifetime.blocks_discarded += nr_blocks
+        self._admission.discard(lba, nr_blocks)
 
     def flush(self) -> None:
         self._check_usable()
@@ -371,7 +294,7 @@ class SwornDisk:
         if self._closed:
             return
         try:
-            if self._failed is None and not self.read_only:
+            if self._latch.failed is None and not self.read_only:
                 self._guarded(self._protocol.commit)
                 if self._protocol.journal.used() > 1:
                     self._guarded(self._protocol.checkpoint)
@@ -385,10 +308,7 @@ class SwornDisk:
     def failure(self) -> str | None:
         """Why the disk stopped accepting writes (the failure latch: a device error, a
         region full, ...) as one line, or None while it works. Reopening recovers."""
-        if self._failed is None:
-            return None
-        e = self._failed
-        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return self._latch.reason
 
     def __enter__(self) -> "SwornDisk":
         return self
@@ -400,8 +320,9 @@ class SwornDisk:
     def _check_usable(self) -> None:
         if self._closed:
             raise DiskClosedError("the disk is closed")
-        if self._failed is not None:
-            raise DiskClosedError(f"the disk stopped after an I/O failure ({self._failed}); "
+        failed = self._latch.failed
+        if failed is not None:
+            raise DiskClosedError(f"the disk stopped after an I/O failure ({failed}); "
                                   f"reopen it to recover to the last flush")
 
     def _check_range(self, lba: int, n: int) -> None:
@@ -411,17 +332,6 @@ class SwornDisk:
             raise InvalidArgument(f"blocks [{lba}, {lba + n}) are outside the disk "
                                   f"(0..{self.nr_blocks - 1})")
 
-    def _guarded(self, fn):
-        """Runs a state-changing step; any failure midway (device error, an internal
-        region full, a bug) makes the disk unusable: the on-disk state is consistent,
-        the in-memory one may not be. Reopening recovers to the last commit."""
-        try:
-            return fn()
-        except BaseException as e:
-            self._failed = e
-            raise
-
-    # ------------------------------------------------------------------ stats
     def stats(self) -> DiskStats:
         return collect_stats(self.debug, self._lifetime, self._session, self.nr_blocks,
                              self.config, self._crypto.stats())

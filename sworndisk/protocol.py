@@ -30,7 +30,7 @@ from .layout import Layout
 from .ops import Checkpoint, Commit, decode, encode
 from .records import RecordFormat
 from .segtable import dir_dtype
-from .stats import Lifetime, Session
+from .counters import Lifetime, Session
 
 
 class CommitProtocol:

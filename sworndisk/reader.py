@@ -18,7 +18,7 @@ import numpy as np
 
 from .batch import PendingBatch
 from .committed import CommittedState
-from .crypto import authentication_error, open_blocks
+from .crypto import authentication_error
 from .device import BlockDevice
 from .errors import IntegrityError, SwornDiskError
 from .format import BLOCK_SIZE
@@ -30,8 +30,8 @@ SMALL_BATCH = 8               # blocks up to which a read goes LBA by LBA (no nu
 
 class Reader:
     def __init__(self, fmt: RecordFormat, batch: PendingBatch, state: CommittedState,
-                 data: BlockDevice, data_blocks: int, opener=open_blocks):
-        self.opener = opener            # crypto.open_blocks, or a crypto pool's
+                 data: BlockDevice, data_blocks: int, opener):
+        self.opener = opener            # BlockCrypto.open_start: in the thread or the pool
         self.fmt = fmt
         self.batch = batch
         self.state = state
@@ -41,18 +41,22 @@ class Reader:
     def read_many(self, ranges: list[tuple[int, int]]) -> list:
         """For each (lba, nr_blocks), its bytes or the SwornDiskError it alone raised.
         Arguments are the caller's to check."""
+        return self.start(ranges).result()
+
+    def start(self, ranges: list[tuple[int, int]]) -> "PendingReads":
+        """read_many up to the verification: the index looked up, the ciphertext read,
+        the crypto started. What is left (PendingReads.result) touches no engine state,
+        so a caller may let other requests into the engine meanwhile."""
         outs = [bytearray(n * BLOCK_SIZE) for _, n in ranges]
         errors: dict[int, SwornDiskError] = {}
         if self.batch.is_empty() and (len(ranges) > SMALL_BATCH
                                        or sum(n for _, n in ranges) > SMALL_BATCH):
-            self._read_committed(ranges, outs, errors)
+            fetch = self._read_committed(ranges, outs, errors)
         else:
-            self._read_each(ranges, outs, errors)
-        if not errors:
-            return [bytes(out) for out in outs]
-        return [errors.get(r) or bytes(out) for r, out in enumerate(outs)]
+            fetch = self._read_each(ranges, outs, errors)
+        return PendingReads(self.fmt, outs, errors, fetch)
 
-    def _read_committed(self, ranges: list, outs: list, errors: dict) -> None:
+    def _read_committed(self, ranges: list, outs: list, errors: dict) -> tuple | None:
         """A batch with nothing pending, as arrays from the ranges to the device runs:
         no Python per LBA until the blocks are verified. A 1 MiB range is one run of
         LBAs, found together, and (when its records name consecutive blocks) one read."""
@@ -61,11 +65,12 @@ class Reader:
         if not have.all():
             keep = np.flatnonzero(have)
             rid, idx, lba, recs = rid[keep], idx[keep], lba[keep], recs[keep]
-        if len(recs):
-            self._fetch(rid.tolist(), idx.tolist(), lba.tolist(), self.fmt.values_of(recs),
-                        recs["hba"], outs, errors)
+        if not len(recs):
+            return None
+        return self._fetch(rid.tolist(), idx.tolist(), lba.tolist(), self.fmt.values_of(recs),
+                           recs["hba"], outs, errors)
 
-    def _read_each(self, ranges: list, outs: list, errors: dict) -> None:
+    def _read_each(self, ranges: list, outs: list, errors: dict) -> tuple | None:
         """A few blocks (where numpy's per-call cost outweighs the Python it saves), or a
         batch the pending batch answers in part: LBA by LBA."""
         # The blocks to fetch, as parallel lists: range, index in the range, LBA, record.
@@ -97,17 +102,18 @@ class Reader:
             values += [found.get(l) for l in lbas[len(values):]]
         keep = [j for j, v in enumerate(values) if v is not None]
         if not keep:
-            return
+            return None
         if len(keep) < len(values):
             rids, idxs = [rids[j] for j in keep], [idxs[j] for j in keep]
             lbas, values = [lbas[j] for j in keep], [values[j] for j in keep]
-        self._fetch(rids, idxs, lbas, values, [self.fmt.hba_of(v) for v in values], outs,
-                    errors)
+        return self._fetch(rids, idxs, lbas, values, [self.fmt.hba_of(v) for v in values],
+                           outs, errors)
 
     def _fetch(self, rids: list, idxs: list, lbas: list, values: list, hbas, outs: list,
-               errors: dict) -> None:
-        """Reads and verifies the blocks (each with its record value and HBA, a list or
-        an array), coalescing runs of consecutive HBAs into one read each."""
+               errors: dict) -> tuple | None:
+        """Reads the blocks (each with its record value and HBA, a list or an array),
+        coalescing runs of consecutive HBAs into one read each, and starts verifying them:
+        returns the verification and, in its order, each block's range, LBA and value."""
         order, hbas, cuts, good = self._runs(hbas)
         # Past the device's end: a forged or corrupt record fails its range alone.
         for j in order[good:]:
@@ -115,7 +121,8 @@ class Reader:
                 f"index record points outside the data device (block {self.fmt.hba_of(values[j])}, "
                 f"LBA {lbas[j]})"))
         if not good:
-            return
+            return None
+        order = order[:good]
         runs = []                                        # (first, end) in sorted order
         for a, b in zip([0] + cuts, cuts + [good]):
             if b - a <= MAX_RUN_BLOCKS:
@@ -125,20 +132,12 @@ class Reader:
         first = [hbas[a] for a, _ in runs]
         raws = self.data.pread_many([((b - a) * BLOCK_SIZE, h * BLOCK_SIZE)
                                      for (a, b), h in zip(runs, first)])
-        k = self.fmt.key_bytes
         views = [memoryview(out) for out in outs]
-        blocks = []
-        for (a, b), raw in zip(runs, raws):
-            raw = memoryview(raw)
-            for n, j in enumerate(order[a:b]):
-                v, i = values[j], idxs[j]
-                blocks.append((v[8:8 + k], v[8 + k:20 + k], v[20 + k:],
-                               raw[n * BLOCK_SIZE:(n + 1) * BLOCK_SIZE],
-                               views[rids[j]][i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
-        for n in self.opener(blocks):
-            j = order[n]
-            errors.setdefault(rids[j], authentication_error(
-                f"data block {self.fmt.hba_of(values[j])} (LBA {lbas[j]})"))
+        ordered = [values[j] for j in order]
+        job = self.opener(ordered, self.fmt.key_at, raws,
+                          [views[rids[j]][idxs[j] * BLOCK_SIZE:(idxs[j] + 1) * BLOCK_SIZE]
+                           for j in order])
+        return job, [rids[j] for j in order], [lbas[j] for j in order], ordered
 
     def _runs(self, hbas) -> tuple[list[int], list[int], list[int], int]:
         """The blocks' order by HBA (stable), their HBAs in that order, where runs of
@@ -171,4 +170,21 @@ def _expand(ranges: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rid, idx, starts[rid] + idx.astype(np.uint64)
 
 
-__all__ = ["Reader"]
+class PendingReads:
+    """A read_many whose blocks are being verified; result() finishes it."""
+
+    def __init__(self, fmt: RecordFormat, outs: list, errors: dict, fetch: tuple | None):
+        self.fmt, self.outs, self.errors, self.fetch = fmt, outs, errors, fetch
+
+    def result(self) -> list:
+        """Each range's bytes, or the SwornDiskError it alone raised."""
+        errors = self.errors
+        if self.fetch is not None:
+            job, rids, lbas, values = self.fetch
+            for n in job.result():
+                errors.setdefault(rids[n], authentication_error(
+                    f"data block {self.fmt.hba_of(values[n])} (LBA {lbas[n]})"))
+        return [errors.get(r) or bytes(out) for r, out in enumerate(self.outs)]
+
+
+__all__ = ["Reader", "PendingReads"]

@@ -31,6 +31,7 @@ class RecordFormat:
         self.dtype = record_dtype(key_bytes)
         self.size = self.dtype.itemsize
         self.value_size = self.size - 8
+        self.key_at = 8                 # a value's key offset: HBA, key, nonce, tag
         self.tombstone = _HBA.pack(TOMBSTONE_HBA) + bytes(self.value_size - 8)
         self._opaque = np.dtype((np.void, self.size))
 

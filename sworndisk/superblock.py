@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 
 from . import crypto, kdf as kdfs
 from .config import Config
-from .errors import (IntegrityError, InvalidArgument, KeyKindError, NotFormattedError,
-                     UnsupportedFormatError, WrongKeyError)
+from .errors import (DeviceTooSmall, IntegrityError, InvalidArgument, KeyKindError,
+                     NotFormattedError, UnsupportedFormatError, WrongKeyError)
 from .format import (BLOCK_SIZE, FORMAT_VERSION, KDF_ARGON2ID, KDF_HMAC_SHA256, KDF_NONE,
                      KEY_SLOT as _SLOT, KEY_SLOTS, KNOWN_INCOMPAT, LABEL_SUPERBLOCK,
                      MASTER_KEY_BYTES, SLOT_AAD_BYTES, SLOT_EMPTY, SLOT_KEY_FILE,
@@ -276,6 +276,20 @@ def parse(blk: bytes, index: int) -> Copy:
     if hashlib.sha256(blk[:SUPERBLOCK_CHECKSUM_AT]).digest() != blk[SUPERBLOCK_CHECKSUM_AT:]:
         return Copy(index, blk, "damaged (its checksum does not match)")
     return Copy(index, blk, None)
+
+
+def unlock_devices(data, meta, unlock) -> "Unlocked":
+    """Unlocks the superblock on `meta` with `unlock` (given both copies' blocks) and
+    checks that both devices are still as large as the superblock's layout needs."""
+    if meta.size < 2 * BLOCK_SIZE:
+        raise DeviceTooSmall(f"meta device is {meta.size} bytes; too small for a SwornDisk")
+    unlocked = unlock(read_copies(meta))
+    lay = unlocked.superblock.layout
+    if data.size < lay.data_blocks * BLOCK_SIZE or meta.size < lay.meta_blocks * BLOCK_SIZE:
+        raise DeviceTooSmall(
+            f"devices are smaller than when formatted: data needs "
+            f"{lay.data_blocks * BLOCK_SIZE} bytes, meta {lay.meta_blocks * BLOCK_SIZE}")
+    return unlocked
 
 
 def read_copies(meta) -> list[bytes]:

@@ -194,6 +194,8 @@ class Status:
     failed: Optional[str] = None    # why the disk stopped accepting writes, if it did
     name: Optional[str] = None       # add --name: /dev/sworndisk/NAME
     read_only: bool = False
+    crypto_workers: int = 0              # the engine's crypto worker processes
+    crypto_worker_restarts: int = 0      # workers replaced after dying
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -232,7 +234,9 @@ def status(dev_id: int, stats: Callable[[int], dict]) -> Status:
         minor_compactions=life["minor_compactions"],
         major_compactions=life["major_compactions"],
         uptime=round(time.time() - st.started, 1), recoverable=st.recoverable,
-        lost=data["lost_writes"], failed=st.failed, name=st.name, read_only=st.read_only)
+        lost=data["lost_writes"], failed=st.failed, name=st.name, read_only=st.read_only,
+        crypto_workers=data["crypto"]["workers"],
+        crypto_worker_restarts=data["crypto"]["worker_restarts"])
 
 
 def _duration(seconds: float) -> str:
@@ -263,7 +267,9 @@ def format_status(s: Status) -> str:
         f"  write amplification: {wa}",
         f"  cleaning:   {s.cleaning_runs} runs, {s.blocks_moved} blocks moved",
         f"  compaction: {s.minor_compactions} minor, {s.major_compactions} major",
-        f"  commit:     {s.commit_seq}"]
+        f"  commit:     {s.commit_seq}",
+        f"  crypto:     {s.crypto_workers or 'no'} worker process"
+        f"{'' if s.crypto_workers == 1 else 'es'}, {s.crypto_worker_restarts} restarted"]
     if s.lost:
         lines.append(f"  lost:       {s.lost}")
     if s.failed:

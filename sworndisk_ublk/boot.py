@@ -63,15 +63,8 @@ def _add_options(entry: TabEntry) -> Dict[str, Any]:
     kw: Dict[str, Any] = dict(recoverable=o.recoverable, read_only=o.read_only,
                               anchor=o.anchor, name=entry.name,
                               queues=o.queues or commands.DEFAULT_QUEUES,
-                              depth=o.depth or commands.DEFAULT_DEPTH)
-    if o.crypto_workers is not None:
-        # MERGE POINT (branch i15a, `add --crypto-workers N`): crypto-workers=N goes to add
-        # as its --crypto-workers option does, as add's keyword `crypto_workers`. Until add
-        # takes it, a line that asks for it fails (one line) rather than being ignored.
-        if not commands.add_accepts("crypto_workers"):
-            raise CliError("option crypto-workers= needs a sworndisk-ublk whose add has "
-                           "--crypto-workers", ExitCode.USAGE)
-        kw["crypto_workers"] = o.crypto_workers
+                              depth=o.depth or commands.DEFAULT_DEPTH,
+                              crypto_workers=o.crypto_workers)
     return kw
 
 

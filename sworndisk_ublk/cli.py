@@ -43,6 +43,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _crypto_workers(text: str) -> Optional[int]:
+    """--crypto-workers: 0..64, or 'auto' (one per CPU beyond the first, at most 8)."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a number: {text!r} (give 0 to 64, or auto)") from None
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be 0 to 64 (or auto): {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -133,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the device (I/O waits) if the server dies; see recover")
     a.add_argument("--queues", type=_positive, default=1, metavar="N",
                    help="ublk queues (default 1; at most one per CPU)")
+    a.add_argument("--crypto-workers", type=_crypto_workers, default=None, metavar="N",
+                   help="processes that encrypt and verify blocks beside the queues "
+                        "(default auto: one per CPU beyond the first, at most 8; "
+                        "0: all in the queue threads)")
     a.add_argument("--depth", type=_positive, default=64, metavar="N",
                    help="requests in flight per queue (default 64)")
     _add_kdf_options(a)
@@ -398,7 +416,7 @@ def _run(args: argparse.Namespace) -> int:
                      stdin_free=args.table != ["-"], on_ready=_ready_printer(args.json),
                      yes=args.yes, anchor=args.anchor, accept_rollback=args.accept_rollback,
                      kdf=_kdf(args), max_sectors=args.max_sectors, name=args.name,
-                     read_only=args.read_only)
+                     read_only=args.read_only, crypto_workers=args.crypto_workers)
     elif args.command == "recover":
         commands.recover(_which_device(args, "recover"), key_file=args.key_file, foreground=args.foreground,
                          on_ready=_ready_printer(args.json),

@@ -5,7 +5,6 @@ no argparse objects reach this module, so the commands can be tested on their ow
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -121,12 +120,13 @@ def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverab
         on_ready: Callable[[Ready], None], yes: bool = False, anchor: Optional[str] = None,
         accept_rollback: bool = False, kdf: Any = None,
         max_sectors: Optional[int] = None, name: Optional[str] = None,
-        read_only: bool = False) -> None:
+        read_only: bool = False, crypto_workers: Optional[int] = None) -> None:
     """Parse and check everything, confirm the overwrite of an existing SwornDisk (unless
     `yes`), ask for the key, then start the server. `anchor` is the rollback anchor file,
     `kdf` the Argon2id cost of a new passphrase slot (None: calibrated), `max_sectors`
     the size a new disk reserves meta room to grow to (resize), `name` makes
-    /dev/sworndisk/NAME, `read_only` serves the disk read-only (it is never formatted)."""
+    /dev/sworndisk/NAME, `read_only` serves the disk read-only (it is never formatted),
+    `crypto_workers` the engine's crypto worker processes (None: automatic)."""
     if name is not None:
         require_name_free(name)
     table = resolve_devices(parse_table(table_text))
@@ -147,13 +147,8 @@ def add(table_text: str, *, key_file: Optional[str], foreground: bool, recoverab
     opts = ServerOptions(table=table, recoverable=recoverable, queues=queues, depth=depth,
                          anchor=os.path.abspath(anchor) if anchor else None,
                          accept_rollback=accept_rollback, kdf=kdf, max_blocks=max_blocks,
-                         name=name, read_only=read_only)
+                         name=name, read_only=read_only, crypto_workers=crypto_workers)
     _launch(opts, source, foreground, on_ready)
-
-
-def add_accepts(option: str) -> bool:
-    """Whether add() takes the keyword `option` (the tab hands its options over by name)."""
-    return option in inspect.signature(add).parameters
 
 
 def recover(dev_id: int, *, key_file: Optional[str], foreground: bool,

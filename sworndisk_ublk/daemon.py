@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 
 import ublk_shim
 from ublk_shim import holders
-from ublk_shim.sys import UBLK_BLOCK_PATH
+from ublk_shim.sys import UBLK_BLOCK_PATH, libc
 
 from . import names, restore, state
 from .errors import CliError, ExitCode, to_cli_error
@@ -51,6 +51,7 @@ from .wlog import LogKeys, WriteLog
 log = logging.getLogger("sworndisk_ublk.daemon")
 
 DEFAULT_START_TIMEOUT = 600.0     # Python under TCG is slow; a format may take a while
+PR_SET_DUMPABLE = 4
 STOP_WAIT = 60.0                  # how long shutdown waits for the queues to drain
 REQUEST_FORCE, REQUEST_DEFERRED = "force", "deferred"    # del's requests (SIGUSR2)
 
@@ -74,6 +75,7 @@ class ServerOptions:
     max_blocks: Optional[int] = None          # a new disk's meta room for growing (resize)
     name: Optional[str] = None                # /dev/sworndisk/NAME (names.py)
     read_only: bool = False                   # the kernel and the engine see a read-only disk
+    crypto_workers: Optional[int] = None      # engine crypto worker processes (None: auto)
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,13 @@ class Server:
         """Open the engine, create (or recover) the ublk device, record the state."""
         table, opts = self.opts.table, self.opts
         recovering = opts.recover_dev_id is not None
+        # The server holds the keys from here on: no core dump, no ptrace by the user's
+        # other processes (its crypto workers make themselves non-dumpable too).
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         disk = open_disk(table, self.source, format=False if recovering else None,
                          opts=OpenOptions(opts.anchor, opts.accept_rollback, opts.kdf,
-                                          opts.max_blocks, read_only=opts.read_only))
+                                          max_blocks=opts.max_blocks, read_only=opts.read_only,
+                                          crypto_workers=opts.crypto_workers))
         self.source = KeySource(self.source.description)     # drop the secret reference
         self.target = SwornDiskTarget(disk, size=table.size)
         outcome = restore.RestoreOutcome(0)

@@ -199,9 +199,13 @@ class SwornDiskTarget(Target):
             if self._closed:
                 return
             try:
-                results = self.disk.read_many(ranges)
+                pending = self.disk.start_reads(ranges)
             except Exception:               # noqa: BLE001 - handle() reports each one
                 return
+        try:        # the verification, outside the lock: another queue's calls go in
+            results = pending.result()
+        except Exception:                   # noqa: BLE001 - handle() reports each one
+            return
         for i, res in zip(todo, results):
             req, buf = batch[i]
             if isinstance(res, OSError):    # IntegrityError: EIO for this request alone

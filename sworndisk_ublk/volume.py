@@ -131,17 +131,25 @@ class OpenOptions:
     kdf: Any = None                   # sworndisk.kdf.KdfParams for a new passphrase slot
     max_blocks: Optional[int] = None  # a new disk reserves meta room to grow to this size
     read_only: bool = False           # open for reading only: nothing is written to either image
+    crypto_workers: Optional[int] = None   # the engine's crypto worker processes (None: auto)
+
+
+def _runtime(opts: OpenOptions) -> Any:
+    """The engine's runtime settings (crypto workers); format-time ones are its defaults."""
+    from sworndisk import Config
+    return Config(crypto_workers=opts.crypto_workers)
 
 
 def _format(table: Table, source: KeySource, opts: OpenOptions) -> Any:
     check_meta_size(table)
     return _engine().create(table.data_dev, table.meta_dev, nr_blocks=table.nr_blocks,
+                            config=_runtime(opts),
                             kdf=opts.kdf, anchor=opts.anchor, max_blocks=opts.max_blocks,
                             **source.engine_args())
 
 
 def _open(table: Table, source: KeySource, opts: OpenOptions) -> Any:
-    disk = _engine().open(table.data_dev, table.meta_dev, anchor=opts.anchor,
+    disk = _engine().open(table.data_dev, table.meta_dev, anchor=opts.anchor, config=_runtime(opts),
                           accept_rollback=opts.accept_rollback, read_only=opts.read_only,
                           **source.engine_args())
     if disk.nr_blocks != table.nr_blocks:

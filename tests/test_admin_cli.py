@@ -15,6 +15,7 @@ import pytest
 
 import ublk_shim
 from sworndisk import SwornDisk
+from sworndisk.cryptopool import automatic_workers
 from sworndisk.device import create_image
 from sworndisk_ublk import cli, keys
 from sworndisk_ublk.errors import CliError, ExitCode
@@ -171,8 +172,10 @@ def test_status_of_a_running_device(capsys, tmp_path, fake_driver, monkeypatch, 
         assert round(st["used_mib"] + st["free_mib"], 1) == st["usable_mib"]
         assert (st["key_slot"], st["key_bits"], st["anchor"]) == (0, 128, str(anchor))
         assert st["uptime"] >= 0 and st["cleaning_runs"] == 0
+        assert (st["crypto_workers"], st["crypto_worker_restarts"]) == (automatic_workers(), 0)
         code, text, _ = run(capsys, "status", "/dev/ublkb7")
         assert code == 0 and "/dev/ublkb7 is active." in text and "free:       48.0 MiB" in text
+        assert "  crypto:     " in text
         assert run(capsys, "status")[0] == ExitCode.USAGE
         code, _, err = run(capsys, "status", "-n", "9")
         assert code == ExitCode.NOT_FOUND

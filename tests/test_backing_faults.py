@@ -11,6 +11,11 @@ operation was itself a flush whose commit got through, after it (checked against
 Each case: one dry run counts the operation's calls of that kind on that device, then the
 operation runs once per call position with that call failing. Small disk, small config:
 a reopen from memory images costs milliseconds.
+
+The matrix runs with the crypto in the calling thread (crypto_workers=0), where every
+device call happens inside the operation that causes it. With crypto workers a full
+segment is sealed in the background and written at the next seal or commit: the
+"pool-flush" cases fail each call of the flush that writes such a segment.
 """
 from __future__ import annotations
 
@@ -82,6 +87,14 @@ def run_write(disk, rng):
     disk.write(FILLED, make_blocks(rng, FILLED, 1090, 2))   # fills and seals a segment
 
 
+def prep_pool_flush(disk, model, rng):
+    """A segment's worth of writes: with crypto workers it is being sealed in the
+    background, and the flush writes it."""
+    pre = model.copy()
+    _write(disk, model, FILLED, 1090, 2, rng)
+    return [pre, model.copy()]
+
+
 def prep_flush(disk, model, rng):
     pre = model.copy()
     _write(disk, model, FILLED, 20, 2, rng)
@@ -130,6 +143,9 @@ SCENARIOS = {
                                     lambda disk, rng: disk.background_step(), cleaned),
     "checkpoint": Scenario(prep_checkpoint, lambda disk, rng: disk.close(), checkpointed),
 }
+POOL_SCENARIOS = {"pool-flush": Scenario(prep_pool_flush, lambda disk, rng: disk.flush(),
+                                         lambda before, after: after.crypto.batches > 0)}
+WORKERS = {**{s: 0 for s in SCENARIOS}, **{s: None for s in POOL_SCENARIOS}}
 
 # (counter on FaultyDevice, how to arm the fault at call k)
 FAULTS = {
@@ -144,13 +160,14 @@ FAULTS = {
 class Run:
     """One run of a scenario on fresh copies of the base images."""
 
-    def __init__(self, scenario: Scenario, seed: int):
+    def __init__(self, scenario: Scenario, seed: int, workers: int | None = 0):
         b = base()
         self.inner = [MemoryDevice(len(img)) for img in b.images]
         for dev, img in zip(self.inner, b.images):
             dev.buf[:] = img
         self.dev = {"data": FaultyDevice(self.inner[0]), "meta": FaultyDevice(self.inner[1])}
-        self.disk = SwornDisk.open(self.dev["data"], self.dev["meta"], KEY16)
+        self.disk = SwornDisk.open(self.dev["data"], self.dev["meta"], KEY16,
+                                   config=Config(crypto_workers=workers))
         self.rng = random.Random(seed)
         self.model = b.model.copy()
         self.allowed = scenario.prepare(self.disk, self.model, self.rng)
@@ -177,12 +194,13 @@ class Run:
 def calls_made(name: str, dev_name: str, counter: str) -> int:
     """How many calls of that kind the operation makes on that device, fault-free; checks
     that the operation did its work."""
-    run = Run(SCENARIOS[name], seed=1)
+    scenario = {**SCENARIOS, **POOL_SCENARIOS}[name]
+    run = Run(scenario, seed=1, workers=WORKERS[name])
     before = run.disk.stats()
     run.operate()
     n = getattr(run.dev[dev_name], counter)
     after = run.reopen().stats() if name == "checkpoint" else run.disk.stats()
-    assert SCENARIOS[name].did(before, after), f"{name}: the operation did not do its work"
+    assert scenario.did(before, after), f"{name}: the operation did not do its work"
     return n
 
 
@@ -196,7 +214,8 @@ NO_CALLS = {("write", "data", "reads"), ("write", "data", "flushes"),
             ("checkpoint", "meta", "reads")}
 DEVICES = ("data", "meta")
 CASES = [(s, d, f) for s in SCENARIOS for d in DEVICES for f in FAULTS
-         if (s, d, FAULTS[f][0]) not in NO_CALLS]
+         if (s, d, FAULTS[f][0]) not in NO_CALLS] + \
+    [("pool-flush", "data", f) for f in ("write-EIO", "write-ENOSPC", "flush-EIO")]
 
 
 def test_operations_make_the_calls_the_matrix_assumes():
@@ -216,7 +235,7 @@ def test_fault_at_every_call(scenario, dev_name, fault):
     assert n > 0, f"{scenario} makes no {counter} on the {dev_name} device"
     for k in range(n):
         ctx = f"{scenario}: {fault} on the {dev_name} device at call {k + 1} of {n}"
-        run = Run(SCENARIOS[scenario], seed=1)
+        run = Run({**SCENARIOS, **POOL_SCENARIOS}[scenario], seed=1, workers=WORKERS[scenario])
         arm(run.dev[dev_name], k)
         with pytest.raises((OSError, SwornDiskError)) as raised:
             run.operate()

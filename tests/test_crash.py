@@ -443,15 +443,22 @@ def test_crash_big_epoch(seed):
                         lbas=touched | set(krng.sample(range(3000), 200)))
 
 
-def test_big_epoch_seals_before_flush():
-    """The premise of test_crash_big_epoch: data reaches the device before flush()."""
+@pytest.mark.parametrize("workers", [0, None])
+def test_big_epoch_seals_before_flush(workers):
+    """The premise of test_crash_big_epoch: data reaches the device before flush(). In the
+    thread, the full segment is written as it is sealed; with crypto workers, it is
+    written when it is collected: at the next seal, a discard (as in that test's
+    program) or the commit."""
     ctrl, data, meta, images, base_model, _ = pressure_base()
     ctrl.load(images)
-    disk = SwornDisk.open(data, meta, KEY16)
+    disk = SwornDisk.open(data, meta, KEY16, config=Config(crypto_workers=workers))
     ctrl.reset_count()
     rng = random.Random(1)
     for i, lba in enumerate(range(0, 1600, 64)):
         disk.write(lba, make_blocks(rng, lba, 64, 77))
+    if workers != 0:
+        assert disk.stats().crypto.blocks_in_workers >= 1024
+        disk.discard(PNR - 16, 16)
     assert ctrl.ops > 0, "1600 distinct unflushed blocks and nothing was written yet"
 
 
