@@ -10,7 +10,12 @@
 #   tools/vm/run --disk 256M --disk 256M --disk 128M --disk 256M -- sh tools/fio/compare.sh
 #
 # Disks: /dev/vdb backs loop, /dev/vdc and /dev/vdd are SwornDisk's data and meta, /dev/vde
-# is under dm-crypt, /dev/vdf backs loop_ref. Environment (set it in the guest:
+# is under dm-crypt, /dev/vdf backs loop_ref, /dev/vdg and /dev/vdh are the data and meta of
+# sworndisk0 (the engine with --crypto-workers 0, against the default workers of sworndisk):
+#
+#   tools/vm/run --disk 256M --disk 256M --disk 128M --disk 256M --disk 4K --disk 256M \
+#       --disk 128M -- env COMPARE_TARGETS="sworndisk sworndisk0" COMPARE_DEPTHS="32" \
+#       sh tools/fio/compare.sh Environment (set it in the guest:
 # `-- env FIO_RUNTIME=8 sh ...`): COMPARE_TARGETS (default "null loop sworndisk dmcrypt"),
 # COMPARE_DEPTHS ("1 16"), FIO_RUNTIME (seconds per job, 4), FIO_SIZE (region, 64m),
 # COMPARE_REF: another checkout whose shim serves the targets null_ref and loop_ref, for a
@@ -84,16 +89,22 @@ up_loop() { serve loop . loop /dev/vdb; }
 up_null_ref() { serve null_ref "$REF" null --size 256M; }
 up_loop_ref() { serve loop_ref "$REF" loop /dev/vdf; }
 
-up_sworndisk() {
-    head -c 32 /dev/urandom >"$WORK/key"
+add_sworndisk() {   # add_sworndisk NAME DATA META [ADD ARGS...]: a SwornDisk on two disks
+    name=$1; data=$2; meta=$3; shift 3
+    head -c 32 /dev/urandom >"$WORK/$name.key"
     sectors=$($PY -c 'import sys; from sworndisk import SwornDisk
-print(SwornDisk.usable_blocks(int(sys.argv[1])) * 8)' "$(blockdev --getsize64 /dev/vdc)") \
+print(SwornDisk.usable_blocks(int(sys.argv[1])) * 8)' "$(blockdev --getsize64 "$data")") \
         || return 1
-    .venv/bin/sworndisk-ublk add --key-file "$WORK/key" \
-        "0 $sectors sworndisk /dev/vdc /dev/vdd 0 force" 2>"$WORK/sworndisk.err" \
-        || { cat "$WORK/sworndisk.err" >&2; return 1; }
+    .venv/bin/sworndisk-ublk add --key-file "$WORK/$name.key" "$@" \
+        "0 $sectors sworndisk $data $meta 0 force" >"$WORK/$name.dev" 2>"$WORK/$name.err" \
+        || { cat "$WORK/$name.err" >&2; return 1; }
+    cat "$WORK/$name.dev"
 }
-down_sworndisk() { .venv/bin/sworndisk-ublk del --all; }
+up_sworndisk() { add_sworndisk sworndisk /dev/vdc /dev/vdd; }
+down_sworndisk() { .venv/bin/sworndisk-ublk del "$(cat "$WORK/sworndisk.dev")"; }
+# The same engine with its crypto in the queue thread, for a same-boot workers/no-workers ratio.
+up_sworndisk0() { add_sworndisk sworndisk0 /dev/vdg /dev/vdh --crypto-workers 0; }
+down_sworndisk0() { .venv/bin/sworndisk-ublk del "$(cat "$WORK/sworndisk0.dev")"; }
 
 up_dmcrypt() {
     modprobe dm_crypt 2>"$WORK/modprobe.err" \
