@@ -136,7 +136,7 @@ class Reader:
         ordered = [values[j] for j in order]
         job = self.opener(ordered, self.fmt.key_at, raws,
                           [views[rids[j]][idxs[j] * BLOCK_SIZE:(idxs[j] + 1) * BLOCK_SIZE]
-                           for j in order])
+                           for j in order], lone=len(outs) == 1)
         return job, [rids[j] for j in order], [lbas[j] for j in order], ordered
 
     def _runs(self, hbas) -> tuple[list[int], list[int], list[int], int]:

@@ -191,6 +191,12 @@ def test_worker_killed_during_writes_and_flushes():
             model.write(lba, b)
         disk.flush()
     killer.join()
+    # One more round, so that a kill during the last round is noticed (at a job) too.
+    for lba in rng.sample(range(disk.nr_blocks), 3000):
+        b = make_block(rng, lba, version + 1)
+        disk.write(lba, b)
+        model.write(lba, b)
+    disk.flush()
     assert len(killer.killed) == 4
     st = disk.stats().crypto
     assert st.worker_restarts >= 1 and len(st.worker_pids) == 2
