@@ -55,3 +55,23 @@ def run_script(script: str, *, disks: tuple = (), timeout: int = 900,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout + 120)
     steps = {m.group(1): (m.group(2), m.group(3) or "") for m in MARKER.finditer(done.stdout)}
     return ScriptRun(done.returncode, done.stdout, steps)
+
+
+def script_tests(script: str, steps: list, **run_args):
+    """The tests of a module whose whole story is one step script in one VM boot: the
+    module-scoped `run` fixture, a test per step and one on the exit status. A module
+    takes them as `run, test_step, test_exit_status = script_tests(SCRIPT, STEPS, ...)`;
+    `run_args` go to run_script (disks, timeout, interpreter)."""
+
+    @pytest.fixture(scope="module", name="run")
+    def run(vm_prepared):
+        return run_script(script, **run_args)
+
+    @pytest.mark.parametrize("step", steps)
+    def test_step(run, step):
+        run.check(step)
+
+    def test_exit_status(run):
+        assert run.code == 0, "\n".join(run.output.splitlines()[-40:])
+
+    return run, test_step, test_exit_status

@@ -2,7 +2,7 @@
 end to end in the ublk VM: one boot runs tests/e2e/scripts/boot.sh (see there for the steps)."""
 import pytest
 
-from tests.e2e.steps import run_script
+from tests.e2e.steps import script_tests
 
 pytestmark = pytest.mark.e2e
 
@@ -11,15 +11,4 @@ STEPS = ["setup", "format", "start", "dupname", "stop", "recover", "readonly", "
          "deferred", "done"]
 
 
-@pytest.fixture(scope="module")
-def run(vm_prepared):
-    return run_script(SCRIPT, disks=("64M", "32M"), timeout=1800)
-
-
-@pytest.mark.parametrize("step", STEPS)
-def test_step(run, step):
-    run.check(step)
-
-
-def test_exit_status(run):
-    assert run.code == 0, "\n".join(run.output.splitlines()[-40:])
+run, test_step, test_exit_status = script_tests(SCRIPT, STEPS, disks=("64M", "32M"), timeout=1800)

@@ -2,7 +2,7 @@
 tests/e2e/scripts/pool.sh (--crypto-workers 1 --queues 2, fio verify, status and stats)."""
 import pytest
 
-from tests.e2e.steps import run_script
+from tests.e2e.steps import script_tests
 
 pytestmark = pytest.mark.e2e
 
@@ -10,15 +10,4 @@ SCRIPT = "tests/e2e/scripts/pool.sh"
 STEPS = ["setup", "flag", "fio", "status", "done"]
 
 
-@pytest.fixture(scope="module")
-def run(vm_prepared):
-    return run_script(SCRIPT, timeout=600)
-
-
-@pytest.mark.parametrize("step", STEPS)
-def test_step(run, step):
-    run.check(step)
-
-
-def test_exit_status(run):
-    assert run.code == 0, "\n".join(run.output.splitlines()[-40:])
+run, test_step, test_exit_status = script_tests(SCRIPT, STEPS, timeout=600)

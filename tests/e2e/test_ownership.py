@@ -5,7 +5,7 @@ one line naming the server, and the ext4 on it reads back intact and fscks clean
 """
 import pytest
 
-from tests.e2e.steps import run_script
+from tests.e2e.steps import script_tests
 
 pytestmark = pytest.mark.e2e
 
@@ -14,15 +14,4 @@ STEPS = ["setup", "live", "symlink", "hardlink", "samepath", "race", "blockdev",
          "force", "done"]
 
 
-@pytest.fixture(scope="module")
-def run(vm_prepared):
-    return run_script(SCRIPT, disks=("64M", "64M", "64M"), timeout=900)
-
-
-@pytest.mark.parametrize("step", STEPS)
-def test_step(run, step):
-    run.check(step)
-
-
-def test_exit_status(run):
-    assert run.code == 0, "\n".join(run.output.splitlines()[-40:])
+run, test_step, test_exit_status = script_tests(SCRIPT, STEPS, disks=("64M", "64M", "64M"), timeout=900)
