@@ -18,7 +18,7 @@ from . import crypto
 from .format import BLOCK_SIZE, SEGMENT_BLOCKS
 from .device import BlockDevice
 from .ops import Discard, Op, Writes
-from .cryptopool import BlockCrypto
+from .blockcrypto import BlockCrypto
 from .records import RecordFormat
 from .space import DataSpace
 from .counters import Lifetime

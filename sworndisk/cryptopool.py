@@ -26,23 +26,21 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
 
 from . import crypto
-from .cryptoworker import BLOCK, HELLO, JOB, NONCE, OP_OPEN, OP_SEAL, REPLY, TAG, Cipher
+from .cryptoworker import BLOCK, HELLO, JOB, NONCE, OP_FETCH, OP_OPEN, OP_SEAL, REPLY, TAG, Cipher
 from .errors import InvalidArgument
 from .format import SEGMENT_BLOCKS
 
 LANE_BLOCKS = 256           # blocks of one read job
-VALUE_MAX = 72              # room per block for its record value (key, nonce, tag, ...)
+VALUE_MAX = 80              # room per block for its record (lba, hba, key, nonce, tag)
 MIN_OPEN_BLOCKS = 8         # smaller read batches are verified in the calling thread
 MIN_SEAL_BLOCKS = 64        # smaller seals (a flush of a few blocks) stay in the thread
 MAX_WORKERS = 64
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cryptoworker.py")
-ENGINE_SHARE = 0            # a read batch's share the calling thread verifies, in workers' shares
 _PAGE = 4096
 
 
@@ -80,14 +78,15 @@ def _align(n: int) -> int:
 class _Worker:
     """One worker process and its end of the socketpair."""
 
-    def __init__(self, memfd: int, keys_len: int):
+    def __init__(self, memfd: int, keys_len: int, data_fd: int):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # the file itself, isolated (-I): not the sworndisk package and what it imports
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", _WORKER_FILE, str(memfd), str(theirs.fileno()),
-                 str(keys_len), str(os.getpid())],
-                pass_fds=(memfd, theirs.fileno()), stdin=subprocess.DEVNULL, cwd="/")
+                 str(keys_len), str(os.getpid()), str(data_fd)],
+                pass_fds=(memfd, theirs.fileno()) + ((data_fd,) if data_fd >= 0 else ()),
+                stdin=subprocess.DEVNULL, cwd="/")
         except BaseException:
             mine.close()
             raise
@@ -122,9 +121,10 @@ class _Worker:
 
 class CryptoPool:
     """Worker processes and their shared region, for one open disk (key_bytes: its data
-    key size). close() ends every worker and releases the region and sockets."""
+    key size; data_fd: the data device's O_DIRECT descriptor, which the workers read for
+    fetch jobs, or -1). close() ends every worker and releases the region and sockets."""
 
-    def __init__(self, workers: int, key_bytes: int):
+    def __init__(self, workers: int, key_bytes: int, data_fd: int = -1):
         if not 0 < workers <= MAX_WORKERS:
             raise InvalidArgument(f"a crypto pool needs 1..{MAX_WORKERS} workers (got {workers})")
         self.size, self.kb = workers, key_bytes
@@ -150,15 +150,17 @@ class CryptoPool:
         # thread of the pool's own: PR_SET_PDEATHSIG fires when the thread that started a
         # worker ends, so not a caller's (a ublk queue's) but one that lives as long as
         # the pool does.
-        self._spawner = _Spawner(self._fd, self.keys_len)
+        self._spawner = _Spawner(self._fd, self.keys_len, data_fd)
         # A disk dropped without close() still ends its workers when collected.
         self._finalizer = weakref.finalize(self, _release, self._workers, self._region,
                                            self._spawner)
-        self._cipher = Cipher()
+        self._cipher = Cipher(data_fd)
+        self.can_fetch = data_fd >= 0
         self._cv = threading.Condition()
         self._polling = False
         self._done: dict[int, int] = {}         # job id -> failures, until collected
         self._specs: dict[int, tuple] = {}      # job id -> JOB fields, until answered
+        self._fetching: set[int] = set()        # fetch jobs whose reads may be in flight
         self._next_id = 1
         self._free_lanes = list(range(self.lanes))
         self._dead_cpu = 0.0
@@ -206,8 +208,8 @@ class CryptoPool:
         """Starts verifying and decrypting blocks: block j's record value is values[j]
         (its key at key_at, then nonce and tag), its ciphertext the j-th 4 KiB of the
         concatenated `raws`, its plaintext goes to dsts[j]. Jobs of up to LANE_BLOCKS
-        blocks go to the workers now (as many as free lanes allow); the rest, and this
-        thread's share (ENGINE_SHARE), when result() is called."""
+        blocks go to the workers now (as many as free lanes allow), the rest when
+        result() is called."""
         return OpenJob(self, values, key_at, raws, dsts)
 
     def send_open(self, lane: int, values: list, key_at: int, ct: memoryview, first: int,
@@ -236,13 +238,66 @@ class CryptoPool:
             return []
         return [first + j for j, bad in enumerate(status) if bad]
 
-    def take_lane(self, wait: bool) -> int | None:
+    # ------------------------------------------------------------------ fetching
+    def fetch_start(self, records, key_at: int) -> "FetchJob":
+        """Starts reading and verifying blocks in the workers: block j's index record is
+        records[j] (a record array: its HBA says where the ciphertext is; key, nonce and
+        tag from key_at on). The caller has made sure every write to those blocks is on
+        the device (FileDevice.settle) and that none is overwritten before the reads are
+        done (FileDevice.fence_writes with wait_fetches)."""
+        return FetchJob(self, records, key_at)
+
+    def send_fetch(self, lane: int, records, key_at: int, first: int, count: int) -> int:
+        mat, src = self._lane_at[lane]
+        raw = records[first:first + count].tobytes()
+        self.mem[mat:mat + len(raw)] = raw
+        out = src + LANE_BLOCKS * BLOCK
+        return self._send((OP_FETCH, self.kb, records.itemsize, key_at, 0, count, src, out,
+                           mat, 0, out + LANE_BLOCKS * BLOCK), fetch=True)
+
+    def collect_fetch(self, lane: int, count: int, consume) -> None:
+        """Hands the lane's plaintext and statuses to consume(plain, status), then frees
+        the lane (its records zeroed: they hold the blocks' keys)."""
+        mat, src = self._lane_at[lane]
+        out = src + LANE_BLOCKS * BLOCK
+        status = out + LANE_BLOCKS * BLOCK
+        try:
+            consume(self.mem[out:out + count * BLOCK], bytes(self.mem[status:status + count]))
+        finally:
+            self.mem[mat:mat + count * VALUE_MAX] = bytes(count * VALUE_MAX)
+            with self._cv:
+                self._free_lanes.append(lane)
+                self._cv.notify_all()
+
+    def wait_fetches(self) -> None:
+        """Returns when no fetch job's reads are in flight any more: what a write to the
+        data device waits for, so that no block is overwritten while a worker reads it."""
+        if self._fetching:
+            self._wait_until(lambda: not self._fetching)
+
+    def fetch_here(self, records, key_at: int, first: int, count: int, consume) -> None:
+        """A fetch chunk done in the calling thread (no lane free), in a scratch mapping of
+        its own: the same reads and cipher code as a worker's."""
+        stride = records.itemsize
+        mat, src = 0, _align(count * stride)
+        out, status = src + count * BLOCK, src + 2 * count * BLOCK
+        with mmap.mmap(-1, status + count) as scratch:
+            mem = memoryview(scratch)
+            try:
+                mem[:count * stride] = records[first:first + count].tobytes()
+                self._cipher.fetch(mem, (0, OP_FETCH, self.kb, stride, key_at, 0, count, src,
+                                         out, mat, 0, status))
+                self.count_inline(count)
+                consume(mem[out:out + count * BLOCK], bytes(mem[status:status + count]))
+                mem[:count * stride] = bytes(count * stride)
+            finally:
+                mem.release()
+
+    def take_lane(self) -> int | None:
+        """A free lane, or None: a job never waits for one (the lanes may all be held by
+        jobs whose result() this thread has yet to call); it works in its own thread."""
         with self._cv:
-            while not self._free_lanes:
-                if not wait:
-                    return None
-                self._cv.wait()
-            return self._free_lanes.pop()
+            return self._free_lanes.pop() if self._free_lanes else None
 
     # ------------------------------------------------------------------ jobs
     def count_inline(self, n: int) -> None:
@@ -253,12 +308,14 @@ class CryptoPool:
         self.count_inline(spec[5])
         return self._cipher.run(self.mem, (0,) + spec)
 
-    def _send(self, spec: tuple) -> int:
+    def _send(self, spec: tuple, fetch: bool = False) -> int:
         """Sends a job (JOB fields without the id) to the least busy worker; its id."""
         with self._cv:
             jid = self._next_id
             self._next_id = jid % 0xFFFFFFFF + 1
             self._specs[jid] = spec
+            if fetch:
+                self._fetching.add(jid)
             self._start_locked()
             w = min(self._workers, key=lambda w: len(w.jobs))
             w.jobs.add(jid)
@@ -277,14 +334,24 @@ class CryptoPool:
         return []
 
     def wait_any(self, jobs: list[int]) -> int:
-        """Waits until one of `jobs` is answered (or redone here); returns it. Any thread
-        may read the sockets for everyone: the others are woken to look."""
+        """Waits until one of `jobs` is answered (or redone here); returns it."""
+        def answered():
+            for j in jobs:
+                if j in self._done:
+                    del self._done[j]
+                    return j
+            return None
+        return self._wait_until(answered)
+
+    def _wait_until(self, done):
+        """Waits until done() (called with the lock held) returns something other than
+        None or False; returns that. Any thread may read the sockets for everyone: the
+        others are woken to look."""
         with self._cv:
             while True:
-                for j in jobs:
-                    if j in self._done:
-                        del self._done[j]
-                        return j
+                got = done()
+                if got is not None and got is not False:
+                    return got
                 if self._polling:
                     self._cv.wait()
                     continue
@@ -319,6 +386,7 @@ class CryptoPool:
         w.cpu_ns = cpu_ns
         w.jobs.discard(jid)
         self._specs.pop(jid, None)
+        self._fetching.discard(jid)
         self._done[jid] = failed
 
     def _replace(self, w: "_Worker") -> None:
@@ -330,6 +398,7 @@ class CryptoPool:
             spec = self._specs.pop(jid)
             self.blocks_in_workers -= spec[5]
             self._done[jid] = self._inline(spec)
+            self._fetching.discard(jid)
         w.jobs.clear()
         self._workers[self._workers.index(w)] = self._spawner.worker()
 
@@ -418,15 +487,16 @@ class _Spawner:
     """The thread that starts a pool's workers (see CryptoPool.__init__), started with
     the first of them and ended by the pool's end."""
 
-    def __init__(self, memfd: int, keys_len: int):
-        self.memfd, self.keys_len = memfd, keys_len
+    def __init__(self, memfd: int, keys_len: int, data_fd: int):
+        self.memfd, self.keys_len, self.data_fd = memfd, keys_len, data_fd
         self.requests: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
 
     def worker(self) -> _Worker:
         if self.thread is None:
             self.thread = threading.Thread(target=_spawn_loop, name="sworndisk-crypto-spawner",
-                                           args=(self.requests, self.memfd, self.keys_len),
+                                           args=(self.requests, self.memfd, self.keys_len,
+                                                 self.data_fd),
                                            daemon=True)
             self.thread.start()
         reply: queue.Queue = queue.Queue(1)
@@ -443,67 +513,111 @@ class _Spawner:
             self.thread = None
 
 
-def _spawn_loop(requests: queue.Queue, memfd: int, keys_len: int) -> None:
+def _spawn_loop(requests: queue.Queue, memfd: int, keys_len: int, data_fd: int) -> None:
     while True:
         reply = requests.get()
         if reply is None:
             return
         try:
-            reply.put(_Worker(memfd, keys_len))
+            reply.put(_Worker(memfd, keys_len, data_fd))
         except BaseException as e:      # noqa: BLE001 - raised in the asking thread
             reply.put(e)
 
 
-class OpenJob:
+class _LaneJob:
+    """Work in chunks of up to `per` blocks, each sent to a free lane of the pool (as
+    many at once as lanes are free) or, when none is, done in the calling thread: a job
+    never waits for a lane, since they may all be held by jobs whose result() this very
+    thread has yet to call."""
+
+    def __init__(self, pool: CryptoPool, n: int, per: int = LANE_BLOCKS):
+        self.pool = pool
+        self.chunks = deque((f, min(per, n - f)) for f in range(0, n, per))
+        self.inflight: dict[int, tuple] = {}
+        self._send()
+
+    def _send(self) -> None:
+        while self.chunks:
+            lane = self.pool.take_lane()
+            if lane is None:
+                return
+            first, count = self.chunks.popleft()
+            self.inflight[self._post(lane, first, count)] = (lane, first, count)
+
+    def _finish(self) -> None:
+        """Sends, waits for and collects chunks until every one is done."""
+        while self.chunks or self.inflight:
+            self._send()
+            if not self.inflight:                   # no lane free: this thread does one
+                self._here(*self.chunks.popleft())
+                continue
+            jid = self.pool.wait_any(list(self.inflight))
+            self._collect(*self.inflight.pop(jid))
+
+    def _post(self, lane: int, first: int, count: int) -> int:
+        """Sends a chunk on `lane`; its job id."""
+        raise NotImplementedError
+
+    def _collect(self, lane: int, first: int, count: int) -> None:
+        raise NotImplementedError
+
+    def _here(self, first: int, count: int) -> None:
+        raise NotImplementedError
+
+
+class OpenJob(_LaneJob):
     """Blocks being verified by the pool (CryptoPool.open_start); result() finishes."""
 
     def __init__(self, pool: CryptoPool, values: list[bytes], key_at: int, raws: list,
                  dsts: list):
-        n = len(values)
-        self.pool, self.values, self.key_at, self.dsts = pool, values, key_at, dsts
-        self.ct = _joined(raws)
-        share = pool.size + ENGINE_SHARE
-        per = min(LANE_BLOCKS, -(-n // share))
-        self.mine = max(0, n - per * pool.size) if ENGINE_SHARE and n <= per * share else 0
-        self.chunks = deque((f, min(per, n - f)) for f in range(self.mine, n, per))
-        self.inflight: dict[int, tuple] = {}
-        self._send(wait=False)
+        self.values, self.key_at, self.dsts = values, key_at, dsts
+        self.ct = joined(raws)
+        self.failed: list[int] = []
+        super().__init__(pool, len(values), min(LANE_BLOCKS, -(-len(values) // pool.size)))
 
-    def _send(self, wait: bool) -> None:
-        pool = self.pool
-        while self.chunks:
-            lane = pool.take_lane(wait=wait and not self.inflight)
-            if lane is None:
-                return
-            first, count = self.chunks.popleft()
-            jid = pool.send_open(lane, self.values, self.key_at, self.ct, first, count)
-            self.inflight[jid] = (lane, first, count)
+    def _post(self, lane: int, first: int, count: int) -> int:
+        return self.pool.send_open(lane, self.values, self.key_at, self.ct, first, count)
+
+    def _collect(self, lane: int, first: int, count: int) -> None:
+        self.failed += self.pool.collect_open(lane, self.dsts, first, count)
+
+    def _here(self, first: int, count: int) -> None:
+        self.failed += [first + j for j in open_inline(
+            self.values[first:first + count], self.key_at, self.pool.kb,
+            self.ct[first * BLOCK:], self.dsts[first:first + count])]
+        self.pool.count_inline(count)
 
     def result(self) -> list[int]:
         """The positions j that failed authentication (their dsts hold nothing meaningful)."""
-        pool, failed = self.pool, []
-        if self.mine:
-            failed += open_inline(self.values[:self.mine], self.key_at, pool.kb, self.ct,
-                                  self.dsts)
-            pool.count_inline(self.mine)
-        while self.chunks or self.inflight:
-            self._send(wait=True)
-            jid = pool.wait_any(list(self.inflight))
-            lane, first, count = self.inflight.pop(jid)
-            failed += pool.collect_open(lane, self.dsts, first, count)
-        return sorted(failed)
+        self._finish()
+        return sorted(self.failed)
 
 
-class _InlineOpen:
-    """open_start's work, done in the calling thread at result()."""
+class FetchJob(_LaneJob):
+    """Blocks being read and verified by the workers (CryptoPool.fetch_start)."""
 
-    def __init__(self, values: list[bytes], key_at: int, kb: int, raws: list, dsts: list):
-        self.args = values, key_at, kb, raws, dsts
+    def __init__(self, pool: CryptoPool, records, key_at: int):
+        self.records, self.key_at = records, key_at
+        self.consume = None
+        super().__init__(pool, len(records))
 
-    def result(self) -> list[int]:
-        values, key_at, kb, raws, dsts = self.args
-        ct = _joined(raws)
-        return open_inline(values, key_at, kb, ct, dsts)
+    def _post(self, lane: int, first: int, count: int) -> int:
+        return self.pool.send_fetch(lane, self.records, self.key_at, first, count)
+
+    def _collect(self, lane: int, first: int, count: int) -> None:
+        self.pool.collect_fetch(lane, count,
+                                lambda plain, status: self.consume(first, plain, status))
+
+    def _here(self, first: int, count: int) -> None:
+        self.pool.fetch_here(self.records, self.key_at, first, count,
+                             lambda plain, status: self.consume(first, plain, status))
+
+    def result(self, consume) -> None:
+        """Calls consume(first, plain, status) for each chunk as it is done: the
+        plaintext of blocks first.. (a view, valid during the call) and a status byte per
+        block (0 good, AUTH_FAILED, IO_FAILED: the read failed)."""
+        self.consume = consume
+        self._finish()
 
 
 class SealJob:
@@ -519,46 +633,7 @@ class SealJob:
 
 
 
-class BlockCrypto:
-    """A disk's door to its block crypto: the pool when it has workers, else this thread
-    (crypto_workers=0, as before the pool existed). Counts what it did either way."""
-
-    def __init__(self, workers: int, key_bytes: int):
-        self.pool = CryptoPool(workers, key_bytes) if workers else None
-        self.key_bytes = key_bytes
-        self._inline = 0
-
-    def open_start(self, values: list[bytes], key_at: int, raws: list, dsts: list,
-                   lone: bool = False):
-        """CryptoPool.open_start, or the same in this thread (no pool, a batch too small
-        to be worth a round trip, or a `lone` request, whose caller has nothing to do
-        meanwhile: at depth 1 a worker only adds its copies and round trip, measured
-        0.76x for 1 MiB reads); result() on what it returns finishes."""
-        if self.pool is not None and not lone and len(values) >= MIN_OPEN_BLOCKS:
-            return self.pool.open_start(values, key_at, raws, dsts)
-        if self.pool is not None:
-            self.pool.count_inline(len(values))
-        else:
-            self._inline += len(values)
-        return _InlineOpen(values, key_at, self.key_bytes, raws, dsts)
-
-    def count_inline(self, n: int) -> None:
-        """n blocks sealed in the thread (the pending batch's own path)."""
-        self._inline += n
-
-    def stats(self) -> CryptoStats:
-        if self.pool is not None:
-            return self.pool.stats()
-        return CryptoStats(workers=0, worker_pids=(), batches=0, blocks_in_workers=0,
-                           blocks_inline=self._inline, worker_restarts=0,
-                           worker_cpu_seconds=0.0, keys_locked=False)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-
-
-def _joined(raws: list) -> memoryview:
+def joined(raws: list) -> memoryview:
     """The ciphertext runs of a read batch as one buffer (no copy for a single run)."""
     return memoryview(raws[0] if len(raws) == 1 else b"".join(raws))
 
@@ -569,8 +644,3 @@ def open_inline(values: list[bytes], key_at: int, kb: int, ct: memoryview,
     n, t = key_at + kb, key_at + kb + NONCE
     return crypto.open_blocks([(v[key_at:n], v[n:t], v[t:t + TAG], ct[j * BLOCK:(j + 1) * BLOCK],
                                 dst) for j, (v, dst) in enumerate(zip(values, dsts))])
-
-
-def open_crypto(workers: int | None, key_bytes: int) -> BlockCrypto:
-    """The block crypto for Config.crypto_workers (None: automatic_workers())."""
-    return BlockCrypto(resolve_workers(workers), key_bytes)

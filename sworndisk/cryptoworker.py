@@ -1,8 +1,9 @@
 """A crypto worker process: seals and opens 4 KiB blocks in shared memory for its pool.
 
-Started by `cryptopool.CryptoPool` as `python -I .../cryptoworker.py MEMFD SOCK KEYS PARENT`
-(exec, not a fork of the threaded engine; the file, not the package), it imports only
-the standard library and `cryptography`. It first makes itself die with its parent (PR_SET_PDEATHSIG, then a
+Started by `cryptopool.CryptoPool` as `python -I .../cryptoworker.py MEMFD SOCK KEYS PARENT
+DATA` (exec, not a fork of the threaded engine; the file, not the package), it imports only
+the standard library, `cryptography` and, to read the data device (DATA, a descriptor, or
+-1), `ublk_shim.uring`. It first makes itself die with its parent (PR_SET_PDEATHSIG, then a
 getppid() check for the race), non-dumpable (the region holds plaintext and keys), and
 locks its key pages in memory where RLIMIT_MEMLOCK allows. Then it answers jobs, one
 SOCK_SEQPACKET message each (docs/modules.md, "Crypto workers"): a job names places in
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
@@ -27,23 +29,32 @@ import time
 # offsets in the region of the blocks' input, output, material, tags and aux. Seal: key ||
 # nonce per block, tags out, aux a u16 buffer slot per block. Open: each material entry is
 # a record value (key at the offset, then nonce and tag), aux a u8 status per block (1 =
-# failed). Reply: job id, failures, worker CPU nanoseconds.
+# failed). Fetch: as open, but each material entry is a whole index record (its HBA at
+# RECORD_HBA, its key at the key offset) and the worker first reads the ciphertext from the
+# data device into the input place, runs of consecutive HBAs as one read; a block whose
+# read failed gets status IO_FAILED. Reply: job id, failures, worker CPU nanoseconds.
 JOB = struct.Struct("<IBBHHxxII5Q")
 REPLY = struct.Struct("<IIQ")
 HELLO = struct.Struct("<iiiQ")      # pid, PR_GET_DUMPABLE, key pages locked (1/0), CPU ns
-OP_SEAL, OP_OPEN = 1, 2
+OP_SEAL, OP_OPEN, OP_FETCH = 1, 2, 3
 NONCE, TAG, BLOCK = 12, 16, 4096
+AUTH_FAILED, IO_FAILED = 1, 2       # a block's status after open or fetch (0: good)
+RECORD_HBA = 8                      # offset of the HBA in an index record (records.py)
+MAX_RUN = 256                       # blocks of one device read (1 MiB)
+_HBA = struct.Struct("<Q")
 
 PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 1, 3, 4
 
 
 class Cipher:
-    """AES-GCM over the region with `cryptography`, the engine's default backend."""
+    """AES-GCM over the region with `cryptography`, the engine's default backend; reads
+    for fetch jobs from `data_fd` (-1: none)."""
 
-    def __init__(self):
+    def __init__(self, data_fd: int = -1):
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         self.aesgcm, self.invalid = AESGCM, InvalidTag
+        self.data_fd = data_fd
 
     def seal(self, mem: memoryview, kb: int, mstride: int, moff: int, first: int, count: int,
              src: int, out: int, mat: int, tags: int, aux: int) -> int:
@@ -83,14 +94,117 @@ class Cipher:
                                               None, mem[o:o + BLOCK])
                 mem[aux + j] = 0
             except invalid:
-                mem[aux + j] = 1
+                mem[aux + j] = AUTH_FAILED
                 failed += 1
         return failed
 
+    @staticmethod
+    def runs(mem: memoryview, mstride: int, first: int, count: int, mat: int) -> list:
+        """A fetch job's device reads: [first block, blocks, HBA] per run of consecutive
+        HBAs (in job order, at most MAX_RUN blocks each)."""
+        out: list = []
+        last = None
+        for j in range(first, first + count):
+            hba = _HBA.unpack_from(mem, mat + j * mstride + RECORD_HBA)[0]
+            if last is not None and hba == last[2] + last[1] and last[1] < MAX_RUN:
+                last[1] += 1
+            else:
+                last = [j, 1, hba]
+                out.append(last)
+        return out
+
+    def opened(self, mem: memoryview, job: tuple, unread: list) -> int:
+        """A fetch job after its reads: every block opened, then those of the `unread`
+        runs marked IO_FAILED. Returns how many blocks failed."""
+        _jid, _op, kb, mstride, moff, first, count, src, out, mat, _tags, aux = job
+        self.open(mem, kb, mstride, moff, first, count, src, out, mat, 0, aux)
+        for j, n, _hba in unread:
+            mem[aux + j:aux + j + n] = bytes([IO_FAILED]) * n
+        return count - bytes(mem[aux + first:aux + first + count]).count(0)
+
+    def fetch(self, mem: memoryview, job: tuple) -> int:
+        """A fetch job done here, one synchronous read per run (the pool's own thread, for
+        a job its worker died with; the worker has an io_uring of its own)."""
+        _jid, _op, _kb, mstride, _moff, first, count, src, _out, mat, _tags, _aux = job
+        unread = []
+        for run in self.runs(mem, mstride, first, count, mat):
+            j, n, hba = run
+            try:
+                ok = os.preadv(self.data_fd, [mem[src + j * BLOCK:src + (j + n) * BLOCK]],
+                               hba * BLOCK) == n * BLOCK
+            except OSError:
+                ok = False
+            if not ok:
+                unread.append(run)
+        return self.opened(mem, job, unread)
+
     def run(self, mem: memoryview, job: tuple) -> int:
         """One job (JOB's fields); returns how many blocks failed."""
+        if job[1] == OP_FETCH:
+            return self.fetch(mem, job)
         fn = self.seal if job[1] == OP_SEAL else self.open
         return fn(mem, *job[2:])
+
+
+class Fetches:
+    """The worker's fetch jobs in flight: their reads on one io_uring, a job opened as
+    soon as all its reads completed, so that one job's reads overlap another's decryption
+    (one open() call per job: per-block calls cost more than the overlap within a job)."""
+
+    RING = 512
+    ADMIT = RING // 2           # runs in flight above which no new job is taken
+
+    def __init__(self, cipher: Cipher, region: mmap.mmap, mem: memoryview):
+        from ublk_shim.sys import IORING_OP_READ, SQE_RW
+        from ublk_shim.uring import Ring, buffer_address
+        self.ring = Ring(self.RING)
+        self.cipher, self.mem, self.base = cipher, mem, buffer_address(region)
+        self.op_read, self.sqe = IORING_OP_READ, SQE_RW
+        self.jobs: dict[int, list] = {}     # job id -> [job, runs left, failed runs]
+        self.reads: dict[int, tuple] = {}   # user_data -> (job id, run)
+        self._next = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.jobs)
+
+    @property
+    def room(self) -> bool:
+        return len(self.reads) < self.ADMIT
+
+    def start(self, job: tuple) -> None:
+        """Submits the job's reads."""
+        runs = self.cipher.runs(self.mem, job[3], job[5], job[6], job[9])
+        self.jobs[job[0]] = [job, len(runs), []]
+        rows = []
+        fd, src = self.cipher.data_fd, self.base + job[7]
+        for run in runs:
+            j, n, hba = run
+            self._next += 1
+            self.reads[self._next] = (job[0], run)
+            # opcode, flags, ioprio, fd, off, addr, len, op_flags, user_data, buf_index,
+            # personality, splice_fd_in
+            rows.append((self.op_read, 0, 0, fd, hba * BLOCK, src + j * BLOCK, n * BLOCK,
+                         0, self._next, 0, 0, 0))
+        for i in range(0, len(rows), self.RING):
+            self.ring.prep_packed_many(self.sqe, rows[i:i + self.RING])
+            self.ring.submit()
+
+    def complete(self, wait: bool) -> list[tuple[int, int]]:
+        """Opens the runs whose reads completed (waiting for one if `wait`); returns the
+        (job id, failures) of the jobs now done."""
+        self.ring.submit(1 if wait else 0)
+        done = []
+        for user_data, res, _flags in self.ring.reap():
+            jid, run = self.reads.pop(user_data)
+            state = self.jobs[jid]
+            if res != run[1] * BLOCK:
+                state[2].append(run)
+            state[1] -= 1
+            if not state[1]:
+                del self.jobs[jid]
+                done.append((jid, self.cipher.opened(self.mem, state[0], state[2])))
+        return done
 
 
 def _harden(libc, region: mmap.mmap, keys_len: int, parent: int) -> tuple[int, int]:
@@ -107,23 +221,67 @@ def _harden(libc, region: mmap.mmap, keys_len: int, parent: int) -> tuple[int, i
     return dumpable, int(locked)
 
 
+def _fetches(cipher: Cipher, region: mmap.mmap, mem: memoryview) -> Fetches | None:
+    """The io_uring for fetch jobs, or None (no data device; io_uring refused: fetch jobs
+    are then read synchronously)."""
+    if cipher.data_fd < 0:
+        return None
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        return Fetches(cipher, region, mem)
+    except OSError:
+        return None
+
+
+def serve(sock: socket.socket, cipher: Cipher, mem: memoryview,
+          fetches: Fetches | None) -> None:
+    """Answers jobs until the pool closes its end. Seal and open jobs are done on
+    arrival; fetch jobs are started on arrival and answered as their reads complete,
+    while the socket is still watched for the next job."""
+    def reply(jid: int, failed: int) -> None:
+        sock.send(REPLY.pack(jid, failed, time.process_time_ns()))
+
+    watch = select.poll()
+    if fetches is not None:
+        watch.register(fetches.ring.fd, select.POLLIN)
+    while True:
+        if fetches is None or not fetches.busy:
+            ready = True                            # nothing in flight: wait for a job
+        else:
+            for jid, failed in fetches.complete(wait=False):
+                reply(jid, failed)
+            if not fetches.busy:
+                continue
+            watching = fetches.room             # else new jobs wait in the socket
+            if watching:
+                watch.register(sock.fileno(), select.POLLIN)
+            events = dict(watch.poll())
+            if watching:
+                watch.unregister(sock.fileno())
+            ready = sock.fileno() in events
+        if not ready:
+            continue
+        msg = sock.recv(64)
+        if not msg:
+            return
+        job = JOB.unpack(msg)
+        if job[1] == OP_FETCH and fetches is not None:
+            fetches.start(job)
+        else:
+            reply(job[0], cipher.run(mem, job))
+
+
 def main(argv: list[str]) -> None:
-    memfd, sockfd, keys_len, parent = (int(a) for a in argv[1:5])
+    memfd, sockfd, keys_len, parent, data_fd = (int(a) for a in argv[1:6])
     libc = ctypes.CDLL(None, use_errno=True)
     region = mmap.mmap(memfd, 0)
     os.close(memfd)
     dumpable, locked = _harden(libc, region, keys_len, parent)
     sock = socket.socket(fileno=sockfd)
     sock.send(HELLO.pack(os.getpid(), dumpable, locked, time.process_time_ns()))
-    cipher, mem = Cipher(), memoryview(region)
+    cipher, mem = Cipher(data_fd), memoryview(region)
     try:
-        while True:
-            msg = sock.recv(64)
-            if not msg:
-                break
-            job = JOB.unpack(msg)
-            failed = cipher.run(mem, job)
-            sock.send(REPLY.pack(job[0], failed, time.process_time_ns()))
+        serve(sock, cipher, mem, _fetches(cipher, region, mem))
     except OSError:             # the pool went away: nothing to say to anyone
         pass
 

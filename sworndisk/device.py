@@ -198,6 +198,25 @@ class CountingDevice(DeviceWrapper):
         self.flushes += 1
         self.inner.flush()
 
+    def note_reads(self, reads: int, nbytes: int) -> None:
+        """Counts reads another process made of `inner` for the engine (crypto workers)."""
+        self.reads += reads
+        self.bytes_read += nbytes
+
+
+def direct_file(dev: BlockDevice) -> tuple["FileDevice | None", list[CountingDevice]]:
+    """The O_DIRECT FileDevice under `dev` and the CountingDevices around it (they pass
+    batches through whole), for a reader in another process that must count its reads
+    in those layers; (None, []) if `dev` is anything else, or wraps it in a device that
+    must see every read itself (read-only guards, fault injection)."""
+    layers = []
+    while type(dev) is CountingDevice:
+        layers.append(dev)
+        dev = dev.inner
+    if isinstance(dev, FileDevice) and dev.direct and type(dev).pread is FileDevice.pread:
+        return dev, layers
+    return None, []
+
 
 class _AlignedBuffers(threading.local):
     """One page-aligned bounce buffer per thread, grown on demand (O_DIRECT needs alignment)."""
@@ -235,10 +254,28 @@ class FileDevice(BlockDevice):
         self._ring = False                  # io_uring for the *_many calls, made on first use
         self._ring_lock = threading.Lock()
         self._inflight = None               # the batch pwrite_many left in flight
+        self._fence = None                  # waits for reads issued by other processes
 
     @property
     def path(self) -> str:
         return self.file.path
+
+    @property
+    def fd(self) -> int:
+        """The open descriptor, for a process that reads this device on the engine's
+        behalf (crypto workers); see settle() and fence_writes()."""
+        return self.file.fd
+
+    def settle(self) -> None:
+        """Waits for the writes pwrite_many left in flight: after this, a read issued on
+        `fd` elsewhere sees every write issued here before."""
+        self._drain()
+
+    def fence_writes(self, wait) -> None:
+        """`wait()` (or None: no more) is called before every write and discard: it
+        returns once the reads other processes issued on `fd` are done, so that no block
+        is overwritten while one of them reads it."""
+        self._fence = wait
 
     @property
     def direct(self) -> bool:
@@ -289,6 +326,8 @@ class FileDevice(BlockDevice):
     def pwrite(self, data, offset: int) -> None:
         _check_range(self, len(data), offset)
         self._drain()
+        if self._fence is not None:
+            self._fence()
         self._pwrite_now(data, offset)
 
     def _pwrite_now(self, data, offset: int) -> None:
@@ -319,6 +358,8 @@ class FileDevice(BlockDevice):
             return super().pwrite_many(items)
         for data, offset in items:
             _check_range(self, len(data), offset)
+        if self._fence is not None:
+            self._fence()
         with self._ring_lock:
             self._drain_locked()
             for i in range(0, len(items), _RING_BATCH):
@@ -410,6 +451,8 @@ class FileDevice(BlockDevice):
     def discard(self, offset: int, nbytes: int) -> None:
         _check_range(self, nbytes, offset)
         self._drain()
+        if self._fence is not None:
+            self._fence()
         try:
             self.file.discard(offset, nbytes)
         except OSError:     # a hint: the engine no longer refers to the range, and what
@@ -512,5 +555,5 @@ def create_image(path: str, size: int) -> None:
             f.truncate(size)
 
 
-__all__ = ["BlockDevice", "CountingDevice", "FileDevice", "MemoryDevice", "as_device",
+__all__ = ["BlockDevice", "CountingDevice", "FileDevice", "MemoryDevice", "as_device", "direct_file",
            "check_unowned", "closing_on_error", "create_image", "open_pair"]

@@ -3,12 +3,12 @@
 This module checks arguments, keeps the failure latch and assembles stats; the work is
 done by the parts (docs/modules.md):
 
-    Admission       admission.py  writes and discards into the batch; early commits
-    BlockCrypto     cryptopool.py sealing and verifying blocks, in worker processes
-    PendingBatch    batch.py      writes and discards since the last commit; sealing
-    CommittedState  committed.py  the secure index and space accounting; apply(ops)
-    CommitProtocol  protocol.py   commit, checkpoint and recovery over journal and packs
-    Cleaner         cleaner.py    segment cleaning
+    Admission       admission.py   writes and discards into the batch; early commits
+    BlockCrypto     blockcrypto.py sealing and verifying blocks, in worker processes
+    PendingBatch    batch.py       writes and discards since the last commit; sealing
+    CommittedState  committed.py   the secure index and space accounting; apply(ops)
+    CommitProtocol  protocol.py    commit, checkpoint and recovery over journal and packs
+    Cleaner         cleaner.py     segment cleaning
 
 Write path: blocks go into the batch's segment buffer; before buffering what would not
 fit in free space or in the autocommit budget the disk commits early (docs/cleaning.md).
@@ -31,7 +31,7 @@ from .cleaner import Cleaner
 from .committed import CommittedState
 from .debug import DebugView
 from .config import RUNTIME_FIELDS, Config
-from .cryptopool import open_crypto
+from .blockcrypto import open_crypto
 from .device import BlockDevice, CountingDevice, closing_on_error, open_pair
 from .format import BLOCK_SIZE, LABEL_ANCHOR, LABEL_DISK, LABEL_FRONTEND, MASTER_KEY_BYTES
 from .errors import DiskClosedError, InvalidArgument, SwornDiskError
@@ -87,7 +87,7 @@ class SwornDisk:
                                 self.layout.segtable_blocks,
                                 self.config.node_cache_bytes // 4 // BLOCK_SIZE)
         self._state = CommittedState(fmt, self._store, segtable, self.layout, self.config)
-        self._crypto = open_crypto(self.config.crypto_workers, fmt.key_bytes)
+        self._crypto = open_crypto(self.config.crypto_workers, fmt.key_bytes, self._data)
         self._batch = PendingBatch(fmt, self._state.space, self._data, self._lifetime,
                                    self._crypto)
         self._protocol = CommitProtocol(self._meta, self._data, self.layout, self.config,
@@ -95,7 +95,7 @@ class SwornDisk:
                                         self._lifetime, self._session)
         self._cleaner = Cleaner(self._state, self._batch, self._data, self._lifetime)
         self._reader = Reader(fmt, self._batch, self._state, self._data, self.layout.data_blocks,
-                              self._crypto.open_start)
+                              self._crypto)
         self._admission = Admission(self._batch, self._state, self._protocol.commit,
                                     self.config.autocommit_bytes // BLOCK_SIZE,
                                     self._lifetime, self._session, self._guarded)
@@ -212,11 +212,12 @@ class SwornDisk:
         return self.start_reads(ranges).result()
 
     def start_reads(self, ranges) -> PendingReads:
-        """read_many in two steps: this call looks the blocks up and reads them; the
-        verification runs in the crypto workers, and result() on what it returns waits
-        for it and gives read_many's answer. result() touches no state of the disk, so a
-        caller that serialises calls into the disk (a ublk target's queues) may let other
-        calls in before it: their crypto then overlaps."""
+        """read_many in two steps: this call looks the blocks up and starts reading and
+        verifying them (in the crypto workers, which may read the device themselves);
+        result() on what it returns waits and gives read_many's answer. result() touches
+        no state of the disk, so a caller that serialises calls into the disk (a ublk
+        target's queues) may let other calls in before it, and started reads may be
+        finished in any order."""
         self._check_usable()
         ranges = [(lba, n) for lba, n in ranges]
         blocks, limit = 0, self.nr_blocks

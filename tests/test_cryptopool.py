@@ -5,6 +5,7 @@ SIGKILL during writes and during reads costs nothing that was acknowledged and i
 replaced; workers are not dumpable and their region is not a named file."""
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import random
@@ -17,9 +18,11 @@ import pytest
 from sworndisk import Config, IntegrityError, InvalidArgument, MemoryDevice, SwornDisk
 from sworndisk import crypto
 from sworndisk.cryptopool import CryptoPool, automatic_workers
+from sworndisk.device import FileDevice, create_image
 from sworndisk.format import SEGMENT_BLOCKS
 
-from .conftest import BS, KEY16, MiB, Model, make_block, new_devices, new_disk, verify_disk
+from .conftest import (BS, KEY16, MiB, Model, make_block, meta_size_for, new_devices, new_disk,
+                       verify_disk)
 
 
 def _children() -> list[int]:
@@ -249,3 +252,185 @@ def test_tampered_block_fails_its_range_through_the_pool():
     assert isinstance(got[10], IntegrityError)
     assert all(got[l] == blocks[l] for l in range(64) if l != 10)
     disk.close()
+
+
+# ---- fetch jobs: the workers read the data device themselves (file-backed disks) ----------
+
+def _file_disk(tmp_path, workers: int, data_size: int = 64 * MiB):
+    """A disk on image files (O_DIRECT), so that its workers can read the data device."""
+    data, meta = str(tmp_path / "data.img"), str(tmp_path / "meta.img")
+    create_image(data, data_size)
+    create_image(meta, meta_size_for(data_size))
+    disk = SwornDisk.create(data, meta, KEY16, config=Config(crypto_workers=workers))
+    return disk, data, meta
+
+
+def _fill(disk, rng: random.Random, n: int, model: Model) -> list[int]:
+    lbas = rng.sample(range(disk.nr_blocks), n)
+    for i in range(0, n, 32):
+        items = [(lba, make_block(rng, lba, 1)) for lba in lbas[i:i + 32]]
+        disk.write_many(items)
+        for lba, b in items:
+            model.write(lba, b)
+    disk.flush()
+    return lbas
+
+
+def test_fetch_reads_through_the_workers(tmp_path):
+    disk, data, meta = _file_disk(tmp_path, 1)
+    rng = random.Random(21)
+    model = Model(disk.nr_blocks)
+    lbas = _fill(disk, rng, 3000, model)
+    long_run = make_block(rng, 100, 2) * 600                # several lanes' worth
+    disk.write(100, long_run)
+    model.write(100, long_run)
+    disk.close()
+    disk = SwornDisk.open(data, meta, KEY16, config=Config(crypto_workers=1))
+    assert disk.debug.pool.can_fetch
+    before = disk.stats()
+    for i in range(0, len(lbas), 32):
+        batch = lbas[i:i + 32]
+        assert disk.read_many([(lba, 1) for lba in batch]) == [model.get(l) for l in batch]
+    ranges = [(90, 620), (5, 3), (disk.nr_blocks - 40, 40), (2000, 300)]    # holes too
+    assert disk.read_many(ranges) == [model.read(l, n) for l, n in ranges]
+    after = disk.stats()
+    assert after.crypto.blocks_in_workers - before.crypto.blocks_in_workers >= 3000 + 600
+    assert after.crypto.batches > before.crypto.batches
+    # the workers' reads are counted as the disk's own
+    assert after.session.data_bytes_read - before.session.data_bytes_read >= (3000 + 600) * BS
+    disk.close()
+
+
+def test_fetch_tampered_block_fails_its_range_alone(tmp_path):
+    disk, data, meta = _file_disk(tmp_path, 1)
+    rng = random.Random(22)
+    blocks = {lba: make_block(rng, lba, 0) for lba in range(64)}
+    disk.write_many(list(blocks.items()))
+    disk.flush()
+    hba = int.from_bytes(disk.debug.index.get(10)[:8], "little")
+    fd = os.open(data, os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, hba * BS + 7)
+        os.pwrite(fd, bytes([byte[0] ^ 1]), hba * BS + 7)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    before = disk.stats().crypto.blocks_in_workers
+    got = disk.read_many([(lba, 1) for lba in range(64)])
+    assert disk.stats().crypto.blocks_in_workers - before == 64
+    assert isinstance(got[10], IntegrityError)
+    assert all(got[l] == blocks[l] for l in range(64) if l != 10)
+    disk.close()
+
+
+def test_fetch_read_error_raises_eio(tmp_path):
+    """A block the worker cannot read (here: the image cut short under the open disk)
+    fails the call with EIO, never with wrong data; blocks still there read fine."""
+    disk, data, _ = _file_disk(tmp_path, 1)
+    rng = random.Random(23)
+    model = Model(disk.nr_blocks)
+    disk.write_many([(lba, make_block(rng, lba, 0)) for lba in range(64)])
+    disk.flush()
+    disk.write_many([(lba, make_block(rng, lba, 1)) for lba in range(1000, 1100)])
+    disk.flush()
+    for lba in range(64):
+        model.write(lba, disk.read(lba, 1))
+    last = int.from_bytes(disk.debug.index.get(1099)[:8], "little")
+    first = int.from_bytes(disk.debug.index.get(0)[:8], "little")
+    assert last > first + 64
+    os.truncate(data, last * BS)                # the last block's place is gone
+    with pytest.raises(OSError) as e:
+        disk.read_many([(lba, 1) for lba in range(1000, 1100)])
+    assert e.value.errno == errno.EIO
+    assert disk.read_many([(lba, 1) for lba in range(64)]) == [model.get(l) for l in range(64)]
+    disk.close()
+
+
+def test_worker_killed_during_fetches(tmp_path):
+    disk, data, meta = _file_disk(tmp_path, 2)
+    rng = random.Random(24)
+    model = Model(disk.nr_blocks)
+    lbas = _fill(disk, rng, 6000, model)
+    assert disk.debug.pool.can_fetch
+    killer = _Killer(disk.debug.pool, 4, 0.1)
+    killer.start()
+    rounds = 0
+    while killer.is_alive() or rounds < 2:
+        rounds += 1
+        for i in range(0, len(lbas), 64):
+            batch = lbas[i:i + 64]
+            assert disk.read_many([(lba, 1) for lba in batch]) == [model.get(l) for l in batch]
+    killer.join()
+    assert len(killer.killed) == 4
+    assert disk.stats().crypto.worker_restarts >= 1
+    disk.close()
+
+
+def test_device_writes_wait_for_reads_in_flight(tmp_path):
+    """A worker's read must not see its block overwritten under it: the data device's
+    writes wait until no fetch is in flight (here the worker is stopped mid-job)."""
+    disk, _, _ = _file_disk(tmp_path, 1)
+    rng = random.Random(25)
+    model = Model(disk.nr_blocks)
+    lbas = _fill(disk, rng, 200, model)
+    pool = disk.debug.pool
+    pool.start()
+    pid = pool.pids()[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        pending = disk.start_reads([(lba, 1) for lba in lbas[:32]])     # in flight
+        for lba in range(10):                   # a few blocks: sealed in this thread
+            b = make_block(rng, lba, 9)
+            disk.write(lba, b)
+            model.write(lba, b)
+        flusher = threading.Thread(target=disk.flush, daemon=True)
+        flusher.start()
+        flusher.join(0.5)
+        assert flusher.is_alive(), "the flush wrote data blocks while a read was in flight"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    flusher.join(30)
+    assert not flusher.is_alive()
+    assert pending.result() == [model.get(l) for l in lbas[:32]]
+    verify_disk(disk, model)
+    disk.close()
+
+
+def test_more_reads_started_than_lanes_finish_in_any_order(tmp_path):
+    """One thread holding more started reads than the pool has lanes, finishing them
+    last first: the reads that found no free lane are done in the thread, none waits."""
+    disk, _, _ = _file_disk(tmp_path, 1)
+    rng = random.Random(26)
+    model = Model(disk.nr_blocks)
+    lbas = _fill(disk, rng, 400, model)
+    inline = disk.stats().crypto.blocks_inline
+    batches = [lbas[i:i + 32] for i in range(0, 192, 32)]          # 6 batches, 2 lanes
+    out: dict = {}
+
+    def run():
+        pending = [disk.start_reads([(lba, 1) for lba in b]) for b in batches]
+        for i in reversed(range(len(batches))):
+            out[i] = pending[i].result()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "reads waiting for lanes held by reads not yet finished"
+    assert [out[i] for i in range(len(batches))] == [[model.get(l) for l in b] for b in batches]
+    assert disk.stats().crypto.blocks_inline - inline >= 4 * 32
+    disk.close()
+
+
+def test_fence_is_called_before_every_device_write(tmp_path):
+    path = str(tmp_path / "f.img")
+    create_image(path, MiB)
+    dev = FileDevice(path)
+    calls = []
+    dev.fence_writes(lambda: calls.append(1))
+    dev.pwrite(bytes(BS), 0)
+    dev.pwrite_many([(bytes(BS), BS), (bytes(BS), 2 * BS)])
+    dev.discard(0, BS)
+    assert len(calls) == 3
+    dev.fence_writes(None)
+    dev.pwrite(bytes(BS), 0)
+    assert len(calls) == 3
+    dev.close()
