@@ -66,6 +66,7 @@ class CryptoStats:
     batches: int                    # jobs sent to workers
     blocks_in_workers: int
     blocks_inline: int              # sealed or verified in the engine's threads
+    blocks_fetched: int             # of blocks_in_workers, read by the workers themselves
     worker_restarts: int            # workers replaced after dying
     worker_cpu_seconds: float       # all workers', live and dead
     keys_locked: bool               # every live worker reported its key pages mlocked
@@ -165,6 +166,7 @@ class CryptoPool:
         self._free_lanes = list(range(self.lanes))
         self._dead_cpu = 0.0
         self.batches = self.blocks_in_workers = self.blocks_inline = self.restarts = 0
+        self.blocks_fetched = 0
 
     # ------------------------------------------------------------------ buffers
     def plaintext(self, i: int) -> memoryview:
@@ -316,6 +318,7 @@ class CryptoPool:
             self._specs[jid] = spec
             if fetch:
                 self._fetching.add(jid)
+                self.blocks_fetched += spec[5]
             self._start_locked()
             w = min(self._workers, key=lambda w: len(w.jobs))
             w.jobs.add(jid)
@@ -397,6 +400,8 @@ class CryptoPool:
         for jid in sorted(w.jobs):
             spec = self._specs.pop(jid)
             self.blocks_in_workers -= spec[5]
+            if spec[0] == OP_FETCH:
+                self.blocks_fetched -= spec[5]
             self._done[jid] = self._inline(spec)
             self._fetching.discard(jid)
         w.jobs.clear()
@@ -407,7 +412,8 @@ class CryptoPool:
         live = sum(w.cpu_ns for w in self._workers) / 1e9
         return CryptoStats(workers=self.size, worker_pids=self.pids(), batches=self.batches,
                            blocks_in_workers=self.blocks_in_workers,
-                           blocks_inline=self.blocks_inline, worker_restarts=self.restarts,
+                           blocks_inline=self.blocks_inline,
+                           blocks_fetched=self.blocks_fetched, worker_restarts=self.restarts,
                            worker_cpu_seconds=self._dead_cpu + live,
                            keys_locked=bool(self._workers)
                            and all(w.keys_locked for w in self._workers))

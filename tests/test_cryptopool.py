@@ -295,6 +295,7 @@ def test_fetch_reads_through_the_workers(tmp_path):
     assert disk.read_many(ranges) == [model.read(l, n) for l, n in ranges]
     after = disk.stats()
     assert after.crypto.blocks_in_workers - before.crypto.blocks_in_workers >= 3000 + 600
+    assert after.crypto.blocks_fetched - before.crypto.blocks_fetched >= 3000 + 600
     assert after.crypto.batches > before.crypto.batches
     # the workers' reads are counted as the disk's own
     assert after.session.data_bytes_read - before.session.data_bytes_read >= (3000 + 600) * BS

@@ -67,7 +67,9 @@ class WorkloadResult:
     """One timed workload on one disk. `cpu_seconds` is the whole process's (engine
     threads too); `thread_cpu_seconds` the thread's that drove the disk (the engine's
     thread: it runs the index, the commit and the I/O submission); `worker_cpu_seconds`
-    what SwornDisk's crypto worker processes spent meanwhile."""
+    what SwornDisk's crypto worker processes spent meanwhile; `client_cpu_seconds` what
+    the same loop costs the thread against a disk that does nothing (NullDisk): the
+    benchmark's own share of the thread, which `engine_us_per_block` leaves out."""
     name: str
     ops: int
     user_bytes: int
@@ -78,6 +80,7 @@ class WorkloadResult:
     error: Optional[str] = None
     thread_cpu_seconds: float = 0.0
     worker_cpu_seconds: float = 0.0
+    client_cpu_seconds: float = 0.0
 
     @property
     def mb_per_s(self) -> float:
@@ -100,6 +103,15 @@ class WorkloadResult:
         return self.thread_cpu_seconds * 1e6 / self.blocks if self.blocks else 0.0
 
     @property
+    def client_us_per_block(self) -> float:
+        return self.client_cpu_seconds * 1e6 / self.blocks if self.blocks else 0.0
+
+    @property
+    def engine_us_per_block(self) -> float:
+        """The thread's CPU per block without the benchmark's own (client) share."""
+        return max(0.0, self.thread_us_per_block - self.client_us_per_block)
+
+    @property
     def worker_us_per_block(self) -> float:
         return self.worker_cpu_seconds * 1e6 / self.blocks if self.blocks else 0.0
 
@@ -113,6 +125,8 @@ class WorkloadResult:
         d.update(mb_per_s=self.mb_per_s, iops=self.iops,
                  cpu_us_per_block=self.cpu_us_per_block,
                  thread_us_per_block=self.thread_us_per_block,
+                 client_us_per_block=self.client_us_per_block,
+                 engine_us_per_block=self.engine_us_per_block,
                  worker_us_per_block=self.worker_us_per_block,
                  write_amplification=self.write_amplification)
         return d
@@ -134,6 +148,42 @@ def timed(name: str, bench: BenchDisk, body: Body) -> WorkloadResult:
     return WorkloadResult(name, ops, nbytes, seconds, cpu, delta.bytes_written, delta.bytes_read,
                           thread_cpu_seconds=thread,
                           worker_cpu_seconds=bench.pool().cpu_seconds - pool0)
+
+
+class NullDisk:
+    """A disk that does nothing: writes are dropped, reads answered with blocks that pass
+    the checks (the LBA stamp, the rest of the block any bytes). Run through the same
+    workload loop, it measures what the loop itself (building requests and payloads,
+    checking answers) costs the thread, so that the engine's share can be told apart."""
+
+    def __init__(self):
+        self._tail = bytes(BLOCK_SIZE - 8)
+        self._words = np.zeros(0, np.uint64)
+
+    def write_many(self, items) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def read_many(self, ranges) -> list:
+        return [self._blocks(lba, n) for lba, n in ranges]
+
+    def _blocks(self, lba: int, n: int) -> bytes:
+        if n == 1:
+            return lba.to_bytes(8, "little") + self._tail
+        if len(self._words) < n * WORDS_PER_BLOCK:
+            self._words = np.zeros(n * WORDS_PER_BLOCK, np.uint64)
+        self._words[:n * WORDS_PER_BLOCK:WORDS_PER_BLOCK] = np.arange(lba, lba + n,
+                                                                      dtype=np.uint64)
+        return self._words[:n * WORDS_PER_BLOCK].tobytes()
+
+
+def client_seconds(body: Body) -> float:
+    """The thread CPU of one run of `body` (built on a NullDisk)."""
+    t0 = time.thread_time()
+    body()
+    return time.thread_time() - t0
 
 
 def random_lbas(seed: int, count: int, lo: int, hi: int) -> List[int]:

@@ -3,6 +3,8 @@
 #     tools/vm/run -- bash tests/e2e/scripts/pool.sh
 # A disk added with --crypto-workers 1 --queues 2 takes fio write+verify from two jobs;
 # status and stats show the pool doing the crypto; a bad --crypto-workers is one line.
+# Then the same on block devices (--disk 64M --disk 32M: /dev/vdb, /dev/vdc), where
+# O_DIRECT lets the workers read the data device themselves (fetch jobs).
 set -u -o pipefail
 . "$(dirname "$0")/lib.sh"
 W=/var/tmp/sworndisk-e2e-pool
@@ -40,6 +42,23 @@ c = json.load(sys.stdin)['crypto']
 print(c)
 sys.exit(not (c['workers'] == 1 and len(c['worker_pids']) == 1 and c['blocks_in_workers'] > 0))" \
     || fail "stats do not show the worker doing the crypto"
+$CLI del -n "$N" || fail "del"
+pass
+
+step fetch
+[ -b /dev/vdb ] && [ -b /dev/vdc ] || fail "the VM has no /dev/vdb and /dev/vdc (--disk 64M --disk 32M)"
+DEV=$(add --key-file "$W/key" --crypto-workers 1 --queues 2 \
+      "0 $((64 * 2048)) sworndisk /dev/vdb /dev/vdc 0 force") || exit 1
+N=$(devnum "$DEV")
+fio --name=fetch --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 --numjobs=2 \
+    --rw=randwrite --bs=4k --size=8M --offset_increment=8M --fsync=32 --verify=crc32c \
+    --do_verify=1 --verify_fatal=1 --randrepeat=1 --group_reporting \
+    --output-format=terse >/dev/null || fail "fio write+verify on block devices failed"
+$CLI stats -n "$N" --json | "$PY" -c "
+import json, sys
+c = json.load(sys.stdin)['crypto']
+print(c)
+sys.exit(not c['blocks_fetched'] > 0)" || fail "the workers read no block themselves"
 $CLI del -n "$N" || fail "del"
 pass
 
