@@ -176,6 +176,7 @@ class SegmentTable:
         """Writes dirty details out of place; the blocks they replace retire until the
         next checkpoint is durable (release_retired)."""
         n = 0
+        writes = []                 # all written together (io_uring), before the pack
         free = iter(np.flatnonzero(~self.region_used).tolist())
         for seg in sorted(self.dirty):
             d = self.cache[seg]
@@ -191,11 +192,12 @@ class SegmentTable:
                 key = crypto.random_bytes(self.key_bytes)
                 nonce = crypto.random_bytes(crypto.NONCE_BYTES)
                 ct, mac = crypto.encrypt(key, nonce, d.astype("<u4").tobytes())
-                self.meta.pwrite(ct, blk * BLOCK_SIZE)
+                writes.append((ct, blk * BLOCK_SIZE))
                 self.dir[seg] = (blk, key, nonce, mac, 0)
                 n += 1
             if old != _NO_BLOCK:
                 self.retiring.append(int(old) - self.region_start)
+        self.meta.pwrite_many(writes)
         self.dirty.clear()
         self._evict()
         self.blocks_written += n
