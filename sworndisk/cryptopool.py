@@ -623,7 +623,10 @@ class FetchJob(_LaneJob):
         plaintext of blocks first.. (a view, valid during the call) and a status byte per
         block (0 good, AUTH_FAILED, IO_FAILED: the read failed)."""
         self.consume = consume
-        self._finish()
+        try:
+            self._finish()
+        finally:
+            self.consume = None     # no cycle through the caller's results (32 MiB at depth)
 
 
 class SealJob:

@@ -219,7 +219,8 @@ class FetchedReads:
         partial: dict[int, bytearray] = {}      # ranges with holes or split over lanes
         failed: list[tuple[int, int]] = []
         if self.job is not None:
-            self.job.result(lambda first, plain, status: self._take(
+            job, self.job = self.job, None
+            job.result(lambda first, plain, status: self._take(
                 first, plain, status, results, partial, failed))
         errors = self.errors
         for j, status in failed:
