@@ -77,7 +77,8 @@ class BlockCrypto:
         if self.pool is not None:
             return self.pool.stats()
         return CryptoStats(workers=0, worker_pids=(), batches=0, blocks_in_workers=0,
-                           blocks_inline=self._inline, blocks_fetched=0, worker_restarts=0,
+                           blocks_inline=self._inline, blocks_fetched=0, blocks_taken_over=0,
+                           worker_restarts=0,
                            worker_cpu_seconds=0.0, keys_locked=False)
 
     def close(self) -> None:

@@ -39,6 +39,7 @@ LANE_BLOCKS = 256           # blocks of one read job
 VALUE_MAX = 80              # room per block for its record (lba, hba, key, nonce, tag)
 MIN_OPEN_BLOCKS = 8         # smaller read batches are verified in the calling thread
 MIN_SEAL_BLOCKS = 64        # smaller seals (a flush of a few blocks) stay in the thread
+SEAL_CHUNK = 128            # blocks of one seal job: what the engine's thread may take over
 MAX_WORKERS = 64
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cryptoworker.py")
 _PAGE = 4096
@@ -67,6 +68,8 @@ class CryptoStats:
     blocks_in_workers: int
     blocks_inline: int              # sealed or verified in the engine's threads
     blocks_fetched: int             # of blocks_in_workers, read by the workers themselves
+    blocks_taken_over: int          # of blocks_inline: seal chunks the engine's thread
+                                    # sealed itself rather than wait for a worker
     worker_restarts: int            # workers replaced after dying
     worker_cpu_seconds: float       # all workers', live and dead
     keys_locked: bool               # every live worker reported its key pages mlocked
@@ -139,7 +142,8 @@ class CryptoPool:
         self.sealed = self.plain[1] + SEGMENT_BLOCKS * BLOCK
         self.seal_tags = self.sealed + _align(SEGMENT_BLOCKS * BLOCK + TAG)
         self.seal_slots = self.seal_tags + SEGMENT_BLOCKS * TAG
-        lane0 = _align(self.seal_slots + SEGMENT_BLOCKS * 2)
+        self.seal_claims = self.seal_slots + SEGMENT_BLOCKS * 2
+        lane0 = _align(self.seal_claims + SEGMENT_BLOCKS // SEAL_CHUNK)
         lane_len = _align(LANE_BLOCKS * (2 * BLOCK + 1))
         self._lane_at = [(lane_mat0 + i * LANE_BLOCKS * VALUE_MAX, lane0 + i * lane_len)
                          for i in range(self.lanes)]
@@ -166,7 +170,7 @@ class CryptoPool:
         self._free_lanes = list(range(self.lanes))
         self._dead_cpu = 0.0
         self.batches = self.blocks_in_workers = self.blocks_inline = self.restarts = 0
-        self.blocks_fetched = 0
+        self.blocks_fetched = self.blocks_taken_over = 0
 
     # ------------------------------------------------------------------ buffers
     def plaintext(self, i: int) -> memoryview:
@@ -188,16 +192,31 @@ class CryptoPool:
         for j, s in enumerate(slots):
             sl[j] = s
         spec = (OP_SEAL, kb, step, 0, 0, n, self.plain[buf], self.sealed, mat, self.seal_tags,
-                self.seal_slots)
+                self.seal_slots, 0)
         if n < MIN_SEAL_BLOCKS:
             self._inline(spec)
             return SealJob(self, n, [])
-        per = -(-n // self.size)
-        jobs = [self._send(spec[:4] + (f, min(per, n - f)) + spec[6:]) for f in range(0, n, per)]
+        # In chunks, each with a claim byte: at result() this thread seals the chunks no
+        # worker has started yet instead of waiting for them (work taken from the back).
+        claims = self.seal_claims
+        mem[claims:claims + SEGMENT_BLOCKS // SEAL_CHUNK] = bytes(SEGMENT_BLOCKS // SEAL_CHUNK)
+        jobs = []
+        for f in range(0, n, SEAL_CHUNK):
+            chunk = spec[:4] + (f, min(SEAL_CHUNK, n - f)) + spec[6:11] + (claims + f // SEAL_CHUNK,)
+            jobs.append((self._send(chunk), chunk))
         return SealJob(self, n, jobs)
 
-    def seal_result(self, n: int, jobs: list[int]) -> tuple[bytes, bytes, memoryview]:
-        self._wait(jobs)
+    def seal_result(self, n: int, jobs: list[tuple]) -> tuple[bytes, bytes, memoryview]:
+        mem = self.mem
+        for _jid, spec in reversed(jobs):       # what no worker has started: done here
+            claim = spec[11]
+            if not mem[claim]:
+                mem[claim] = 1
+                self._inline(spec)
+                with self._cv:
+                    self.blocks_in_workers -= spec[5]
+                    self.blocks_taken_over += spec[5]
+        self._wait([jid for jid, _spec in jobs])
         step, mem = self.kb + NONCE, self.mem
         material = bytes(mem[self.seal_mat:self.seal_mat + n * step])
         mem[self.seal_mat:self.seal_mat + n * step] = bytes(n * step)
@@ -223,7 +242,7 @@ class CryptoPool:
         mem[src:src + count * BLOCK] = ct[first * BLOCK:(first + count) * BLOCK]
         out = src + LANE_BLOCKS * BLOCK
         return self._send((OP_OPEN, self.kb, len(values[0]), key_at, 0, count, src, out, mat,
-                           0, out + LANE_BLOCKS * BLOCK))
+                           0, out + LANE_BLOCKS * BLOCK, 0))
 
     def collect_open(self, lane: int, dsts: list, first: int, count: int) -> list[int]:
         mem = self.mem
@@ -255,7 +274,7 @@ class CryptoPool:
         self.mem[mat:mat + len(raw)] = raw
         out = src + LANE_BLOCKS * BLOCK
         return self._send((OP_FETCH, self.kb, records.itemsize, key_at, 0, count, src, out,
-                           mat, 0, out + LANE_BLOCKS * BLOCK), fetch=True)
+                           mat, 0, out + LANE_BLOCKS * BLOCK, 0), fetch=True)
 
     def collect_fetch(self, lane: int, count: int, consume) -> None:
         """Hands the lane's plaintext and statuses to consume(plain, status), then frees
@@ -288,7 +307,7 @@ class CryptoPool:
             try:
                 mem[:count * stride] = records[first:first + count].tobytes()
                 self._cipher.fetch(mem, (0, OP_FETCH, self.kb, stride, key_at, 0, count, src,
-                                         out, mat, 0, status))
+                                         out, mat, 0, status, 0))
                 self.count_inline(count)
                 consume(mem[out:out + count * BLOCK], bytes(mem[status:status + count]))
                 mem[:count * stride] = bytes(count * stride)
@@ -307,8 +326,10 @@ class CryptoPool:
             self.blocks_inline += n
 
     def _inline(self, spec: tuple) -> int:
+        """A job done in this thread (its claim byte ignored: a worker that died may have
+        set it)."""
         self.count_inline(spec[5])
-        return self._cipher.run(self.mem, (0,) + spec)
+        return self._cipher.run(self.mem, (0,) + spec[:11] + (0,))
 
     def _send(self, spec: tuple, fetch: bool = False) -> int:
         """Sends a job (JOB fields without the id) to the least busy worker; its id."""
@@ -413,7 +434,9 @@ class CryptoPool:
         return CryptoStats(workers=self.size, worker_pids=self.pids(), batches=self.batches,
                            blocks_in_workers=self.blocks_in_workers,
                            blocks_inline=self.blocks_inline,
-                           blocks_fetched=self.blocks_fetched, worker_restarts=self.restarts,
+                           blocks_fetched=self.blocks_fetched,
+                           blocks_taken_over=self.blocks_taken_over,
+                           worker_restarts=self.restarts,
                            worker_cpu_seconds=self._dead_cpu + live,
                            keys_locked=bool(self._workers)
                            and all(w.keys_locked for w in self._workers))

@@ -32,8 +32,11 @@ import time
 # failed). Fetch: as open, but each material entry is a whole index record (its HBA at
 # RECORD_HBA, its key at the key offset) and the worker first reads the ciphertext from the
 # data device into the input place, runs of consecutive HBAs as one read; a block whose
-# read failed gets status IO_FAILED. Reply: job id, failures, worker CPU nanoseconds.
-JOB = struct.Struct("<IBBHHxxII5Q")
+# read failed gets status IO_FAILED. Last, a seal job's claim byte (0: none): the worker
+# sets it before sealing and skips the job if it is set already, as it is when the engine's
+# thread, rather than wait, sealed that chunk itself (both would write the same bytes).
+# Reply: job id, failures, worker CPU nanoseconds.
+JOB = struct.Struct("<IBBHHxxII6Q")
 REPLY = struct.Struct("<IIQ")
 HELLO = struct.Struct("<iiiQ")      # pid, PR_GET_DUMPABLE, key pages locked (1/0), CPU ns
 OP_SEAL, OP_OPEN, OP_FETCH = 1, 2, 3
@@ -57,11 +60,15 @@ class Cipher:
         self.data_fd = data_fd
 
     def seal(self, mem: memoryview, kb: int, mstride: int, moff: int, first: int, count: int,
-             src: int, out: int, mat: int, tags: int, aux: int) -> int:
+             src: int, out: int, mat: int, tags: int, aux: int, claim: int = 0) -> int:
         """Encrypts blocks first..first+count: block j is buffer slot aux[j] of `src`, its
         ciphertext goes to out + j*4096 and its tag to tags + j*16. The last block goes
         through a scratch buffer so that its tag never spills over a neighbour's place,
-        which another worker may be writing."""
+        which another worker may be writing. Nothing is done if the claim byte is set."""
+        if claim:
+            if mem[claim]:
+                return 0
+            mem[claim] = 1
         aesgcm, step = self.aesgcm, mstride
         slots = mem[aux:aux + (first + count) * 2].cast("H")
         scratch = memoryview(bytearray(BLOCK + TAG))
@@ -78,7 +85,7 @@ class Cipher:
         return 0
 
     def open(self, mem: memoryview, kb: int, mstride: int, moff: int, first: int, count: int,
-             src: int, out: int, mat: int, tags: int, aux: int) -> int:
+             src: int, out: int, mat: int, tags: int, aux: int, _claim: int = 0) -> int:
         """Decrypts and verifies blocks first..first+count (ciphertext at src + j*4096,
         record value at mat + j*mstride, plaintext to out + j*4096); a failed block gets
         status 1 at aux + j and nothing meaningful in its output. Returns how many failed."""
@@ -116,7 +123,7 @@ class Cipher:
     def opened(self, mem: memoryview, job: tuple, unread: list) -> int:
         """A fetch job after its reads: every block opened, then those of the `unread`
         runs marked IO_FAILED. Returns how many blocks failed."""
-        _jid, _op, kb, mstride, moff, first, count, src, out, mat, _tags, aux = job
+        _jid, _op, kb, mstride, moff, first, count, src, out, mat, _tags, aux, _claim = job
         self.open(mem, kb, mstride, moff, first, count, src, out, mat, 0, aux)
         for j, n, _hba in unread:
             mem[aux + j:aux + j + n] = bytes([IO_FAILED]) * n
@@ -125,7 +132,7 @@ class Cipher:
     def fetch(self, mem: memoryview, job: tuple) -> int:
         """A fetch job done here, one synchronous read per run (the pool's own thread, for
         a job its worker died with; the worker has an io_uring of its own)."""
-        _jid, _op, _kb, mstride, _moff, first, count, src, _out, mat, _tags, _aux = job
+        _jid, _op, _kb, mstride, _moff, first, count, src, _out, mat, _tags, _aux, _claim = job
         unread = []
         for run in self.runs(mem, mstride, first, count, mat):
             j, n, hba = run
@@ -261,7 +268,7 @@ def serve(sock: socket.socket, cipher: Cipher, mem: memoryview,
             ready = sock.fileno() in events
         if not ready:
             continue
-        msg = sock.recv(64)
+        msg = sock.recv(JOB.size)
         if not msg:
             return
         job = JOB.unpack(msg)

@@ -80,9 +80,13 @@ def test_pool_seals_the_same_bytes_as_the_thread():
         plain = pool.plaintext(1)
         plain[:] = rng.randbytes(SEGMENT_BLOCKS * BS)
         slots = sorted(rng.sample(range(SEGMENT_BLOCKS), 700))
-        material, tags, sealed = pool.seal_start(1, slots).result()
+        assert pool.dumpable() == (0, 0)            # both workers up
+        job = pool.seal_start(1, slots)
+        time.sleep(0.5)                             # ~2 ms of work: the workers do it all
+        material, tags, sealed = job.result()
         sealed = bytes(sealed)
-        assert pool.stats().blocks_in_workers == 700 and pool.stats().batches == 2
+        st = pool.stats()
+        assert st.blocks_in_workers == 700 and st.batches == 6 and st.blocks_taken_over == 0
         out = bytearray(len(slots) * BS + 16)
         tags2 = bytearray(len(slots) * 16)
         crypto.seal_blocks(material, 16, bytes(plain), slots, out, tags2, 0)
@@ -93,6 +97,35 @@ def test_pool_seals_the_same_bytes_as_the_thread():
                               "block") == bytes(plain[slots[j] * BS:(slots[j] + 1) * BS])
         # the region's copy of the keys is zeroed once the seal is collected
         assert not any(pool.mem[:len(material)])
+    finally:
+        pool.close()
+
+
+def test_engine_seals_what_no_worker_started():
+    """At result() the calling thread seals the chunks no worker has claimed instead of
+    waiting (here the workers are stopped): the same bytes, and it waits for the workers'
+    replies before the buffers may be reused."""
+    pool = CryptoPool(1, 16)
+    try:
+        rng = random.Random(6)
+        plain = pool.plaintext(0)
+        plain[:] = rng.randbytes(SEGMENT_BLOCKS * BS)
+        slots = list(range(0, SEGMENT_BLOCKS, 2))
+        assert pool.dumpable() == (0,)
+        pid = pool.pids()[0]
+        os.kill(pid, signal.SIGSTOP)
+        resumed = threading.Timer(0.5, os.kill, (pid, signal.SIGCONT))
+        resumed.start()
+        t0 = time.monotonic()
+        material, tags, sealed = pool.seal_start(0, slots).result()
+        assert time.monotonic() - t0 >= 0.4         # it waited for the stopped worker
+        st = pool.stats()
+        assert st.blocks_taken_over == len(slots) and st.blocks_in_workers == 0
+        out = bytearray(len(slots) * BS + 16)
+        tags2 = bytearray(len(slots) * 16)
+        crypto.seal_blocks(material, 16, bytes(plain), slots, out, tags2, 0)
+        assert bytes(sealed) == bytes(out[:len(slots) * BS]) and tags == bytes(tags2)
+        resumed.join()
     finally:
         pool.close()
 
