@@ -162,11 +162,18 @@ class Fetches:
     ADMIT = RING // 2           # runs in flight above which no new job is taken
 
     def __init__(self, cipher: Cipher, region: mmap.mmap, mem: memoryview):
-        from ublk_shim.sys import IORING_OP_READ, SQE_RW
+        from ublk_shim.sys import IORING_OP_READ, IORING_OP_READ_FIXED, SQE_RW
         from ublk_shim.uring import Ring, buffer_address
         self.ring = Ring(self.RING)
         self.cipher, self.mem, self.base = cipher, mem, buffer_address(region)
-        self.op_read, self.sqe = IORING_OP_READ, SQE_RW
+        self.sqe = SQE_RW
+        # The region as a fixed buffer: its pages pinned once (and so never swapped),
+        # not at every read; where RLIMIT_MEMLOCK refuses, plain reads.
+        try:
+            self.ring.register_buffer(region)
+            self.op_read = IORING_OP_READ_FIXED
+        except OSError:
+            self.op_read = IORING_OP_READ
         self.jobs: dict[int, list] = {}     # job id -> [job, runs left, failed runs]
         self.reads: dict[int, tuple] = {}   # user_data -> (job id, run)
         self._next = 0

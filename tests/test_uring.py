@@ -8,6 +8,7 @@ import ctypes
 import errno
 import mmap
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -63,16 +64,26 @@ def test_cq_wraps_around(tmp_path):
         assert sorted(seen) == sorted(r * 10 + i for r in range(25) for i in range(5))
 
 
-def test_read_batch(tmp_path):
-    """IORING_OP_READ of 16 blocks of a file in one enter: data and res per user_data."""
+@contextmanager
+def _file_and_buffer(tmp_path, blocks: list):
+    """(fd of a file holding `blocks`, a 16-page mmap, its address), closed after."""
     path = tmp_path / "data"
-    blocks = [bytes([i]) * 4096 for i in range(16)]
     path.write_bytes(b"".join(blocks))
     buf = mmap.mmap(-1, 16 * 4096)
     anchor = ctypes.c_char.from_buffer(buf)
-    base = ctypes.addressof(anchor)
     fd = os.open(path, os.O_RDONLY)
     try:
+        yield fd, buf, ctypes.addressof(anchor)
+    finally:
+        os.close(fd)
+        del anchor
+        buf.close()
+
+
+def test_read_batch(tmp_path):
+    """IORING_OP_READ of 16 blocks of a file in one enter: data and res per user_data."""
+    blocks = [bytes([i]) * 4096 for i in range(16)]
+    with _file_and_buffer(tmp_path, blocks) as (fd, buf, base):
         with _ring(16) as ring:
             for i in reversed(range(16)):
                 ring.prep(uapi.IORING_OP_READ, fd=fd, off=i * 4096, addr=base + i * 4096,
@@ -85,10 +96,25 @@ def test_read_batch(tmp_path):
                     ring.submit(wait_nr=1, timeout=5)
             assert sorted((u, r) for u, r, _ in cqes) == [(1000 + i, 4096) for i in range(16)]
         assert buf[:] == b"".join(blocks)
-    finally:
-        os.close(fd)
-        del anchor
-        buf.close()
+
+
+def test_read_fixed_into_a_registered_buffer(tmp_path):
+    """READ_FIXED into buffer 0 (register_buffer): the data lands in the buffer, at any
+    address inside it; a ring with no buffer registered refuses READ_FIXED (EFAULT)."""
+    blocks = [bytes([i + 1]) * 4096 for i in range(8)]
+    with _file_and_buffer(tmp_path, blocks) as (fd, buf, base):
+        with _ring(16) as plain:
+            plain.prep(uapi.IORING_OP_READ_FIXED, fd=fd, off=0, addr=base, length=4096)
+            (_, res, _), = plain.complete(1)
+            assert res < 0
+        with _ring(16) as ring:
+            ring.register_buffer(buf)
+            for i in range(8):      # block i to page 8 + i: an offset inside the buffer
+                ring.prep(uapi.IORING_OP_READ_FIXED, fd=fd, off=i * 4096,
+                          addr=base + (8 + i) * 4096, length=4096, user_data=i)
+            cqes = ring.complete(8)
+            assert sorted((u, r) for u, r, _ in cqes) == [(i, 4096) for i in range(8)]
+        assert buf[8 * 4096:] == b"".join(blocks) and not any(buf[:8 * 4096])
 
 
 def _nop(user_data):

@@ -64,11 +64,18 @@ IORING_ENTER_EXT_ARG = 1 << 3
 
 IOSQE_FIXED_FILE = 1 << 0
 
+IORING_REGISTER_BUFFERS = 0     # io_uring_register opcodes
+
 IORING_OP_NOP = 0
+IORING_OP_READ_FIXED = 4
 IORING_OP_ASYNC_CANCEL = 14
 IORING_OP_READ = 22
 IORING_OP_WRITE = 23
 IORING_OP_URING_CMD = 46
+
+
+class IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
 class IoSqringOffsets(ctypes.Structure):
