@@ -181,7 +181,10 @@ def _scaling(plt, suite: List[dict], settings: dict):
                 if r is None:
                     continue
                 pos = x + (i - 0.5) * 0.4
-                thread, work = r.get("thread_us_per_block", 0.0), r.get("worker_us_per_block", 0.0)
+                # the engine's share of the thread (runs saved before it was measured
+                # apart have only the thread's whole CPU, client included)
+                thread = r.get("engine_us_per_block", r.get("thread_us_per_block", 0.0))
+                work = r.get("worker_us_per_block", 0.0)
                 bottom.bar(pos, thread, 0.38, color="#555555",
                            label="engine thread" if x == 0 and i == 0 else None)
                 bottom.bar(pos, work, 0.38, bottom=thread, color="#2ca02c",
