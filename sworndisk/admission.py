@@ -46,7 +46,7 @@ class Admission:
             for lba, mv in views:
                 self.write(lba, mv)
             return
-        self.guarded(lambda: batch.put_many(views))
+        self.guarded(lambda: batch.put_many(views, single=total == len(views)))
         self.lifetime.user_blocks_written += total
         self.session.user_blocks_written += total
 

@@ -48,6 +48,7 @@ class PendingBatch:
         self._slots: list = []                  # buffer slot -> LBA, None once discarded
         self._slot_of: dict[int, int] = {}      # LBA -> buffer slot
         self._values: dict[int, bytes] = {}     # LBA -> sealed, uncommitted record value
+        self._staged: list[np.ndarray] = []     # staged records not folded into _values yet
         self._ops: list[Op] = []
         self._discards: list[tuple[int, int]] = []
         self._hbas: list[int] = []              # busy blocks this batch will validate
@@ -80,7 +81,7 @@ class PendingBatch:
 
     def superseded(self, lba: int) -> bool:
         """True if something newer than the committed value of lba is buffered or pending."""
-        return (lba in self._slot_of or lba in self._values
+        return (lba in self._slot_of or lba in self._value_map()
                 or (self._inflight is not None and lba in self._inflight[3])
                 or (bool(self._discards) and self._discarded(lba)))
 
@@ -89,8 +90,10 @@ class PendingBatch:
         returns the sealed values to fetch, as (index in request, lba, value), and the
         LBAs the batch says nothing about (for the committed index)."""
         inflight = self._inflight
-        if not self._slot_of and not self._values and not self._discards and inflight is None:
+        if (not self._slot_of and not self._values and not self._staged and not self._discards
+                and inflight is None):
             return [], list(range(lba, lba + n))    # nothing pending: all committed
+        values = self._value_map()
         fetch, rest = [], []
         tomb = self.fmt.tombstone
         sealing = {} if inflight is None else inflight[3]
@@ -105,7 +108,7 @@ class PendingBatch:
                 out[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] = \
                     buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE]
                 continue
-            v = self._values.get(l)
+            v = values.get(l)
             if v is not None:
                 if v != tomb:
                     fetch.append((i, l, v))
@@ -115,12 +118,25 @@ class PendingBatch:
             rest.append(l)
         return fetch, rest
 
+    def _value_map(self) -> dict[int, bytes]:
+        """LBA -> sealed, uncommitted record value, the staged records folded in (in
+        order: a later record wins). Folded only when asked (a read or the cleaner meets
+        the batch): a burst of writes stages segment after segment and never needs it."""
+        for recs in self._staged:
+            self._values.update(zip(recs["lba"].tolist(), self.fmt.values_of(recs)))
+        self._staged = []
+        return self._values
+
     def _discarded(self, lba: int) -> bool:
         return any(lo <= lba < hi for lo, hi in self._discards)
 
     # ---- changes ----
-    def put_many(self, items: list[tuple[int, memoryview]]) -> None:
-        """put() for each (lba, bytes) in order; single blocks take a short path."""
+    def put_many(self, items: list[tuple[int, memoryview]], single: bool = False) -> None:
+        """put() for each (lba, bytes) in order; single blocks take a short path, and a
+        batch of distinct new single blocks (`single`: the caller knows every item is
+        one block) that fits the buffer goes in at once."""
+        if single and self._put_new(items):
+            return
         buf, slot_of, put = self._buf, self._slot_of, self.put
         for lba, mv in items:
             if len(mv) != BLOCK_SIZE:
@@ -132,6 +148,23 @@ class PendingBatch:
                 buf = self._buf                 # a seal may have switched buffers
             buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE] = mv
             self.unflushed += 1
+
+    def _put_new(self, items: list[tuple[int, memoryview]]) -> bool:
+        """The whole batch of single blocks with one slot assignment and one copy, if none
+        is buffered already, no LBA repeats and all fit the buffer (a random-write batch
+        at depth, but at a segment's end); False, with nothing done, otherwise."""
+        slots, slot_of = self._slots, self._slot_of
+        n, first = len(items), len(self._slots)
+        if n > SEGMENT_BLOCKS - first:
+            return False
+        lbas = [lba for lba, _ in items]
+        if len(set(lbas)) != n or not slot_of.keys().isdisjoint(lbas):
+            return False
+        self._buf[first * BLOCK_SIZE:(first + n) * BLOCK_SIZE] = b"".join(mv for _, mv in items)
+        slots.extend(lbas)
+        slot_of.update(zip(lbas, range(first, first + n)))
+        self.unflushed += n
+        return True
 
     def put(self, lba: int, mv: memoryview) -> None:
         """Copies whole blocks into the buffer, sealing it whenever it fills; the caller
@@ -177,7 +210,7 @@ class PendingBatch:
     def discard(self, lo: int, hi: int) -> None:
         self.finish_seal()          # its records go before this discard in the ops
         tomb = self.fmt.tombstone
-        for table in (self._slot_of, self._values):
+        for table in (self._slot_of, self._value_map()):
             keys = range(lo, hi) if hi - lo <= len(table) else list(table)
             for l in keys:
                 if lo <= l < hi and l in table:
@@ -195,7 +228,7 @@ class PendingBatch:
         if not len(records):
             return
         self.finish_seal()
-        self._values.update(zip(records["lba"].tolist(), self.fmt.values_of(records)))
+        self._staged.append(records)
         self._ops.append(Writes(records))
         self._hbas.extend(records["hba"].tolist())
 
@@ -266,6 +299,7 @@ class PendingBatch:
         self.finish_seal()
         ops, hbas = self._ops, self._hbas
         self._values, self._ops, self._discards, self._hbas = {}, [], [], []
+        self._staged = []
         self.unflushed = 0
         return ops, hbas
 

@@ -17,6 +17,7 @@ death costs time, never data.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import queue
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ VALUE_MAX = 80              # room per block for its record (lba, hba, key, nonc
 MIN_OPEN_BLOCKS = 8         # smaller read batches are verified in the calling thread
 MIN_SEAL_BLOCKS = 64        # smaller seals (a flush of a few blocks) stay in the thread
 SEAL_CHUNK = 128            # blocks of one seal job: what the engine's thread may take over
+QUARANTINE_SECONDS = 5.0    # a lane a dead worker was reading into rests this long: its
+                            # io_uring reads may still land after the process is reaped
 MAX_WORKERS = 64
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cryptoworker.py")
 _PAGE = 4096
@@ -166,6 +170,9 @@ class CryptoPool:
         self._done: dict[int, int] = {}         # job id -> failures, until collected
         self._specs: dict[int, tuple] = {}      # job id -> JOB fields, until answered
         self._fetching: set[int] = set()        # fetch jobs whose reads may be in flight
+        self._taken: set[int] = set()           # seal jobs this thread took over, unanswered
+        self._tainted: set[int] = set()         # lanes a dead worker was reading into
+        self._resting: deque = deque()          # (until, lane): tainted lanes, collected
         self._next_id = 1
         self._free_lanes = list(range(self.lanes))
         self._dead_cpu = 0.0
@@ -208,15 +215,19 @@ class CryptoPool:
 
     def seal_result(self, n: int, jobs: list[tuple]) -> tuple[bytes, bytes, memoryview]:
         mem = self.mem
-        for _jid, spec in reversed(jobs):       # what no worker has started: done here
+        for jid, spec in reversed(jobs):        # what no worker has started: done here
             claim = spec[11]
             if not mem[claim]:
                 mem[claim] = 1
                 self._inline(spec)
                 with self._cv:
-                    self.blocks_in_workers -= spec[5]
-                    self.blocks_taken_over += spec[5]
+                    if jid in self._specs:      # else its worker died and it was redone
+                        self._taken.add(jid)
+                        self.blocks_in_workers -= spec[5]
+                        self.blocks_taken_over += spec[5]
         self._wait([jid for jid, _spec in jobs])
+        with self._cv:
+            self._taken.difference_update(jid for jid, _spec in jobs)
         step, mem = self.kb + NONCE, self.mem
         material = bytes(mem[self.seal_mat:self.seal_mat + n * step])
         mem[self.seal_mat:self.seal_mat + n * step] = bytes(n * step)
@@ -246,15 +257,12 @@ class CryptoPool:
 
     def collect_open(self, lane: int, dsts: list, first: int, count: int) -> list[int]:
         mem = self.mem
-        mat, src = self._lane_at[lane]
+        _mat, src = self._lane_at[lane]
         out = src + LANE_BLOCKS * BLOCK
         status = bytes(mem[out + LANE_BLOCKS * BLOCK:out + LANE_BLOCKS * BLOCK + count])
         for j, dst in enumerate(dsts[first:first + count]):
             dst[:] = mem[out + j * BLOCK:out + (j + 1) * BLOCK]
-        mem[mat:mat + count * VALUE_MAX] = bytes(count * VALUE_MAX)
-        with self._cv:
-            self._free_lanes.append(lane)
-            self._cv.notify_all()
+        self.release_lane(lane, count)
         if not status.count(1):
             return []
         return [first + j for j, bad in enumerate(status) if bad]
@@ -265,7 +273,9 @@ class CryptoPool:
         records[j] (a record array: its HBA says where the ciphertext is; key, nonce and
         tag from key_at on). The caller has made sure every write to those blocks is on
         the device (FileDevice.settle) and that none is overwritten before the reads are
-        done (FileDevice.fence_writes with wait_fetches)."""
+        done (FileDevice.fence_writes with wait_fetches). Only as many blocks as free
+        lanes hold are sent (FetchJob.sent, the first ones): every device read is issued
+        now, under the caller's lock, never later; the rest is the caller's to read."""
         return FetchJob(self, records, key_at)
 
     def send_fetch(self, lane: int, records, key_at: int, first: int, count: int) -> int:
@@ -279,16 +289,28 @@ class CryptoPool:
     def collect_fetch(self, lane: int, count: int, consume) -> None:
         """Hands the lane's plaintext and statuses to consume(plain, status), then frees
         the lane (its records zeroed: they hold the blocks' keys)."""
-        mat, src = self._lane_at[lane]
+        _mat, src = self._lane_at[lane]
         out = src + LANE_BLOCKS * BLOCK
         status = out + LANE_BLOCKS * BLOCK
         try:
             consume(self.mem[out:out + count * BLOCK], bytes(self.mem[status:status + count]))
         finally:
-            self.mem[mat:mat + count * VALUE_MAX] = bytes(count * VALUE_MAX)
-            with self._cv:
+            self.release_lane(lane, count)
+
+    def release_lane(self, lane: int, count: int) -> None:
+        """Frees a lane whose job is answered without collecting it (its records zeroed)."""
+        mat, _src = self._lane_at[lane]
+        self.mem[mat:mat + count * VALUE_MAX] = bytes(count * VALUE_MAX)
+        self._free_lane(lane)
+
+    def _free_lane(self, lane: int) -> None:
+        with self._cv:
+            if lane in self._tainted:
+                self._tainted.discard(lane)
+                self._resting.append((time.monotonic() + QUARANTINE_SECONDS, lane))
+            else:
                 self._free_lanes.append(lane)
-                self._cv.notify_all()
+            self._cv.notify_all()
 
     def wait_fetches(self) -> None:
         """Returns when no fetch job's reads are in flight any more: what a write to the
@@ -296,28 +318,35 @@ class CryptoPool:
         if self._fetching:
             self._wait_until(lambda: not self._fetching)
 
-    def fetch_here(self, records, key_at: int, first: int, count: int, consume) -> None:
-        """A fetch chunk done in the calling thread (no lane free), in a scratch mapping of
-        its own: the same reads and cipher code as a worker's."""
-        stride = records.itemsize
-        mat, src = 0, _align(count * stride)
-        out, status = src + count * BLOCK, src + 2 * count * BLOCK
-        with mmap.mmap(-1, status + count) as scratch:
+    def _refetch(self, spec: tuple) -> int:
+        """A dead worker's fetch job, redone in this thread (called with the lock held) in
+        a scratch mapping, not in its lane, where the dead worker's reads may still land:
+        the same reads and cipher code; then its plaintext and statuses are copied into
+        the lane, which rests once collected (QUARANTINE_SECONDS). Returns the failures."""
+        _op, kb, stride, key_at, _f, count, src, out, mat, _t, status, _c = spec
+        s_src = _align(count * stride)
+        s_out, s_status = s_src + count * BLOCK, s_src + 2 * count * BLOCK
+        with mmap.mmap(-1, s_status + count) as scratch:
             mem = memoryview(scratch)
             try:
-                mem[:count * stride] = records[first:first + count].tobytes()
-                self._cipher.fetch(mem, (0, OP_FETCH, self.kb, stride, key_at, 0, count, src,
-                                         out, mat, 0, status, 0))
-                self.count_inline(count)
-                consume(mem[out:out + count * BLOCK], bytes(mem[status:status + count]))
+                mem[:count * stride] = self.mem[mat:mat + count * stride]
+                failed = self._cipher.fetch(mem, (0, OP_FETCH, kb, stride, key_at, 0, count,
+                                                  s_src, s_out, 0, 0, s_status, 0))
+                self.mem[out:out + count * BLOCK] = mem[s_out:s_out + count * BLOCK]
+                self.mem[status:status + count] = mem[s_status:s_status + count]
                 mem[:count * stride] = bytes(count * stride)
             finally:
                 mem.release()
+        self.blocks_inline += count
+        self._tainted.add(next(i for i, (_m, s) in enumerate(self._lane_at) if s == src))
+        return failed
 
     def take_lane(self) -> int | None:
         """A free lane, or None: a job never waits for one (the lanes may all be held by
-        jobs whose result() this thread has yet to call); it works in its own thread."""
+        jobs whose result() this thread has yet to call)."""
         with self._cv:
+            if self._resting and self._resting[0][0] <= time.monotonic():
+                self._free_lanes.append(self._resting.popleft()[1])
             return self._free_lanes.pop() if self._free_lanes else None
 
     # ------------------------------------------------------------------ jobs
@@ -334,13 +363,13 @@ class CryptoPool:
     def _send(self, spec: tuple, fetch: bool = False) -> int:
         """Sends a job (JOB fields without the id) to the least busy worker; its id."""
         with self._cv:
+            self._start_locked()        # may raise (no worker could start): nothing is held
             jid = self._next_id
             self._next_id = jid % 0xFFFFFFFF + 1
             self._specs[jid] = spec
             if fetch:
                 self._fetching.add(jid)
                 self.blocks_fetched += spec[5]
-            self._start_locked()
             w = min(self._workers, key=lambda w: len(w.jobs))
             w.jobs.add(jid)
             self.batches += 1
@@ -379,8 +408,10 @@ class CryptoPool:
                 if self._polling:
                     self._cv.wait()
                     continue
-                self._polling = True
                 socks = {w.sock.fileno(): w for w in self._workers if w.jobs}
+                if not socks:           # a bookkeeping slip: fail rather than hang
+                    raise OSError(errno.EIO, "crypto pool: waiting for a job no worker holds")
+                self._polling = True
                 self._cv.release()
                 try:
                     ready = select.poll()
@@ -396,6 +427,8 @@ class CryptoPool:
 
     def _receive(self, w: "_Worker") -> None:
         """Takes one reply from w, or replaces w if it died (called with the lock held)."""
+        if w not in self._workers:      # replaced meanwhile (by a failed send)
+            return
         try:
             msg = w.sock.recv(64)
         except OSError:
@@ -420,10 +453,15 @@ class CryptoPool:
         self.restarts += 1
         for jid in sorted(w.jobs):
             spec = self._specs.pop(jid)
+            if jid in self._taken:              # this thread sealed it already
+                self._done[jid] = 0
+                continue
             self.blocks_in_workers -= spec[5]
             if spec[0] == OP_FETCH:
                 self.blocks_fetched -= spec[5]
-            self._done[jid] = self._inline(spec)
+                self._done[jid] = self._refetch(spec)
+            else:
+                self._done[jid] = self._inline(spec)
             self._fetching.discard(jid)
         w.jobs.clear()
         self._workers[self._workers.index(w)] = self._spawner.worker()
@@ -574,14 +612,24 @@ class _LaneJob:
             self.inflight[self._post(lane, first, count)] = (lane, first, count)
 
     def _finish(self) -> None:
-        """Sends, waits for and collects chunks until every one is done."""
-        while self.chunks or self.inflight:
-            self._send()
-            if not self.inflight:                   # no lane free: this thread does one
-                self._here(*self.chunks.popleft())
-                continue
-            jid = self.pool.wait_any(list(self.inflight))
-            self._collect(*self.inflight.pop(jid))
+        """Sends, waits for and collects chunks until every one is done. If collecting
+        raises, the chunks still in flight are waited for and their lanes freed (their
+        key material zeroed) before the error goes on."""
+        try:
+            while self.chunks or self.inflight:
+                self._send()
+                if not self.inflight:               # no lane free: this thread does one
+                    self._here(*self.chunks.popleft())
+                    continue
+                jid = self.pool.wait_any(list(self.inflight))
+                self._collect(*self.inflight.pop(jid))
+        except BaseException:
+            self.chunks.clear()
+            for jid, (lane, _first, count) in list(self.inflight.items()):
+                self.pool.wait_any([jid])
+                self.pool.release_lane(lane, count)
+            self.inflight.clear()
+            raise
 
     def _post(self, lane: int, first: int, count: int) -> int:
         """Sends a chunk on `lane`; its job id."""
@@ -623,12 +671,16 @@ class OpenJob(_LaneJob):
 
 
 class FetchJob(_LaneJob):
-    """Blocks being read and verified by the workers (CryptoPool.fetch_start)."""
+    """Blocks being read and verified by the workers (CryptoPool.fetch_start): as many as
+    the lanes free now hold, `sent`, the first ones. None is sent later: a read issued
+    after the caller's lock is released could find its block freed and reused."""
 
     def __init__(self, pool: CryptoPool, records, key_at: int):
         self.records, self.key_at = records, key_at
         self.consume = None
         super().__init__(pool, len(records))
+        self.sent = sum(count for _lane, _first, count in self.inflight.values())
+        self.chunks.clear()
 
     def _post(self, lane: int, first: int, count: int) -> int:
         return self.pool.send_fetch(lane, self.records, self.key_at, first, count)
@@ -637,12 +689,8 @@ class FetchJob(_LaneJob):
         self.pool.collect_fetch(lane, count,
                                 lambda plain, status: self.consume(first, plain, status))
 
-    def _here(self, first: int, count: int) -> None:
-        self.pool.fetch_here(self.records, self.key_at, first, count,
-                             lambda plain, status: self.consume(first, plain, status))
-
     def result(self, consume) -> None:
-        """Calls consume(first, plain, status) for each chunk as it is done: the
+        """Calls consume(first, plain, status) for each chunk sent as it is done: the
         plaintext of blocks first.. (a view, valid during the call) and a status byte per
         block (0 good, AUTH_FAILED, IO_FAILED: the read failed)."""
         self.consume = consume

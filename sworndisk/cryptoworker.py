@@ -207,7 +207,8 @@ class Fetches:
     def complete(self, wait: bool) -> list[tuple[int, int]]:
         """Opens the runs whose reads completed (waiting for one if `wait`); returns the
         (job id, failures) of the jobs now done."""
-        self.ring.submit(1 if wait else 0)
+        if wait or self.ring.pending:
+            self.ring.submit(1 if wait else 0)
         done = []
         for user_data, res, _flags in self.ring.reap():
             jid, run = self.reads.pop(user_data)
@@ -269,7 +270,9 @@ def serve(sock: socket.socket, cipher: Cipher, mem: memoryview,
             watching = fetches.room             # else new jobs wait in the socket
             if watching:
                 watch.register(sock.fileno(), select.POLLIN)
-            events = dict(watch.poll())
+            # Reads the kernel has not taken yet (it wanted the CQ drained) are submitted
+            # again at the next turn: do not sleep on completions that cannot come.
+            events = dict(watch.poll(1 if fetches.ring.pending else None))
             if watching:
                 watch.unregister(sock.fileno())
             ready = sock.fileno() in events

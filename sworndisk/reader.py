@@ -97,11 +97,24 @@ class Reader:
                 f"LBA {int(lba[j])})"))
         if not keep.all():
             keep = np.flatnonzero(keep)
-            rid, idx, recs = rid[keep], idx[keep], recs[keep]
-        job = None
+            rid, idx, lba, recs = rid[keep], idx[keep], lba[keep], recs[keep]
+        job, rest = None, None
         if len(recs):
             job = self.crypto.fetch_start(recs, self.fmt.key_at + 8)
-        return FetchedReads(ranges, rid, idx, recs, job, errors)
+            if job.sent < len(recs):        # no lane for the rest: read here, now
+                rest = self._fetch_rest(ranges, rid, idx, lba, recs, job.sent, errors)
+        return FetchedReads(ranges, rid, idx, recs, job, errors, rest)
+
+    def _fetch_rest(self, ranges: list, rid, idx, lba, recs, sent: int, errors: dict) -> tuple:
+        """The blocks of a fetched batch that found no free lane, read in this thread while
+        the caller's lock is held (as _read_committed does) into per-range buffers, and
+        verified by open jobs; returns (those buffers by range, the verification)."""
+        rid, idx, lba, recs = rid[sent:], idx[sent:], lba[sent:], recs[sent:]
+        partial = {r: bytearray(ranges[r][1] * BLOCK_SIZE) for r in set(rid.tolist())}
+        outs = [partial.get(r, _NOTHING) for r in range(len(ranges))]
+        fetch = self._fetch(rid.tolist(), idx.tolist(), lba.tolist(), self.fmt.values_of(recs),
+                            recs["hba"], outs, errors)
+        return partial, fetch
 
     def _read_each(self, ranges: list, outs: list, errors: dict) -> tuple | None:
         """A few blocks (where numpy's per-call cost outweighs the Python it saves), or a
@@ -203,14 +216,17 @@ def _expand(ranges: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rid, idx, starts[rid] + idx.astype(np.uint64)
 
 
+_NOTHING = bytearray()          # the buffer of a range _fetch_rest has no block of
+
+
 class FetchedReads:
     """A read_many whose blocks the workers are reading and verifying; result() copies
     each range's plaintext out of shared memory as its blocks come back."""
 
     def __init__(self, ranges: list, rid: np.ndarray, idx: np.ndarray, recs: np.ndarray,
-                 job, errors: dict):
+                 job, errors: dict, rest: tuple | None = None):
         self.ranges, self.rid, self.idx, self.recs = ranges, rid, idx, recs
-        self.job, self.errors = job, errors
+        self.job, self.errors, self.rest = job, errors, rest
 
     def result(self) -> list:
         """Each range's bytes, or the SwornDiskError it alone raised. A block the data
@@ -218,6 +234,10 @@ class FetchedReads:
         results: list = [None] * len(self.ranges)
         partial: dict[int, bytearray] = {}      # ranges with holes or split over lanes
         failed: list[tuple[int, int]] = []
+        if self.rest is not None:               # blocks read in the thread: verify them
+            partial, fetch = self.rest
+            self.rest = None
+            _verified(fetch, self.errors)
         if self.job is not None:
             job, self.job = self.job, None
             job.result(lambda first, plain, status: self._take(
@@ -270,12 +290,19 @@ class PendingReads:
     def result(self) -> list:
         """Each range's bytes, or the SwornDiskError it alone raised."""
         errors = self.errors
-        if self.fetch is not None:
-            job, rids, lbas, values = self.fetch
-            for n in job.result():
-                errors.setdefault(rids[n], authentication_error(
-                    f"data block {self.fmt.hba_of(values[n])} (LBA {lbas[n]})"))
+        _verified(self.fetch, errors)
         return [errors.get(r) or bytes(out) for r, out in enumerate(self.outs)]
+
+
+def _verified(fetch: tuple | None, errors: dict) -> None:
+    """Finishes a verification started by Reader._fetch: each block that failed fails
+    its range (the first error of a range stands)."""
+    if fetch is None:
+        return
+    job, rids, lbas, values = fetch
+    for n in job.result():
+        errors.setdefault(rids[n], authentication_error(
+            f"data block {RecordFormat.hba_of(values[n])} (LBA {lbas[n]})"))
 
 
 __all__ = ["Reader", "PendingReads", "FetchedReads"]

@@ -10,7 +10,7 @@ import pytest
 
 from sworndisk import Config, DiskClosedError, InvalidArgument, SwornDisk
 
-from .conftest import BS, KEY16, MiB, Model, make_blocks, new_disk, verify_disk
+from .conftest import BS, KEY16, MiB, Model, make_block, make_blocks, new_disk, verify_disk
 
 NR = 1024
 
@@ -81,3 +81,41 @@ def test_bad_arguments_raise_before_anything_is_buffered(bad):
     disk.close()
     with pytest.raises(DiskClosedError):
         disk.write_many([good])
+
+
+def test_single_block_batches_whichever_path():
+    """Batches of single blocks go into the buffer at once when they are all new to it
+    and fit it; a repeat inside the batch, an LBA buffered already or a batch across the
+    buffer's end takes the block-by-block path. The disk reads the same either way."""
+    nr = 8192
+    disk, data, meta = new_disk(64 * MiB, nr)
+    model = Model(nr)
+    rng = random.Random(4)
+    recent: list[int] = []                      # written since the last flush
+    for i in range(240):
+        kind = i % 4
+        if kind == 0 or not recent:
+            lbas = rng.sample(range(nr), 32)
+        elif kind == 1:                         # the same LBA twice: the later wins
+            lbas = rng.sample(range(nr), 31)
+            lbas.append(lbas[5])
+        elif kind == 2:                         # some buffered already
+            lbas = rng.sample(recent, min(8, len(recent))) + rng.sample(range(nr), 24)
+            lbas = list(dict.fromkeys(lbas))
+        else:                                   # 300: the buffer's end comes mid-batch
+            lbas = rng.sample(range(nr), 300)
+        batch = [(lba, make_block(rng, lba, i)) for lba in lbas]
+        disk.write_many(batch)
+        for lba, b in batch:
+            model.write(lba, b)
+        recent += lbas
+        if i % 60 == 59:
+            disk.flush()
+            recent = []
+        if i % 40 == 0:
+            verify_disk(disk, model, f"batch {i}", rng=rng)
+    verify_disk(disk, model, "end", lbas=range(nr))
+    disk.close()
+    disk = SwornDisk.open(data, meta, KEY16)
+    verify_disk(disk, model, "after reopen", lbas=range(nr))
+    disk.close()

@@ -50,10 +50,12 @@ step fetch
 DEV=$(add --key-file "$W/key" --crypto-workers 1 --queues 2 \
       "0 $((64 * 2048)) sworndisk /dev/vdb /dev/vdc 0 force") || exit 1
 N=$(devnum "$DEV")
-fio --name=fetch --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 --numjobs=2 \
-    --rw=randwrite --bs=4k --size=8M --offset_increment=8M --fsync=32 --verify=crc32c \
-    --do_verify=1 --verify_fatal=1 --randrepeat=1 --group_reporting \
-    --output-format=terse >/dev/null || fail "fio write+verify on block devices failed"
+# Written and flushed first, then read back alone: with no write pending, the read
+# batches of more than 8 requests go to the workers whole.
+FIO="fio --name=fetch --filename=$DEV --direct=1 --ioengine=libaio --iodepth=32 --rw=randwrite
+     --bs=4k --size=16M --verify=crc32c --randrepeat=1 --output-format=terse"
+$FIO --do_verify=0 --end_fsync=1 >/dev/null || fail "fio write on block devices failed"
+$FIO --verify_only=1 --verify_fatal=1 >/dev/null || fail "fio verify through the workers failed"
 $CLI stats -n "$N" --json | "$PY" -c "
 import json, sys
 c = json.load(sys.stdin)['crypto']
