@@ -48,14 +48,13 @@ class BlockCrypto:
         return self.pool is not None and self.pool.can_fetch
 
     def fetch_start(self, records, key_at: int) -> FetchJob:
-        """CryptoPool.fetch_start (the first job.sent blocks), once the writes left in
-        flight are on the device; the workers' reads are counted in the devices around
-        the data file."""
+        """CryptoPool.fetch_start, once the writes left in flight are on the device; its
+        reads (by the workers or on the pool's descriptor) are counted in the devices
+        around the data file."""
         self._data.settle()
-        job = self.pool.fetch_start(records, key_at)
         for layer in self._counters:
-            layer.note_reads(-(-job.sent // LANE_BLOCKS), job.sent * BLOCK)
-        return job
+            layer.note_reads(-(-len(records) // LANE_BLOCKS), len(records) * BLOCK)
+        return self.pool.fetch_start(records, key_at)
 
     def open_start(self, values: list[bytes], key_at: int, raws: list, dsts: list,
                    lone: bool = False):

@@ -171,6 +171,7 @@ class CryptoPool:
         self._specs: dict[int, tuple] = {}      # job id -> JOB fields, until answered
         self._fetching: set[int] = set()        # fetch jobs whose reads may be in flight
         self._taken: set[int] = set()           # seal jobs this thread took over, unanswered
+        self._held: set = set()                 # fetch jobs with chunks not sent yet
         self._tainted: set[int] = set()         # lanes a dead worker was reading into
         self._resting: deque = deque()          # (until, lane): tainted lanes, collected
         self._next_id = 1
@@ -273,9 +274,8 @@ class CryptoPool:
         records[j] (a record array: its HBA says where the ciphertext is; key, nonce and
         tag from key_at on). The caller has made sure every write to those blocks is on
         the device (FileDevice.settle) and that none is overwritten before the reads are
-        done (FileDevice.fence_writes with wait_fetches). Only as many blocks as free
-        lanes hold are sent (FetchJob.sent, the first ones): every device read is issued
-        now, under the caller's lock, never later; the rest is the caller's to read."""
+        done (FileDevice.fence_writes with wait_fetches, which also has the reads of a
+        job's chunks not sent yet done at once)."""
         return FetchJob(self, records, key_at)
 
     def send_fetch(self, lane: int, records, key_at: int, first: int, count: int) -> int:
@@ -313,10 +313,47 @@ class CryptoPool:
             self._cv.notify_all()
 
     def wait_fetches(self) -> None:
-        """Returns when no fetch job's reads are in flight any more: what a write to the
-        data device waits for, so that no block is overwritten while a worker reads it."""
+        """What a write to the data device waits for, so that no block is overwritten
+        while, or before, a started read reads it: the chunks of fetch jobs not sent yet
+        are read now, in this thread (FetchJob.move_out), then the workers' reads in
+        flight are waited for."""
+        with self._cv:
+            held = list(self._held)
+        for job in held:
+            job.move_out()
         if self._fetching:
             self._wait_until(lambda: not self._fetching)
+
+    def hold(self, job: "FetchJob", held: bool) -> None:
+        """Registers (or not) a fetch job with chunks not sent yet, for wait_fetches."""
+        with self._cv:
+            (self._held.add if held else self._held.discard)(job)
+
+    def read_chunk(self, records, key_at: int, first: int, count: int) -> tuple:
+        """A fetch chunk's reads, done now in this thread into a scratch mapping of its
+        own (the same reader code as a worker's); open_chunk verifies it later."""
+        stride = records.itemsize
+        src = _align(count * stride)
+        out, status = src + count * BLOCK, src + 2 * count * BLOCK
+        scratch = mmap.mmap(-1, status + count)
+        mem = memoryview(scratch)
+        mem[:count * stride] = records[first:first + count].tobytes()
+        spec = (0, OP_FETCH, self.kb, stride, key_at, 0, count, src, out, 0, 0, status, 0)
+        return scratch, mem, spec, self._cipher.read(mem, spec)
+
+    def open_chunk(self, chunk: tuple, consume) -> None:
+        """Verifies a chunk read_chunk read and hands it to consume(plain, status); the
+        scratch mapping, its keys zeroed, is released."""
+        scratch, mem, spec, unread = chunk
+        count, out, status = spec[6], spec[8], spec[11]
+        try:
+            self._cipher.opened(mem, spec, unread)
+            self.count_inline(count)
+            consume(mem[out:out + count * BLOCK], bytes(mem[status:status + count]))
+        finally:
+            mem[:spec[7]] = bytes(spec[7])
+            mem.release()
+            scratch.close()
 
     def _refetch(self, spec: tuple) -> int:
         """A dead worker's fetch job, redone in this thread (called with the lock held) in
@@ -619,7 +656,7 @@ class _LaneJob:
             while self.chunks or self.inflight:
                 self._send()
                 if not self.inflight:               # no lane free: this thread does one
-                    self._here(*self.chunks.popleft())
+                    self._one_here()
                     continue
                 jid = self.pool.wait_any(list(self.inflight))
                 self._collect(*self.inflight.pop(jid))
@@ -630,6 +667,9 @@ class _LaneJob:
                 self.pool.release_lane(lane, count)
             self.inflight.clear()
             raise
+
+    def _one_here(self) -> None:
+        self._here(*self.chunks.popleft())
 
     def _post(self, lane: int, first: int, count: int) -> int:
         """Sends a chunk on `lane`; its job id."""
@@ -671,16 +711,48 @@ class OpenJob(_LaneJob):
 
 
 class FetchJob(_LaneJob):
-    """Blocks being read and verified by the workers (CryptoPool.fetch_start): as many as
-    the lanes free now hold, `sent`, the first ones. None is sent later: a read issued
-    after the caller's lock is released could find its block freed and reused."""
+    """Blocks being read and verified by the workers (CryptoPool.fetch_start), in chunks
+    sent as lanes free up. A chunk not sent yet has not been read: under the job's lock
+    it is either sent (its reads then count in the pool's fetches in flight), read here
+    by result() when no lane is free, or read at once by a writer's fence (move_out),
+    whichever comes first, so no write lands before a started read has read."""
 
     def __init__(self, pool: CryptoPool, records, key_at: int):
         self.records, self.key_at = records, key_at
         self.consume = None
-        super().__init__(pool, len(records))
-        self.sent = sum(count for _lane, _first, count in self.inflight.values())
-        self.chunks.clear()
+        self._lock = threading.RLock()
+        self._moved: list[tuple] = []           # (first, read_chunk's result)
+        with self._lock:                        # (a fence may come before __init__ ends)
+            super().__init__(pool, len(records))
+            pool.hold(self, bool(self.chunks))
+
+    def _send(self) -> None:
+        with self._lock:
+            super()._send()
+            if not self.chunks:
+                self.pool.hold(self, False)
+
+    def _one_here(self) -> None:
+        with self._lock:
+            if not self.chunks:                 # moved out by a fence meanwhile
+                return
+            first, count = self.chunks.popleft()
+            chunk = self.pool.read_chunk(self.records, self.key_at, first, count)
+            if not self.chunks:
+                self.pool.hold(self, False)
+        self._open(first, chunk)
+
+    def move_out(self) -> None:
+        """Reads every chunk not sent yet, now (a writer's fence)."""
+        with self._lock:
+            while self.chunks:
+                first, count = self.chunks.popleft()
+                self._moved.append((first, self.pool.read_chunk(self.records, self.key_at,
+                                                                first, count)))
+            self.pool.hold(self, False)
+
+    def _open(self, first: int, chunk: tuple) -> None:
+        self.pool.open_chunk(chunk, lambda plain, status: self.consume(first, plain, status))
 
     def _post(self, lane: int, first: int, count: int) -> int:
         return self.pool.send_fetch(lane, self.records, self.key_at, first, count)
@@ -690,14 +762,22 @@ class FetchJob(_LaneJob):
                                 lambda plain, status: self.consume(first, plain, status))
 
     def result(self, consume) -> None:
-        """Calls consume(first, plain, status) for each chunk sent as it is done: the
+        """Calls consume(first, plain, status) for each chunk as it is done: the
         plaintext of blocks first.. (a view, valid during the call) and a status byte per
         block (0 good, AUTH_FAILED, IO_FAILED: the read failed)."""
         self.consume = consume
         try:
             self._finish()
+            with self._lock:
+                moved, self._moved = self._moved, []
+            for first, chunk in moved:
+                self._open(first, chunk)
         finally:
             self.consume = None     # no cycle through the caller's results (32 MiB at depth)
+            for _first, (scratch, mem, spec, _unread) in self._moved:    # (after an error)
+                mem[:spec[7]] = bytes(spec[7])
+                mem.release()
+                scratch.close()
 
 
 class SealJob:

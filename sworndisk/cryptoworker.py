@@ -132,6 +132,10 @@ class Cipher:
     def fetch(self, mem: memoryview, job: tuple) -> int:
         """A fetch job done here, one synchronous read per run (the pool's own thread, for
         a job its worker died with; the worker has an io_uring of its own)."""
+        return self.opened(mem, job, self.read(mem, job))
+
+    def read(self, mem: memoryview, job: tuple) -> list:
+        """A fetch job's reads, done here: the runs that could not be read whole."""
         _jid, _op, _kb, mstride, _moff, first, count, src, _out, mat, _tags, _aux, _claim = job
         unread = []
         for run in self.runs(mem, mstride, first, count, mat):
@@ -143,7 +147,7 @@ class Cipher:
                 ok = False
             if not ok:
                 unread.append(run)
-        return self.opened(mem, job, unread)
+        return unread
 
     def run(self, mem: memoryview, job: tuple) -> int:
         """One job (JOB's fields); returns how many blocks failed."""

@@ -97,24 +97,9 @@ class Reader:
                 f"LBA {int(lba[j])})"))
         if not keep.all():
             keep = np.flatnonzero(keep)
-            rid, idx, lba, recs = rid[keep], idx[keep], lba[keep], recs[keep]
-        job, rest = None, None
-        if len(recs):
-            job = self.crypto.fetch_start(recs, self.fmt.key_at + 8)
-            if job.sent < len(recs):        # no lane for the rest: read here, now
-                rest = self._fetch_rest(ranges, rid, idx, lba, recs, job.sent, errors)
-        return FetchedReads(ranges, rid, idx, recs, job, errors, rest)
-
-    def _fetch_rest(self, ranges: list, rid, idx, lba, recs, sent: int, errors: dict) -> tuple:
-        """The blocks of a fetched batch that found no free lane, read in this thread while
-        the caller's lock is held (as _read_committed does) into per-range buffers, and
-        verified by open jobs; returns (those buffers by range, the verification)."""
-        rid, idx, lba, recs = rid[sent:], idx[sent:], lba[sent:], recs[sent:]
-        partial = {r: bytearray(ranges[r][1] * BLOCK_SIZE) for r in set(rid.tolist())}
-        outs = [partial.get(r, _NOTHING) for r in range(len(ranges))]
-        fetch = self._fetch(rid.tolist(), idx.tolist(), lba.tolist(), self.fmt.values_of(recs),
-                            recs["hba"], outs, errors)
-        return partial, fetch
+            rid, idx, recs = rid[keep], idx[keep], recs[keep]
+        job = self.crypto.fetch_start(recs, self.fmt.key_at + 8) if len(recs) else None
+        return FetchedReads(ranges, rid, idx, recs, job, errors)
 
     def _read_each(self, ranges: list, outs: list, errors: dict) -> tuple | None:
         """A few blocks (where numpy's per-call cost outweighs the Python it saves), or a
@@ -216,17 +201,14 @@ def _expand(ranges: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rid, idx, starts[rid] + idx.astype(np.uint64)
 
 
-_NOTHING = bytearray()          # the buffer of a range _fetch_rest has no block of
-
-
 class FetchedReads:
     """A read_many whose blocks the workers are reading and verifying; result() copies
     each range's plaintext out of shared memory as its blocks come back."""
 
     def __init__(self, ranges: list, rid: np.ndarray, idx: np.ndarray, recs: np.ndarray,
-                 job, errors: dict, rest: tuple | None = None):
+                 job, errors: dict):
         self.ranges, self.rid, self.idx, self.recs = ranges, rid, idx, recs
-        self.job, self.errors, self.rest = job, errors, rest
+        self.job, self.errors = job, errors
 
     def result(self) -> list:
         """Each range's bytes, or the SwornDiskError it alone raised. A block the data
@@ -234,10 +216,6 @@ class FetchedReads:
         results: list = [None] * len(self.ranges)
         partial: dict[int, bytearray] = {}      # ranges with holes or split over lanes
         failed: list[tuple[int, int]] = []
-        if self.rest is not None:               # blocks read in the thread: verify them
-            partial, fetch = self.rest
-            self.rest = None
-            _verified(fetch, self.errors)
         if self.job is not None:
             job, self.job = self.job, None
             job.result(lambda first, plain, status: self._take(
