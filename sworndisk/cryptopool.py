@@ -344,16 +344,14 @@ class CryptoPool:
     def open_chunk(self, chunk: tuple, consume) -> None:
         """Verifies a chunk read_chunk read and hands it to consume(plain, status); the
         scratch mapping, its keys zeroed, is released."""
-        scratch, mem, spec, unread = chunk
+        _scratch, mem, spec, unread = chunk
         count, out, status = spec[6], spec[8], spec[11]
         try:
             self._cipher.opened(mem, spec, unread)
             self.count_inline(count)
             consume(mem[out:out + count * BLOCK], bytes(mem[status:status + count]))
         finally:
-            mem[:spec[7]] = bytes(spec[7])
-            mem.release()
-            scratch.close()
+            _discard(chunk)
 
     def _refetch(self, spec: tuple) -> int:
         """A dead worker's fetch job, redone in this thread (called with the lock held) in
@@ -501,7 +499,10 @@ class CryptoPool:
                 self._done[jid] = self._inline(spec)
             self._fetching.discard(jid)
         w.jobs.clear()
-        self._workers[self._workers.index(w)] = self._spawner.worker()
+        # Out of the list first: if no replacement can start now, the next job starts one
+        # (_start_locked) rather than meet the dead one.
+        self._workers.remove(w)
+        self._workers.append(self._spawner.worker())
 
     # ------------------------------------------------------------------ life
     def stats(self) -> CryptoStats:
@@ -646,7 +647,13 @@ class _LaneJob:
             if lane is None:
                 return
             first, count = self.chunks.popleft()
-            self.inflight[self._post(lane, first, count)] = (lane, first, count)
+            try:
+                jid = self._post(lane, first, count)
+            except BaseException:
+                self.chunks.appendleft((first, count))
+                self.pool.release_lane(lane, count)
+                raise
+            self.inflight[jid] = (lane, first, count)
 
     def _finish(self) -> None:
         """Sends, waits for and collects chunks until every one is done. If collecting
@@ -661,7 +668,7 @@ class _LaneJob:
                 jid = self.pool.wait_any(list(self.inflight))
                 self._collect(*self.inflight.pop(jid))
         except BaseException:
-            self.chunks.clear()
+            self._abandon()
             for jid, (lane, _first, count) in list(self.inflight.items()):
                 self.pool.wait_any([jid])
                 self.pool.release_lane(lane, count)
@@ -670,6 +677,10 @@ class _LaneJob:
 
     def _one_here(self) -> None:
         self._here(*self.chunks.popleft())
+
+    def _abandon(self) -> None:
+        """The chunks not sent yet are dropped (result() is failing)."""
+        self.chunks.clear()
 
     def _post(self, lane: int, first: int, count: int) -> int:
         """Sends a chunk on `lane`; its job id."""
@@ -754,6 +765,14 @@ class FetchJob(_LaneJob):
     def _open(self, first: int, chunk: tuple) -> None:
         self.pool.open_chunk(chunk, lambda plain, status: self.consume(first, plain, status))
 
+    def _abandon(self) -> None:
+        with self._lock:
+            self.chunks.clear()
+            self.pool.hold(self, False)
+            moved, self._moved = self._moved, []
+        for _first, chunk in moved:
+            _discard(chunk)
+
     def _post(self, lane: int, first: int, count: int) -> int:
         return self.pool.send_fetch(lane, self.records, self.key_at, first, count)
 
@@ -768,16 +787,25 @@ class FetchJob(_LaneJob):
         self.consume = consume
         try:
             self._finish()
-            with self._lock:
-                moved, self._moved = self._moved, []
-            for first, chunk in moved:
+            while True:                         # the chunks a fence moved out
+                with self._lock:
+                    if not self._moved:
+                        break
+                    first, chunk = self._moved.pop()
                 self._open(first, chunk)
+        except BaseException:
+            self._abandon()
+            raise
         finally:
             self.consume = None     # no cycle through the caller's results (32 MiB at depth)
-            for _first, (scratch, mem, spec, _unread) in self._moved:    # (after an error)
-                mem[:spec[7]] = bytes(spec[7])
-                mem.release()
-                scratch.close()
+
+
+def _discard(chunk: tuple) -> None:
+    """A chunk read_chunk read that will not be opened: its keys zeroed, its mapping gone."""
+    scratch, mem, spec, _unread = chunk
+    mem[:spec[7]] = bytes(spec[7])
+    mem.release()
+    scratch.close()
 
 
 class SealJob:

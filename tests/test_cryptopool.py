@@ -519,3 +519,42 @@ def test_fetched_reads_leave_no_garbage_cycles(tmp_path):
     finally:
         gc.enable()
     disk.close()
+
+
+def test_a_failed_respawn_leaves_the_pool_working(tmp_path, monkeypatch):
+    """A worker dies and its replacement cannot start (fork or descriptor limits): the
+    call that met it fails, with nothing of its work lost or stranded, and the next call
+    starts a worker; writes are not held up by a fence waiting on nobody."""
+    disk, _, _ = _file_disk(tmp_path, 1)
+    rng = random.Random(28)
+    model = Model(disk.nr_blocks)
+    lbas = _fill(disk, rng, 200, model)
+    pool = disk.debug.pool
+    pool.start()
+    dead = pool.pids()[0]
+    os.kill(dead, signal.SIGKILL)
+    os.waitid(os.P_PID, dead, os.WEXITED | os.WNOWAIT)     # dead, not reaped yet
+    spawn, failures = pool._spawner.worker, []
+
+    def fail_once():
+        if not failures:
+            failures.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return spawn()
+    monkeypatch.setattr(pool._spawner, "worker", fail_once)
+    batch = [(lba, 1) for lba in lbas[:32]]
+    try:
+        got = disk.read_many(batch)     # may still be answered (the job redone here)
+        assert got == [model.get(l) for l in lbas[:32]]
+    except OSError as e:
+        assert e.errno == errno.EMFILE
+    assert failures == [1]
+    assert disk.read_many(batch) == [model.get(l) for l in lbas[:32]]
+    b = make_block(rng, 7, 3)
+    disk.write(7, b)
+    model.write(7, b)
+    disk.flush()
+    verify_disk(disk, model)
+    st = disk.stats().crypto
+    assert st.worker_restarts >= 1 and dead not in st.worker_pids and len(st.worker_pids) == 1
+    disk.close()
