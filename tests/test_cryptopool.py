@@ -244,16 +244,9 @@ def test_worker_killed_during_writes_and_flushes():
     disk.close()
 
 
-def test_worker_killed_during_read_many():
-    disk, _, _ = new_disk(64 * MiB, config=Config(crypto_workers=2))
-    rng = random.Random(8)
-    model = Model(disk.nr_blocks)
-    lbas = rng.sample(range(disk.nr_blocks), 6000)
-    for lba in lbas:
-        b = make_block(rng, lba, 1)
-        disk.write(lba, b)
-        model.write(lba, b)
-    disk.flush()
+def _read_while_killing(disk, lbas: list, model: Model) -> None:
+    """read_many of `lbas` in batches of 64, each block checked against the model, while
+    4 workers are SIGKILLed one after another (and two more rounds)."""
     killer = _Killer(disk.debug.pool, 4, 0.1)
     killer.start()
     rounds = 0
@@ -266,6 +259,19 @@ def test_worker_killed_during_read_many():
                 assert g == model.get(lba), f"LBA {lba} wrong after a worker died"
     killer.join()
     assert len(killer.killed) == 4
+
+
+def test_worker_killed_during_read_many():
+    disk, _, _ = new_disk(64 * MiB, config=Config(crypto_workers=2))
+    rng = random.Random(8)
+    model = Model(disk.nr_blocks)
+    lbas = rng.sample(range(disk.nr_blocks), 6000)
+    for lba in lbas:
+        b = make_block(rng, lba, 1)
+        disk.write(lba, b)
+        model.write(lba, b)
+    disk.flush()
+    _read_while_killing(disk, lbas, model)
     assert disk.stats().crypto.worker_restarts >= 1
     disk.close()
 
@@ -307,6 +313,16 @@ def _fill(disk, rng: random.Random, n: int, model: Model) -> list[int]:
             model.write(lba, b)
     disk.flush()
     return lbas
+
+
+def _filled_with_a_worker(tmp_path, seed: int):
+    """(disk, rng, model, the 200 LBAs written and flushed, its one worker's pid)."""
+    disk, _, _ = _file_disk(tmp_path, 1)
+    rng = random.Random(seed)
+    model = Model(disk.nr_blocks)
+    lbas = _fill(disk, rng, 200, model)
+    disk.debug.pool.start()
+    return disk, rng, model, lbas, disk.debug.pool.pids()[0]
 
 
 def test_fetch_reads_through_the_workers(tmp_path):
@@ -414,16 +430,7 @@ def test_worker_killed_during_fetches(tmp_path):
     model = Model(disk.nr_blocks)
     lbas = _fill(disk, rng, 6000, model)
     assert disk.debug.pool.can_fetch
-    killer = _Killer(disk.debug.pool, 4, 0.1)
-    killer.start()
-    rounds = 0
-    while killer.is_alive() or rounds < 2:
-        rounds += 1
-        for i in range(0, len(lbas), 64):
-            batch = lbas[i:i + 64]
-            assert disk.read_many([(lba, 1) for lba in batch]) == [model.get(l) for l in batch]
-    killer.join()
-    assert len(killer.killed) == 4
+    _read_while_killing(disk, lbas, model)
     assert disk.stats().crypto.worker_restarts >= 1
     disk.close()
 
@@ -431,13 +438,7 @@ def test_worker_killed_during_fetches(tmp_path):
 def test_device_writes_wait_for_reads_in_flight(tmp_path):
     """A worker's read must not see its block overwritten under it: the data device's
     writes wait until no fetch is in flight (here the worker is stopped mid-job)."""
-    disk, _, _ = _file_disk(tmp_path, 1)
-    rng = random.Random(25)
-    model = Model(disk.nr_blocks)
-    lbas = _fill(disk, rng, 200, model)
-    pool = disk.debug.pool
-    pool.start()
-    pid = pool.pids()[0]
+    disk, rng, model, lbas, pid = _filled_with_a_worker(tmp_path, 25)
     os.kill(pid, signal.SIGSTOP)
     try:
         pending = disk.start_reads([(lba, 1) for lba in lbas[:32]])     # in flight
@@ -525,13 +526,8 @@ def test_a_failed_respawn_leaves_the_pool_working(tmp_path, monkeypatch):
     """A worker dies and its replacement cannot start (fork or descriptor limits): the
     call that met it fails, with nothing of its work lost or stranded, and the next call
     starts a worker; writes are not held up by a fence waiting on nobody."""
-    disk, _, _ = _file_disk(tmp_path, 1)
-    rng = random.Random(28)
-    model = Model(disk.nr_blocks)
-    lbas = _fill(disk, rng, 200, model)
+    disk, rng, model, lbas, dead = _filled_with_a_worker(tmp_path, 28)
     pool = disk.debug.pool
-    pool.start()
-    dead = pool.pids()[0]
     os.kill(dead, signal.SIGKILL)
     os.waitid(os.P_PID, dead, os.WEXITED | os.WNOWAIT)     # dead, not reaped yet
     spawn, failures = pool._spawner.worker, []
