@@ -101,10 +101,10 @@ def test_pool_seals_the_same_bytes_as_the_thread():
         pool.close()
 
 
-def test_engine_seals_what_no_worker_started():
-    """At result() the calling thread seals the chunks no worker has claimed instead of
-    waiting (here the workers are stopped): the same bytes, and it waits for the workers'
-    replies before the buffers may be reused."""
+def test_engine_waits_for_a_stopped_worker_seal():
+    """The calling thread does not seal a chunk a worker may be sealing too (TAKE_OVER is
+    off: both would read tags back from shared places the other writes): with the worker
+    stopped, result() waits for it, and the bytes equal the thread's own seal."""
     pool = CryptoPool(1, 16)
     try:
         rng = random.Random(6)
@@ -120,7 +120,7 @@ def test_engine_seals_what_no_worker_started():
         material, tags, sealed = pool.seal_start(0, slots).result()
         assert time.monotonic() - t0 >= 0.4         # it waited for the stopped worker
         st = pool.stats()
-        assert st.blocks_taken_over == len(slots) and st.blocks_in_workers == 0
+        assert st.blocks_taken_over == 0 and st.blocks_in_workers == len(slots)
         out = bytearray(len(slots) * BS + 16)
         tags2 = bytearray(len(slots) * 16)
         crypto.seal_blocks(material, 16, bytes(plain), slots, out, tags2, 0)
