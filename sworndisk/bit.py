@@ -5,8 +5,8 @@ parent entry (a record: first LBA, node HBA, key, nonce, MAC) is the only place 
 key and MAC live, so a node that is tampered with, stale or moved fails verification.
 The root's entry lives in the BIT catalog (BITC) of the checkpoint.
 
-Nodes are written in post-order as the records stream in (leaves first, each parent after
-its last child), sequentially over index chunks. See docs/format.md.
+Nodes are written as the records stream in, sequentially over index chunks, each parent
+after its last child (leaves in batches of NODE_BATCH, sealed together). See docs/format.md.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import crypto
+from .blockcrypto import BlockCrypto
 from .bloom import BloomFilter
 from .format import BLOCK_SIZE
 from .device import BlockDevice
@@ -31,6 +32,7 @@ _BYTES_OVERHEAD = 33 + 8     # a bytes object's header and its list slot, per fe
 LAZY_FILTER_RECORDS = 1 << 18     # a loaded BIT up to this size is scanned for a filter
 _RESIDENT_SLICE = 4096            # records per array a resident BIT's leaves() yields
 _READ_RUN = 256                   # nodes one read of a BIT being loaded whole covers at most
+NODE_BATCH = 64                   # leaves a BIT builder seals together
 
 
 @dataclass
@@ -81,11 +83,15 @@ class NodeStore:
 
     `cache_bytes` is shared: BITs held whole in memory (resident, see Bit.resident) take
     up to three quarters of it, and the node cache what they leave; the BITs' summaries
-    (fences and filters) have a quarter of it again of their own."""
+    (fences and filters) have a quarter of it again of their own. New nodes are sealed
+    through `block_crypto` (the disk's: its workers share a batch), by default in the
+    calling thread."""
 
-    def __init__(self, meta: BlockDevice, fmt: RecordFormat, cache_bytes: int):
+    def __init__(self, meta: BlockDevice, fmt: RecordFormat, cache_bytes: int,
+                 block_crypto: BlockCrypto | None = None):
         self.meta = meta
         self.fmt = fmt
+        self.crypto = block_crypto or BlockCrypto(0, fmt.key_bytes)
         self.capacity = (BLOCK_SIZE - NODE_HEADER.size) // fmt.size
         self.cache: OrderedDict[bytes, tuple[int, np.ndarray]] = OrderedDict()
         self.cache_bytes = cache_bytes
@@ -204,24 +210,28 @@ class NodeStore:
             self.cache.popitem(last=False)
         return node
 
-    def seal(self, kind: int, height: int, recs: np.ndarray,
-             remember: bool = True) -> tuple[bytes, bytes, bytes, bytes]:
-        """Encrypts a node; returns (ciphertext, key, nonce, mac). The plaintext goes into
-        the cache as well (write-through) if `remember`: a new BIT replaces the ones it
-        merged, so its nodes are the ones the next lookups need, and reading them back
-        would cost a device read and a decryption each."""
-        pt = bytearray(BLOCK_SIZE)
-        NODE_HEADER.pack_into(pt, 0, NODE_MAGIC, kind, height, 0, len(recs), bytes(4))
-        raw = recs.tobytes()
-        pt[NODE_HEADER.size:NODE_HEADER.size + len(raw)] = raw
-        k = self.fmt.key_bytes
-        material = crypto.random_bytes(k + crypto.NONCE_BYTES)
-        key, nonce = material[:k], material[k:]
-        pt = bytes(pt)
-        ct, mac = crypto.encrypt(key, nonce, pt)
+    def seal(self, kind: int, height: int, recs: np.ndarray, n: int,
+             remember: bool = True) -> tuple[bytes, bytes, bytearray]:
+        """Encrypts n nodes, recs split evenly over them, each under a fresh key, in one
+        batch (`crypto`'s workers share it); returns (key || nonce material, MACs,
+        ciphertexts), n of each. The plaintexts go into the cache as well
+        (write-through) if `remember`: a new BIT replaces the ones it merged, so its
+        nodes are the ones the next lookups need, and reading them back would cost a
+        device read and a decryption each."""
+        per = len(recs) // n
+        pts = np.zeros((n, BLOCK_SIZE), np.uint8)
+        pts[:, :NODE_HEADER.size] = np.frombuffer(
+            NODE_HEADER.pack(NODE_MAGIC, kind, height, 0, per, bytes(4)), np.uint8)
+        pts[:, NODE_HEADER.size:NODE_HEADER.size + per * self.fmt.size] = \
+            np.ascontiguousarray(recs).view(np.uint8).reshape(n, per * self.fmt.size)
+        plain = memoryview(pts).cast("B")
+        material, macs, cts = self.crypto.seal_blocks(plain, n)
         if remember:
-            self._remember(mac, kind, pt, len(recs))
-        return ct, key, nonce, mac
+            t = crypto.TAG_BYTES
+            for j in range(n):
+                self._remember(bytes(macs[j * t:(j + 1) * t]), kind,
+                               plain[j * BLOCK_SIZE:(j + 1) * BLOCK_SIZE].tobytes(), per)
+        return material, macs, cts
 
 
 class Bit:
@@ -556,47 +566,65 @@ class BitBuilder:
         self._push(0, recs)
 
     def _push(self, height: int, recs: np.ndarray) -> None:
+        """Adds entries at `height`. Full nodes go out NODE_BATCH at a time at the leaves
+        (one batch to seal, shared with the crypto workers), one at a time above."""
+        self.pending[height].append(recs)
+        self.pending_n[height] += len(recs)
+        if self.pending_n[height] >= self.store.capacity * (NODE_BATCH if height == 0 else 1):
+            self._drain(height)
+
+    def _drain(self, height: int) -> None:
+        """Writes the full nodes of what is pending at `height`; less than a node stays."""
         cap = self.store.capacity
-        if self.pending_n[height] + len(recs) < cap:
-            self.pending[height].append(recs)
-            self.pending_n[height] += len(recs)
-            return
-        allrecs = self.fmt.concat(self.pending[height] + [recs])
+        allrecs = self.fmt.concat(self.pending[height])
         full = len(allrecs) // cap
-        for i in range(full):
-            self._emit(height, allrecs[i * cap:(i + 1) * cap])
         rest = allrecs[full * cap:]
         self.pending[height] = [rest] if len(rest) else []
         self.pending_n[height] = len(rest)
+        if full:
+            self._emit(height, allrecs[:full * cap], full)
 
-    def _emit(self, height: int, recs: np.ndarray) -> bytes:
-        ct, key, nonce, mac = self.store.seal(LEAF if height == 0 else INTERNAL, height, recs,
-                                              remember=self.records is None)
-        hba = self._place(ct)
-        value = self.fmt.value(hba, key, nonce, mac)
+    def _emit(self, height: int, recs: np.ndarray, n: int = 1) -> np.ndarray:
+        """Seals and places n nodes (recs split evenly over them), pushes their entries
+        one level up and returns them."""
+        kb = self.fmt.key_bytes
+        material, macs, cts = self.store.seal(LEAF if height == 0 else INTERNAL, height, recs,
+                                              n, remember=self.records is None)
+        entries = self.fmt.records(
+            recs["lba"][::len(recs) // n], self._place(cts, n),
+            np.frombuffer(material, np.uint8).reshape(n, kb + crypto.NONCE_BYTES),
+            np.frombuffer(macs, np.uint8).reshape(n, crypto.TAG_BYTES))
         if height == 0 and self._fence_first is not None:
-            self._fence_first.append(int(recs["lba"][0]))
-            self._fence_entries.append(value)
-            if len(self._fence_entries) % 1024 == 0 and \
-                    self.store.summaries.room() < len(self._fence_entries) * (8 + len(value) + _BYTES_OVERHEAD):
+            had = len(self._fence_entries)
+            self._fence_first.extend(entries["lba"].tolist())
+            self._fence_entries.extend(self.fmt.values_of(entries))
+            if had // 1024 != len(self._fence_entries) // 1024 and self.store.summaries.room() \
+                    < len(self._fence_entries) * (8 + self.fmt.value_size + _BYTES_OVERHEAD):
                 self._fence_first, self._fence_entries = None, []
-        self.emitted[height] += 1
+        self.emitted[height] += n
         if len(self.pending) == height + 1:
             self.pending.append([])
             self.pending_n.append(0)
             self.emitted.append(0)
-        entry = self.fmt.one(int(recs["lba"][0]), value)
-        self._push(height + 1, entry)
-        return value
+        self._push(height + 1, entries)
+        return entries
 
-    def _place(self, ct: bytes) -> int:
-        used = len(self.buf) // BLOCK_SIZE
-        if not self.chunks or used == self.chunk_blocks:
-            self._write_chunk()
-            self.chunks.append(self.alloc_chunk())
-            used = 0
-        self.buf += ct
-        return self.chunk_start(self.chunks[-1]) + used
+    def _place(self, cts: bytearray, n: int) -> np.ndarray:
+        """Appends n nodes to the index chunks (a new chunk whenever one fills); their
+        meta blocks."""
+        hbas, done = np.empty(n, np.uint64), 0
+        while done < n:
+            used = len(self.buf) // BLOCK_SIZE
+            if not self.chunks or used == self.chunk_blocks:
+                self._write_chunk()
+                self.chunks.append(self.alloc_chunk())
+                used = 0
+            k = min(n - done, self.chunk_blocks - used)
+            self.buf += memoryview(cts)[done * BLOCK_SIZE:(done + k) * BLOCK_SIZE]
+            start = self.chunk_start(self.chunks[-1]) + used
+            hbas[done:done + k] = np.arange(start, start + k, dtype=np.uint64)
+            done += k
+        return hbas
 
     def _write_chunk(self) -> None:
         if self.buf:
@@ -608,6 +636,7 @@ class BitBuilder:
         """Writes the partial nodes bottom-up; the single node at the top is the root."""
         if self.count == 0:
             return None
+        self._drain(0)          # the leaf batch's full nodes; less than a node stays
         h = 0
         root = None
         while root is None:
@@ -619,7 +648,7 @@ class BitBuilder:
             elif self.emitted[h] == 0 and higher_empty:
                 recs = self.fmt.concat(self.pending[h])
                 # _emit pushes the root's own entry one level up: take it back out.
-                root = self._emit(h, recs)
+                root = self.fmt.value_at(self._emit(h, recs), 0)
                 self.pending[h + 1] = []
                 self.pending_n[h + 1] = 0
                 self.emitted[h + 1] = 0

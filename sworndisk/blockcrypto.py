@@ -8,9 +8,10 @@ where a round trip would cost more than the work.
 """
 from __future__ import annotations
 
-from .cryptopool import (LANE_BLOCKS, MIN_OPEN_BLOCKS, CryptoPool, CryptoStats, FetchJob,
-                         joined, open_inline, resolve_workers)
-from .cryptoworker import BLOCK
+from . import crypto
+from .cryptopool import (LANE_BLOCKS, MIN_OPEN_BLOCKS, MIN_SHARED_SEAL, CryptoPool, CryptoStats,
+                         FetchJob, joined, open_inline, resolve_workers)
+from .cryptoworker import BLOCK, NONCE, TAG
 from .device import direct_file
 
 
@@ -40,7 +41,7 @@ class BlockCrypto:
         if self.pool is not None and self._data is not None:
             self._data.fence_writes(self.pool.wait_fetches)
         self.key_bytes = key_bytes
-        self._inline = 0
+        self._inline = self._nodes = 0
 
     @property
     def can_fetch(self) -> bool:
@@ -70,6 +71,21 @@ class BlockCrypto:
             self._inline += len(values)
         return _InlineOpen(values, key_at, self.key_bytes, raws, dsts)
 
+    def seal_blocks(self, plain: memoryview, n: int) -> tuple[bytes, bytes, bytearray]:
+        """Seals n consecutive 4 KiB blocks of `plain` under fresh keys (a batch of BIT
+        nodes): (key || nonce material, tags, ciphertext), as crypto.seal_blocks makes
+        them. Shared with the workers when the batch is worth a round trip."""
+        if self.pool is not None and n >= MIN_SHARED_SEAL:
+            return self.pool.seal_blocks(plain, n)
+        material = crypto.random_bytes(n * (self.key_bytes + NONCE))
+        out, tags = bytearray(n * BLOCK + TAG), bytearray(n * TAG)
+        crypto.seal_blocks(material, self.key_bytes, plain, range(n), out, tags, 0)
+        if self.pool is not None:
+            self.pool.count_nodes(n)
+        else:
+            self._nodes += n
+        return material, bytes(tags), out
+
     def count_inline(self, n: int) -> None:
         """n blocks sealed in the thread (the pending batch's own path)."""
         self._inline += n
@@ -79,6 +95,7 @@ class BlockCrypto:
             return self.pool.stats()
         return CryptoStats(workers=0, worker_pids=(), batches=0, blocks_in_workers=0,
                            blocks_inline=self._inline, blocks_fetched=0, blocks_taken_over=0,
+                           nodes_sealed=self._nodes, nodes_in_workers=0,
                            worker_restarts=0,
                            worker_cpu_seconds=0.0, keys_locked=False)
 

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import weakref
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -41,11 +42,19 @@ LANE_BLOCKS = 256           # blocks of one read job
 VALUE_MAX = 80              # room per block for its record (lba, hba, key, nonce, tag)
 MIN_OPEN_BLOCKS = 8         # smaller read batches are verified in the calling thread
 MIN_SEAL_BLOCKS = 64        # smaller seals (a flush of a few blocks) stay in the thread
+MIN_SHARED_SEAL = 16        # smaller batches of BIT nodes are sealed in the thread
 SEAL_CHUNK = 128            # blocks of one seal job: what the engine's thread may take over
-TAKE_OVER = False           # see seal_result: not safe as it is
+TAKE_OVER = True            # see seal_result
 QUARANTINE_SECONDS = 5.0    # a lane a dead worker was reading into rests this long: its
                             # io_uring reads may still land after the process is reaped
 MAX_WORKERS = 64
+# A seal job in a read lane (seal_blocks): the ciphertext goes where a read's plaintext
+# does; the lane's record area holds key || nonce per block, then the tags, then the u16
+# buffer slots (0, 1, 2, ...), all within LANE_BLOCKS * VALUE_MAX bytes.
+_LANE_TAGS = LANE_BLOCKS * (32 + NONCE)
+_LANE_SLOTS = _LANE_TAGS + LANE_BLOCKS * TAG
+assert _LANE_SLOTS + LANE_BLOCKS * 2 <= LANE_BLOCKS * VALUE_MAX
+_IDENTITY = array("H", range(LANE_BLOCKS)).tobytes()
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cryptoworker.py")
 _PAGE = 4096
 
@@ -73,6 +82,9 @@ class CryptoStats:
     blocks_in_workers: int
     blocks_inline: int              # sealed or verified in the engine's threads
     blocks_fetched: int             # of blocks_in_workers, read by the workers themselves
+    nodes_sealed: int               # BIT nodes sealed (in the thread or the workers; not
+                                    # counted in the blocks_* figures, which are data blocks)
+    nodes_in_workers: int           # of nodes_sealed
     blocks_taken_over: int          # of blocks_inline: seal chunks the engine's thread
                                     # sealed itself rather than wait for a worker
     worker_restarts: int            # workers replaced after dying
@@ -180,6 +192,8 @@ class CryptoPool:
         self._dead_cpu = 0.0
         self.batches = self.blocks_in_workers = self.blocks_inline = self.restarts = 0
         self.blocks_fetched = self.blocks_taken_over = 0
+        self.nodes_sealed = self.nodes_in_workers = 0
+        self._node_jobs: set[int] = set()       # seal_blocks' jobs, unanswered
 
     # ------------------------------------------------------------------ buffers
     def plaintext(self, i: int) -> memoryview:
@@ -216,30 +230,85 @@ class CryptoPool:
         return SealJob(self, n, jobs)
 
     def seal_result(self, n: int, jobs: list[tuple]) -> tuple[bytes, bytes, memoryview]:
-        # Taking over the chunks no worker has started (TAKE_OVER) is off: when the thread
-        # and a worker both seal a chunk, each reads a block's tag back from where the
-        # next block's ciphertext goes, which the other may have written meanwhile: a
-        # wrong tag, the block lost (an aging test met it under load). It needs the
-        # thread's seal in a private buffer, copied in once every reply is in.
-        mem = self.mem
+        # Rather than wait, this thread seals the chunks no worker has started (from the
+        # back). The claim byte is not atomic across processes: a worker may seal the
+        # same chunk too. Both give the same bytes, but each reads a block's tag back from
+        # where the next block's ciphertext goes, so only one may write the region: this
+        # thread seals into its own buffers and copies them in once every reply is in.
+        mem, step, own = self.mem, self.kb + NONCE, []
         for jid, spec in reversed(jobs) if TAKE_OVER else ():
-            claim = spec[11]
-            if not mem[claim]:
-                mem[claim] = 1
-                self._inline(spec)
-                with self._cv:
-                    if jid in self._specs:      # else its worker died and it was redone
-                        self._taken.add(jid)
-                        self.blocks_in_workers -= spec[5]
-                        self.blocks_taken_over += spec[5]
+            claim, first, count = spec[11], spec[4], spec[5]
+            if mem[claim]:
+                continue
+            mem[claim] = 1
+            ct, tg = memoryview(bytearray(count * BLOCK)), memoryview(bytearray(count * TAG))
+            self._cipher.seal_into(mem, self.kb, step, first, count, spec[6], spec[8],
+                                   spec[10], ct, tg)
+            own.append((first, count, ct, tg))
+            with self._cv:
+                self.blocks_inline += count
+                if jid in self._specs:      # else its worker died and it was redone
+                    self._taken.add(jid)
+                    self.blocks_in_workers -= count
+                    self.blocks_taken_over += count
         self._wait([jid for jid, _spec in jobs])
         with self._cv:
             self._taken.difference_update(jid for jid, _spec in jobs)
-        step, mem = self.kb + NONCE, self.mem
+        for first, count, ct, tg in own:
+            mem[self.sealed + first * BLOCK:self.sealed + (first + count) * BLOCK] = ct
+            mem[self.seal_tags + first * TAG:self.seal_tags + (first + count) * TAG] = tg
         material = bytes(mem[self.seal_mat:self.seal_mat + n * step])
         mem[self.seal_mat:self.seal_mat + n * step] = bytes(n * step)
         return (material, bytes(mem[self.seal_tags:self.seal_tags + n * TAG]),
                 mem[self.sealed:self.sealed + n * BLOCK])
+
+    def seal_blocks(self, plain: memoryview, n: int) -> tuple[bytes, bytes, bytearray]:
+        """Seals n consecutive 4 KiB blocks of `plain` under fresh keys (BIT nodes), as
+        crypto.seal_blocks would: (key || nonce material, tags, ciphertext). The workers
+        take whole lanes from the front, as many as are free, for their share; this
+        thread seals the rest meanwhile, then collects theirs."""
+        kb, step, mem = self.kb, self.kb + NONCE, self.mem
+        material = crypto.random_bytes(n * step)
+        out, tags = bytearray(n * BLOCK + TAG), bytearray(n * TAG)
+        share, first, sent = n * self.size // (self.size + 1), 0, []
+        try:
+            while first < share:
+                lane = self.take_lane()
+                if lane is None:
+                    break
+                count = min(LANE_BLOCKS, share - first)
+                mat, src = self._lane_at[lane]
+                mem[mat:mat + count * step] = material[first * step:(first + count) * step]
+                mem[mat + _LANE_SLOTS:mat + _LANE_SLOTS + count * 2] = _IDENTITY[:count * 2]
+                mem[src:src + count * BLOCK] = plain[first * BLOCK:(first + count) * BLOCK]
+                try:
+                    jid = self._send((OP_SEAL, kb, step, 0, 0, count, src,
+                                      src + LANE_BLOCKS * BLOCK, mat, mat + _LANE_TAGS,
+                                      mat + _LANE_SLOTS, 0), nodes=True)
+                except BaseException:
+                    self.release_lane(lane, count)
+                    raise
+                sent.append((lane, first, count, jid))
+                first += count
+            crypto.seal_blocks(material, kb, plain, range(first, n),
+                               memoryview(out)[first * BLOCK:], tags, first)
+            self.count_nodes(n - first)
+            while sent:
+                lane, f, count, jid = sent[0]
+                self.wait_any([jid])
+                mat, src = self._lane_at[lane]
+                ct = src + LANE_BLOCKS * BLOCK
+                out[f * BLOCK:(f + count) * BLOCK] = mem[ct:ct + count * BLOCK]
+                tags[f * TAG:(f + count) * TAG] = mem[mat + _LANE_TAGS:mat + _LANE_TAGS + count * TAG]
+                self.release_lane(lane, count)
+                sent.pop(0)
+        finally:
+            # A job not collected (an error while waiting) keeps its lane: its worker
+            # may still write there. Its keys are zeroed all the same.
+            for lane, _f, count, _jid in sent:
+                mat, _src = self._lane_at[lane]
+                mem[mat:mat + count * step] = bytes(count * step)
+        return material, bytes(tags), out
 
     # ------------------------------------------------------------------ opening
     def open_start(self, values: list[bytes], key_at: int, raws: list,
@@ -395,14 +464,20 @@ class CryptoPool:
         with self._cv:
             self.blocks_inline += n
 
+    def count_nodes(self, n: int) -> None:
+        """n BIT nodes sealed in a calling thread."""
+        with self._cv:
+            self.nodes_sealed += n
+
     def _inline(self, spec: tuple) -> int:
         """A job done in this thread (its claim byte ignored: a worker that died may have
         set it)."""
         self.count_inline(spec[5])
         return self._cipher.run(self.mem, (0,) + spec[:11] + (0,))
 
-    def _send(self, spec: tuple, fetch: bool = False) -> int:
-        """Sends a job (JOB fields without the id) to the least busy worker; its id."""
+    def _send(self, spec: tuple, fetch: bool = False, nodes: bool = False) -> int:
+        """Sends a job (JOB fields without the id) to the least busy worker; its id.
+        `nodes`: a seal of BIT nodes (seal_blocks), counted apart from data blocks."""
         with self._cv:
             self._start_locked()        # may raise (no worker could start): nothing is held
             jid = self._next_id
@@ -414,7 +489,12 @@ class CryptoPool:
             w = min(self._workers, key=lambda w: len(w.jobs))
             w.jobs.add(jid)
             self.batches += 1
-            self.blocks_in_workers += spec[5]
+            if nodes:
+                self._node_jobs.add(jid)
+                self.nodes_sealed += spec[5]
+                self.nodes_in_workers += spec[5]
+            else:
+                self.blocks_in_workers += spec[5]
             try:
                 w.sock.send(JOB.pack(jid, *spec))
             except OSError:
@@ -485,6 +565,7 @@ class CryptoPool:
         w.jobs.discard(jid)
         self._specs.pop(jid, None)
         self._fetching.discard(jid)
+        self._node_jobs.discard(jid)
         self._done[jid] = failed
 
     def _replace(self, w: "_Worker") -> None:
@@ -496,6 +577,11 @@ class CryptoPool:
             spec = self._specs.pop(jid)
             if jid in self._taken:              # this thread sealed it already
                 self._done[jid] = 0
+                continue
+            if jid in self._node_jobs:
+                self._node_jobs.discard(jid)
+                self.nodes_in_workers -= spec[5]
+                self._done[jid] = self._cipher.run(self.mem, (0,) + spec[:11] + (0,))
                 continue
             self.blocks_in_workers -= spec[5]
             if spec[0] == OP_FETCH:
@@ -518,6 +604,8 @@ class CryptoPool:
                            blocks_inline=self.blocks_inline,
                            blocks_fetched=self.blocks_fetched,
                            blocks_taken_over=self.blocks_taken_over,
+                           nodes_sealed=self.nodes_sealed,
+                           nodes_in_workers=self.nodes_in_workers,
                            worker_restarts=self.restarts,
                            worker_cpu_seconds=self._dead_cpu + live,
                            keys_locked=bool(self._workers)

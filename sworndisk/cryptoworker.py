@@ -34,7 +34,8 @@ import time
 # data device into the input place, runs of consecutive HBAs as one read; a block whose
 # read failed gets status IO_FAILED. Last, a seal job's claim byte (0: none): the worker
 # sets it before sealing and skips the job if it is set already, as it is when the engine's
-# thread, rather than wait, sealed that chunk itself (both would write the same bytes).
+# thread, rather than wait, sealed that chunk itself (into its own buffer, copied in once
+# every reply is in: both seals give the same bytes, and only one writes the region).
 # Reply: job id, failures, worker CPU nanoseconds.
 JOB = struct.Struct("<IBBHHxxII6Q")
 REPLY = struct.Struct("<IIQ")
@@ -62,27 +63,36 @@ class Cipher:
     def seal(self, mem: memoryview, kb: int, mstride: int, moff: int, first: int, count: int,
              src: int, out: int, mat: int, tags: int, aux: int, claim: int = 0) -> int:
         """Encrypts blocks first..first+count: block j is buffer slot aux[j] of `src`, its
-        ciphertext goes to out + j*4096 and its tag to tags + j*16. The last block goes
-        through a scratch buffer so that its tag never spills over a neighbour's place,
-        which another worker may be writing. Nothing is done if the claim byte is set."""
+        ciphertext goes to out + j*4096 and its tag to tags + j*16. Nothing is done if the
+        claim byte is set."""
         if claim:
             if mem[claim]:
                 return 0
             mem[claim] = 1
-        aesgcm, step = self.aesgcm, mstride
+        self.seal_into(mem, kb, mstride, first, count, src, mat, aux,
+                       mem[out + first * BLOCK:out + (first + count) * BLOCK],
+                       mem[tags + first * TAG:tags + (first + count) * TAG])
+        return 0
+
+    def seal_into(self, mem: memoryview, kb: int, mstride: int, first: int, count: int,
+                  src: int, mat: int, aux: int, ct: memoryview, tg: memoryview) -> None:
+        """seal's work with its output in `ct` (count blocks) and `tg` (count tags), which
+        the caller may keep private. Each block's tag spills over the next block's place
+        and is read back from there, so nothing else may write `ct` meanwhile; the last
+        block goes through a scratch buffer, so nothing is written past `ct`."""
+        if not count:
+            return
+        aesgcm = self.aesgcm
         slots = mem[aux:aux + (first + count) * 2].cast("H")
         scratch = memoryview(bytearray(BLOCK + TAG))
-        for j in range(first, first + count):
-            s = src + slots[j] * BLOCK
-            m = mat + j * step
-            o = out + j * BLOCK
-            dst = scratch if j == first + count - 1 else mem[o:o + BLOCK + TAG]
-            aesgcm(mem[m:m + kb]).encrypt_into(mem[m + kb:m + step], mem[s:s + BLOCK],
+        for i in range(count):
+            s = src + slots[first + i] * BLOCK
+            m = mat + (first + i) * mstride
+            dst = scratch if i == count - 1 else ct[i * BLOCK:(i + 1) * BLOCK + TAG]
+            aesgcm(mem[m:m + kb]).encrypt_into(mem[m + kb:m + mstride], mem[s:s + BLOCK],
                                                None, dst)
-            mem[tags + j * TAG:tags + (j + 1) * TAG] = dst[BLOCK:]
-            if dst is scratch:
-                mem[o:o + BLOCK] = scratch[:BLOCK]
-        return 0
+            tg[i * TAG:(i + 1) * TAG] = dst[BLOCK:]
+        ct[(count - 1) * BLOCK:] = scratch[:BLOCK]
 
     def open(self, mem: memoryview, kb: int, mstride: int, moff: int, first: int, count: int,
              src: int, out: int, mat: int, tags: int, aux: int, _claim: int = 0) -> int:

@@ -81,13 +81,13 @@ class SwornDisk:
         self._fmt = fmt
         self._lifetime = Lifetime()
         self._session = Session()
-        self._store = NodeStore(self._meta, fmt, self.config.node_cache_bytes)
+        self._crypto = open_crypto(self.config.crypto_workers, fmt.key_bytes, self._data)
+        self._store = NodeStore(self._meta, fmt, self.config.node_cache_bytes, self._crypto)
         segtable = SegmentTable(self._meta, self.layout.data_segments,
                                 self.config.cipher_key_bytes, self.layout.segtable_start,
                                 self.layout.segtable_blocks,
                                 self.config.node_cache_bytes // 4 // BLOCK_SIZE)
         self._state = CommittedState(fmt, self._store, segtable, self.layout, self.config)
-        self._crypto = open_crypto(self.config.crypto_workers, fmt.key_bytes, self._data)
         self._batch = PendingBatch(fmt, self._state.space, self._data, self._lifetime,
                                    self._crypto)
         self._protocol = CommitProtocol(self._meta, self._data, self.layout, self.config,

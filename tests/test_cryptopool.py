@@ -101,10 +101,12 @@ def test_pool_seals_the_same_bytes_as_the_thread():
         pool.close()
 
 
-def test_engine_waits_for_a_stopped_worker_seal():
-    """The calling thread does not seal a chunk a worker may be sealing too (TAKE_OVER is
-    off: both would read tags back from shared places the other writes): with the worker
-    stopped, result() waits for it, and the bytes equal the thread's own seal."""
+def _stopped_worker_seal(again: bool):
+    """Seals half a segment with the one worker stopped: the calling thread takes over
+    every chunk. While the worker is stopped, the region's ciphertext and tag places stay
+    as they were (the thread seals into its own buffers); `again` clears the claim bytes
+    before the worker resumes, so it seals every chunk too, in the region. Returns the
+    stats and whether the region was untouched while the worker was stopped."""
     pool = CryptoPool(1, 16)
     try:
         rng = random.Random(6)
@@ -112,22 +114,47 @@ def test_engine_waits_for_a_stopped_worker_seal():
         plain[:] = rng.randbytes(SEGMENT_BLOCKS * BS)
         slots = list(range(0, SEGMENT_BLOCKS, 2))
         assert pool.dumpable() == (0,)
+        region = pool.mem[pool.sealed:pool.sealed + len(slots) * BS]
+        region[:] = bytes(len(region))
         pid = pool.pids()[0]
         os.kill(pid, signal.SIGSTOP)
-        resumed = threading.Timer(0.5, os.kill, (pid, signal.SIGCONT))
+        seen = {}
+
+        def resume():
+            seen["untouched"] = not any(region)
+            if again:
+                pool.mem[pool.seal_claims:pool.seal_claims + 4] = bytes(4)
+            os.kill(pid, signal.SIGCONT)
+        resumed = threading.Timer(0.5, resume)
         resumed.start()
         t0 = time.monotonic()
         material, tags, sealed = pool.seal_start(0, slots).result()
-        assert time.monotonic() - t0 >= 0.4         # it waited for the stopped worker
-        st = pool.stats()
-        assert st.blocks_taken_over == 0 and st.blocks_in_workers == len(slots)
+        assert time.monotonic() - t0 >= 0.4         # it waited for the stopped worker's reply
         out = bytearray(len(slots) * BS + 16)
         tags2 = bytearray(len(slots) * 16)
         crypto.seal_blocks(material, 16, bytes(plain), slots, out, tags2, 0)
         assert bytes(sealed) == bytes(out[:len(slots) * BS]) and tags == bytes(tags2)
         resumed.join()
+        region.release()
+        return pool.stats(), seen["untouched"]
     finally:
         pool.close()
+
+
+def test_engine_takes_over_a_stopped_worker_seal_in_its_own_buffer():
+    """The calling thread seals the chunks no worker has started instead of waiting, but
+    writes the region only once every reply is in: a worker sealing the same chunk reads
+    each tag back from the region, where the thread's next ciphertext would go."""
+    st, untouched = _stopped_worker_seal(again=False)
+    assert untouched
+    assert st.blocks_taken_over == SEGMENT_BLOCKS // 2 and st.blocks_in_workers == 0
+
+
+def test_a_chunk_sealed_twice_gives_the_same_bytes():
+    """The claim byte is not atomic across processes: when the worker seals the chunks
+    the thread took over, the result is still the one seal (same keys, same bytes)."""
+    st, untouched = _stopped_worker_seal(again=True)
+    assert untouched and st.blocks_taken_over == SEGMENT_BLOCKS // 2
 
 
 def test_pool_open_fails_only_the_bad_block():
@@ -554,3 +581,44 @@ def test_a_failed_respawn_leaves_the_pool_working(tmp_path, monkeypatch):
     st = disk.stats().crypto
     assert st.worker_restarts >= 1 and dead not in st.worker_pids and len(st.worker_pids) == 1
     disk.close()
+
+
+def test_bit_nodes_are_sealed_by_the_workers_and_the_thread_together():
+    """A compaction's leaves are sealed in batches shared by the workers and the thread;
+    the index they make reads back right after a reopen (every node read from the device
+    and verified) and the thread's share is counted apart from the data blocks."""
+    disk, data, meta = new_disk(data_size=64 * MiB,
+                                config=Config(crypto_workers=1, memtable_records=8192))
+    rng = random.Random(31)
+    model = Model(disk.nr_blocks)
+    _fill(disk, rng, 12000, model)              # a minor compaction: ~120 leaves
+    st = disk.stats().crypto
+    assert st.nodes_in_workers >= 64 and st.nodes_sealed > st.nodes_in_workers
+    disk.close()
+    disk = SwornDisk.open(data, meta, KEY16, config=Config(crypto_workers=0))
+    verify_disk(disk, model)
+    disk.close()
+
+
+def test_a_node_batch_whose_worker_died_is_sealed_here():
+    """seal_blocks' jobs meet a killed worker: they are redone in the thread, the bytes
+    are the ones crypto.seal_blocks makes with the same keys, and they stay node counts."""
+    pool = CryptoPool(1, 16)
+    try:
+        rng = random.Random(32)
+        n = 3 * 256
+        plain = memoryview(bytearray(rng.randbytes(n * BS)))
+        assert pool.dumpable() == (0,)
+        os.kill(pool.pids()[0], signal.SIGKILL)
+        material, tags, out = pool.seal_blocks(plain, n)
+        st = pool.stats()
+        assert st.worker_restarts == 1 and st.nodes_sealed == n
+        assert st.nodes_in_workers == 0 and st.blocks_inline == st.blocks_in_workers == 0
+        ref, ref_tags = bytearray(n * BS + 16), bytearray(n * 16)
+        crypto.seal_blocks(material, 16, plain, range(n), ref, ref_tags, 0)
+        assert bytes(out[:n * BS]) == bytes(ref[:n * BS]) and tags == bytes(ref_tags)
+        # the lanes came back: a batch after the restart goes to the new worker
+        pool.seal_blocks(plain, n)
+        assert pool.stats().nodes_in_workers > 0
+    finally:
+        pool.close()
