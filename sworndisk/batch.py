@@ -12,6 +12,8 @@ until the commit that validates them, or a reopen that forgets them.
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from . import crypto
@@ -35,9 +37,10 @@ class PendingBatch:
         self.pool = pool = self.crypto.pool
         if pool is None:
             self._bufs = [bytearray(SEGMENT_BLOCKS * BLOCK_SIZE)]
-            # Ciphertext of a seal (16 spare bytes for the last tag), reused: the device
-            # has copied or written it when pwrite_many returns.
-            self._sealed = bytearray(SEGMENT_BLOCKS * BLOCK_SIZE + crypto.TAG_BYTES)
+            # Ciphertext of a seal (16 spare bytes for the last tag): two page-aligned
+            # areas, one seal each in turn, as in the pool's region (see _write_sealed).
+            self._sealed = [mmap.mmap(-1, SEGMENT_BLOCKS * BLOCK_SIZE + 4096) for _ in range(2)]
+            self._sealing = 0
         else:                           # double-buffered, in the pool's shared region
             self._bufs = [pool.plaintext(0), pool.plaintext(1)]
         self._cur = 0
@@ -255,7 +258,8 @@ class PendingBatch:
         material = crypto.random_bytes(n * (kb + crypto.NONCE_BYTES))
         tags = bytearray(n * crypto.TAG_BYTES)
         done = 0
-        sealed = memoryview(self._sealed)
+        sealed = memoryview(self._sealed[self._sealing])
+        self._sealing ^= 1
         for start, count in runs:
             # Each run's ciphertext follows the last in one reused buffer: a block's tag
             # spills 16 bytes into the next block's place before that block is written.
@@ -288,7 +292,9 @@ class PendingBatch:
             np.concatenate([np.arange(start, start + count) for start, count in runs]),
             np.frombuffer(material, np.uint8).reshape(n, kb + crypto.NONCE_BYTES),
             np.frombuffer(tags, np.uint8).reshape(n, crypto.TAG_BYTES))
-        self.data.pwrite_many(writes)
+        # Written from where they are (stable): the areas alternate, so this segment's
+        # is not sealed over before the next segment's pwrite_many has waited for it.
+        self.data.pwrite_many_stable(writes)
         self.space.stamp(recs["hba"])
         self.stage(recs)
         self.lifetime.segments_sealed += 1

@@ -581,8 +581,9 @@ class BitBuilder:
         rest = allrecs[full * cap:]
         self.pending[height] = [rest] if len(rest) else []
         self.pending_n[height] = len(rest)
-        if full:
-            self._emit(height, allrecs[:full * cap], full)
+        for first in range(0, full, NODE_BATCH):
+            n = min(NODE_BATCH, full - first)
+            self._emit(height, allrecs[first * cap:(first + n) * cap], n)
 
     def _emit(self, height: int, recs: np.ndarray, n: int = 1) -> np.ndarray:
         """Seals and places n nodes (recs split evenly over them), pushes their entries

@@ -7,7 +7,8 @@ every process and never named in the file system; small job messages go over one
 SOCK_SEQPACKET socketpair per worker. Layout of the region (docs/modules.md, "Crypto
 workers"): the key/nonce material first (page-aligned, mlocked by the workers, zeroed as
 soon as a job is done), then two plaintext segment buffers (the pending batch fills one
-while the other is sealed), the sealed segment's ciphertext and tags, and read lanes
+while the other is sealed), two ciphertext areas (one seal each in turn: the device may
+still be writing the last from one) and the tags, and read lanes
 (one read job each: ciphertext || tag in, plaintext out, a status byte per block).
 
 A worker that dies (SIGKILL, OOM) is noticed when its socket reports EOF: its jobs are
@@ -156,8 +157,13 @@ class CryptoPool:
         lane_mat0 = _align(SEGMENT_BLOCKS * step)
         self.keys_len = _align(lane_mat0 + self.lanes * LANE_BLOCKS * VALUE_MAX)
         self.plain = [self.keys_len, self.keys_len + SEGMENT_BLOCKS * BLOCK]
-        self.sealed = self.plain[1] + SEGMENT_BLOCKS * BLOCK
-        self.seal_tags = self.sealed + _align(SEGMENT_BLOCKS * BLOCK + TAG)
+        # Two ciphertext areas, one seal each in turn: the device may still be writing
+        # the last segment from one (pwrite_many_stable) while the next is sealed.
+        sealed_len = _align(SEGMENT_BLOCKS * BLOCK + TAG)
+        self.sealed = [self.plain[1] + SEGMENT_BLOCKS * BLOCK,
+                       self.plain[1] + SEGMENT_BLOCKS * BLOCK + sealed_len]
+        self._sealing = 0                       # the area the next seal uses
+        self.seal_tags = self.sealed[1] + sealed_len
         self.seal_slots = self.seal_tags + SEGMENT_BLOCKS * TAG
         self.seal_claims = self.seal_slots + SEGMENT_BLOCKS * 2
         lane0 = _align(self.seal_claims + SEGMENT_BLOCKS // SEAL_CHUNK)
@@ -214,11 +220,13 @@ class CryptoPool:
         sl = mem[self.seal_slots:self.seal_slots + n * 2].cast("H")
         for j, s in enumerate(slots):
             sl[j] = s
-        spec = (OP_SEAL, kb, step, 0, 0, n, self.plain[buf], self.sealed, mat, self.seal_tags,
+        out = self.sealed[self._sealing]
+        self._sealing ^= 1
+        spec = (OP_SEAL, kb, step, 0, 0, n, self.plain[buf], out, mat, self.seal_tags,
                 self.seal_slots, 0)
         if n < MIN_SEAL_BLOCKS:
             self._inline(spec)
-            return SealJob(self, n, [])
+            return SealJob(self, n, [], out)
         # In chunks, each with a claim byte: at result() this thread seals the chunks no
         # worker has started yet instead of waiting for them (work taken from the back).
         claims = self.seal_claims
@@ -227,9 +235,9 @@ class CryptoPool:
         for f in range(0, n, SEAL_CHUNK):
             chunk = spec[:4] + (f, min(SEAL_CHUNK, n - f)) + spec[6:11] + (claims + f // SEAL_CHUNK,)
             jobs.append((self._send(chunk), chunk))
-        return SealJob(self, n, jobs)
+        return SealJob(self, n, jobs, out)
 
-    def seal_result(self, n: int, jobs: list[tuple]) -> tuple[bytes, bytes, memoryview]:
+    def seal_result(self, n: int, jobs: list[tuple], out: int) -> tuple[bytes, bytes, memoryview]:
         # Rather than wait, this thread seals the chunks no worker has started (from the
         # back). The claim byte is not atomic across processes: a worker may seal the
         # same chunk too. Both give the same bytes, but each reads a block's tag back from
@@ -238,16 +246,17 @@ class CryptoPool:
         mem, step, own = self.mem, self.kb + NONCE, []
         for jid, spec in reversed(jobs) if TAKE_OVER else ():
             claim, first, count = spec[11], spec[4], spec[5]
-            if mem[claim]:
-                continue
-            mem[claim] = 1
+            with self._cv:          # a job redone after its worker died is claimed too
+                if mem[claim] or jid not in self._specs:
+                    continue
+                mem[claim] = 1
             ct, tg = memoryview(bytearray(count * BLOCK)), memoryview(bytearray(count * TAG))
             self._cipher.seal_into(mem, self.kb, step, first, count, spec[6], spec[8],
                                    spec[10], ct, tg)
             own.append((first, count, ct, tg))
             with self._cv:
-                self.blocks_inline += count
-                if jid in self._specs:      # else its worker died and it was redone
+                if jid in self._specs:      # else its worker died meanwhile: redone, counted
+                    self.blocks_inline += count
                     self._taken.add(jid)
                     self.blocks_in_workers -= count
                     self.blocks_taken_over += count
@@ -255,12 +264,12 @@ class CryptoPool:
         with self._cv:
             self._taken.difference_update(jid for jid, _spec in jobs)
         for first, count, ct, tg in own:
-            mem[self.sealed + first * BLOCK:self.sealed + (first + count) * BLOCK] = ct
+            mem[out + first * BLOCK:out + (first + count) * BLOCK] = ct
             mem[self.seal_tags + first * TAG:self.seal_tags + (first + count) * TAG] = tg
         material = bytes(mem[self.seal_mat:self.seal_mat + n * step])
         mem[self.seal_mat:self.seal_mat + n * step] = bytes(n * step)
         return (material, bytes(mem[self.seal_tags:self.seal_tags + n * TAG]),
-                mem[self.sealed:self.sealed + n * BLOCK])
+                mem[out:out + n * BLOCK])
 
     def seal_blocks(self, plain: memoryview, n: int) -> tuple[bytes, bytes, bytearray]:
         """Seals n consecutive 4 KiB blocks of `plain` under fresh keys (BIT nodes), as
@@ -300,6 +309,7 @@ class CryptoPool:
                 ct = src + LANE_BLOCKS * BLOCK
                 out[f * BLOCK:(f + count) * BLOCK] = mem[ct:ct + count * BLOCK]
                 tags[f * TAG:(f + count) * TAG] = mem[mat + _LANE_TAGS:mat + _LANE_TAGS + count * TAG]
+                mem[src:src + count * BLOCK] = bytes(count * BLOCK)    # leaves hold keys
                 self.release_lane(lane, count)
                 sent.pop(0)
         finally:
@@ -578,6 +588,8 @@ class CryptoPool:
             if jid in self._taken:              # this thread sealed it already
                 self._done[jid] = 0
                 continue
+            if spec[0] == OP_SEAL and spec[11]:
+                self.mem[spec[11]] = 1          # claimed: the thread does not seal it again
             if jid in self._node_jobs:
                 self._node_jobs.discard(jid)
                 self.nodes_in_workers -= spec[5]
@@ -905,13 +917,14 @@ def _discard(chunk: tuple) -> None:
 class SealJob:
     """A segment being sealed; result() waits for it."""
 
-    def __init__(self, pool: CryptoPool, n: int, jobs: list[int]):
-        self.pool, self.n, self.jobs = pool, n, jobs
+    def __init__(self, pool: CryptoPool, n: int, jobs: list[int], out: int):
+        self.pool, self.n, self.jobs, self.out = pool, n, jobs, out
 
     def result(self) -> tuple[bytes, bytes, memoryview]:
         """(key/nonce material, tags, ciphertext view) of the n sealed blocks; the
-        region's copy of the keys is zeroed."""
-        return self.pool.seal_result(self.n, self.jobs)
+        region's copy of the keys is zeroed. The ciphertext stays unchanged until the
+        seal after next (the areas alternate)."""
+        return self.pool.seal_result(self.n, self.jobs, self.out)
 
 
 

@@ -67,6 +67,13 @@ class BlockDevice:
         for data, offset in items:
             self.pwrite(data, offset)
 
+    def pwrite_many_stable(self, items: list) -> None:
+        """pwrite_many, the caller leaving every buffer unchanged until its next call to
+        this device: a device that leaves writes in flight may write from them in place,
+        uncopied. The default is pwrite_many (so a subclass that overrides that, or
+        pwrite, sees these writes too)."""
+        self.pwrite_many(items)
+
     def pread_many(self, items: list) -> list:
         """Several (nbytes, offset) reads, their bytes in order; the default calls pread
         for each, so a subclass that overrides pread sees them all."""
@@ -186,6 +193,13 @@ class CountingDevice(DeviceWrapper):
 
     def pwrite_many(self, items: list) -> None:
         self.inner.pwrite_many(items)
+        self._count_writes(items)
+
+    def pwrite_many_stable(self, items: list) -> None:
+        self.inner.pwrite_many_stable(items)
+        self._count_writes(items)
+
+    def _count_writes(self, items: list) -> None:
         self.writes += len(items)
         self.bytes_written += sum(len(d) for d, _ in items)
 
@@ -216,6 +230,18 @@ def direct_file(dev: BlockDevice) -> tuple["FileDevice | None", list[CountingDev
     if isinstance(dev, FileDevice) and dev.direct and type(dev).pread is FileDevice.pread:
         return dev, layers
     return None, []
+
+
+def _aligned_view(data) -> memoryview | None:
+    """`data` as a byte view O_DIRECT can write from (writable, page-aligned, whole
+    pages), or None."""
+    try:
+        view = memoryview(data).cast("B")
+        if view.readonly or not view or len(view) % _ALIGN or buffer_address(view) % _ALIGN:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return view
 
 
 class _AlignedBuffers(threading.local):
@@ -254,6 +280,7 @@ class FileDevice(BlockDevice):
         self._ring = False                  # io_uring for the *_many calls, made on first use
         self._ring_lock = threading.Lock()
         self._inflight = None               # the batch pwrite_many left in flight
+        self.bytes_bounced = 0              # pwrite_many bytes copied to the bounce buffer
         self._fence = None                  # waits for reads issued by other processes
 
     @property
@@ -347,15 +374,22 @@ class FileDevice(BlockDevice):
         os.fdatasync(self.file.fd)
 
     def pwrite_many(self, items: list) -> None:
+        self._pwrite_many(items, stable=False)
+
+    def pwrite_many_stable(self, items: list) -> None:
+        self._pwrite_many(items, stable=True)
+
+    def _pwrite_many(self, items: list, stable: bool) -> None:
         """Writes as io_uring batches. With O_DIRECT each write is a device round trip:
         threaded logging writes many short runs per segment, and a whole segment write can
         overlap the encryption of the next one. So the last batch is left in flight: every
         other method of this device (pread, pwrite, flush, discard, close, and the next
         pwrite_many) first waits for it and checks its results, which keeps flush() a
-        barrier for every write issued before it."""
+        barrier for every write issued before it. Writes are copied into a bounce buffer
+        first, unless `stable` and page-aligned: then written from where they are."""
         ring = self._uring() if (self.direct and type(self).pwrite is FileDevice.pwrite) else None
         if ring is None:
-            return super().pwrite_many(items)
+            return BlockDevice.pwrite_many(self, items)
         for data, offset in items:
             _check_range(self, len(data), offset)
         if self._fence is not None:
@@ -363,7 +397,7 @@ class FileDevice(BlockDevice):
         with self._ring_lock:
             self._drain_locked()
             for i in range(0, len(items), _RING_BATCH):
-                self._submit_locked(ring, items[i:i + _RING_BATCH])
+                self._submit_locked(ring, items[i:i + _RING_BATCH], stable)
                 if i + _RING_BATCH < len(items):
                     self._drain_locked()
 
@@ -403,20 +437,31 @@ class FileDevice(BlockDevice):
                 out.append(self.pread(nbytes, offset))   # so a real error is raised here
         return out
 
-    def _submit_locked(self, ring: Ring, items: list) -> None:
-        """Copies the writes into the bounce buffer and submits them. What stays in
-        flight is remembered by place in that buffer, not by the caller's data: the
-        caller may reuse its buffers as soon as pwrite_many returns."""
-        buf = self._bufs.get(sum(len(d) for d, _ in items))   # stays alive in self._bufs
-        base, pos, rows, places = buffer_address(buf), 0, [], []
-        for i, (data, offset) in enumerate(items):
-            buf[pos:pos + len(data)] = data
-            rows.append((IORING_OP_WRITE, 0, 0, self.file.fd, offset, base + pos, len(data),
+    def _submit_locked(self, ring: Ring, items: list, stable: bool) -> None:
+        """Submits the writes: from the caller's buffers where they are `stable` and
+        page-aligned, else copied into the bounce buffer first (the caller may then reuse
+        its buffers as soon as pwrite_many returns). What stays in flight is remembered
+        as (buffer, offset) pairs, so a failed write can be redone from the same bytes."""
+        views = [_aligned_view(data) if stable else None for data, _ in items]
+        copied = sum(len(d) for (d, _), v in zip(items, views) if v is None)
+        if None in views:
+            buf = self._bufs.get(copied)                    # stays alive in self._bufs
+            base = buffer_address(buf)
+        self.bytes_bounced += copied
+        pos, rows, places = 0, [], []
+        for i, ((data, offset), view) in enumerate(zip(items, views)):
+            if view is None:
+                view = memoryview(buf)[pos:pos + len(data)]
+                view[:] = data
+                address = base + pos
+                pos += len(data)
+            else:
+                address = buffer_address(view)
+            rows.append((IORING_OP_WRITE, 0, 0, self.file.fd, offset, address, len(view),
                          0, i, 0, 0, 0))
-            places.append((pos, len(data), offset))
-            pos += len(data)
+            places.append((view, offset))
         ring.prep_packed_many(SQE_RW, rows)
-        self._inflight = (buf, places)
+        self._inflight = places
         while ring.pending:
             ring.submit()
 
@@ -428,14 +473,15 @@ class FileDevice(BlockDevice):
     def _drain_locked(self) -> None:
         if self._inflight is None:
             return
-        buf, places = self._inflight
+        places = self._inflight
         self._inflight = None
         failed = [user_data for user_data, res, _flags in self._ring.complete(len(places))
-                  if res != places[user_data][1]]
+                  if res != len(places[user_data][0])]
         for i in failed:                        # error or short write: redo it plainly
-            pos, nbytes, offset = places[i]     # from the bounce buffer (every call drains
-            n = os.pwritev(self.file.fd, [memoryview(buf)[pos:pos + nbytes]], offset)
-            if n != nbytes:                     # before the buffer is used again), so a
+            view, offset = places[i]            # from the same bytes (every call drains
+            n = os.pwritev(self.file.fd, [view], offset)
+            nbytes = len(view)
+            if n != nbytes:                     # before the buffers are used again), so a
                 raise OSError(errno.EIO,        # real error is raised here
                               f"{self.path}: short write at {offset} ({n}/{nbytes})")
 

@@ -251,16 +251,17 @@ class SwornDisk:
         once for the batch where it can be. Bad arguments raise before anything is
         buffered."""
         self._check_usable()
-        views, total, limit = [], 0, self.nr_blocks
-        for lba, data in items:
-            mv = memoryview(data).cast("B")
+        views = [(lba, memoryview(d).cast("B")) for lba, d in items]
+        limit, total = self.nr_blocks, 0
+        if all(type(lba) is int and len(mv) == BLOCK_SIZE and 0 <= lba < limit
+               for lba, mv in views):          # single blocks, as a ublk queue's batch
+            return self._admission.write_many(views, len(views))
+        for lba, mv in views:
             n, rem = divmod(len(mv), BLOCK_SIZE)
-            if rem or n == 0 or type(lba) is not int or lba < 0 or lba + n > limit:
-                if rem or n == 0:
-                    raise InvalidArgument(f"write length must be a positive multiple of "
-                                          f"{BLOCK_SIZE} bytes (got {len(mv)})")
-                self._check_range(lba, n)       # raises, or passes an int subclass
-            views.append((lba, mv))
+            if rem or n == 0:
+                raise InvalidArgument(f"write length must be a positive multiple of "
+                                      f"{BLOCK_SIZE} bytes (got {len(mv)})")
+            self._check_range(lba, n)
             total += n
         self._admission.write_many(views, total)
 

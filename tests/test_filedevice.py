@@ -273,11 +273,10 @@ def test_pwrite_many_in_flight_batch_is_ordered_before_every_other_call(tmp_path
     dev.close()
 
 
-def test_writes_in_flight_do_not_depend_on_the_callers_buffer(tmp_path):
-    """pwrite_many returns with its last batch in flight; the caller may reuse its buffer
-    at once (the engine seals each segment into one reused buffer). A write the kernel
-    failed is redone from the device's own copy, so it still writes what was given."""
-    from sworndisk.device import create_image
+def _failing_the_second_write(tmp_path):
+    """(path, device, its ring, the ring's own complete, failures seen): a FileDevice on
+    an image whose ring reports the second write of each batch failed (EIO), so that the
+    device redoes it; the test puts ring.complete back."""
     path = str(tmp_path / "img")
     create_image(path, 8 << 20)
     dev = FileDevice(path)
@@ -294,6 +293,14 @@ def test_writes_in_flight_do_not_depend_on_the_callers_buffer(tmp_path):
         failed.extend(u for u, r, _ in out if r < 0)
         return out
     ring.complete = complete_failing_the_second
+    return path, dev, ring, real_complete, failed
+
+
+def test_writes_in_flight_do_not_depend_on_the_callers_buffer(tmp_path):
+    """pwrite_many returns with its last batch in flight; the caller may reuse its buffer
+    at once (the engine seals each segment into one reused buffer). A write the kernel
+    failed is redone from the device's own copy, so it still writes what was given."""
+    path, dev, ring, real_complete, failed = _failing_the_second_write(tmp_path)
     data = bytearray(os.urandom(4 * 4096))
     expect = bytes(data)
     view = memoryview(data)
@@ -304,3 +311,33 @@ def test_writes_in_flight_do_not_depend_on_the_callers_buffer(tmp_path):
     assert failed == [1], "the injected failure never fired"
     assert b"".join(dev.pread(4096, i * 2 * 4096) for i in range(4)) == expect
     dev.close()
+
+
+def test_stable_writes_go_from_the_callers_pages(tmp_path):
+    """pwrite_many_stable of page-aligned buffers (the engine's sealed segments)
+    writes from them in place, with no copy into the bounce buffer; a write the kernel
+    failed is redone from the same pages. Unaligned buffers are still copied."""
+    import mmap
+    path, dev, ring, real_complete, failed = _failing_the_second_write(tmp_path)
+    area = mmap.mmap(-1, 4 * 4096)
+    area[:] = os.urandom(4 * 4096)
+    view = memoryview(area)
+    dev.pwrite_many_stable([(view[i * 4096:(i + 1) * 4096], i * 2 * 4096) for i in range(4)])
+    assert dev.bytes_bounced == 0
+    dev.flush()
+    ring.complete = real_complete
+    assert failed == [1], "the injected failure never fired"
+    assert b"".join(dev.pread(4096, i * 2 * 4096) for i in range(4)) == bytes(area)
+    other = mmap.mmap(-1, 2 * 4096)
+    other[:] = os.urandom(2 * 4096)
+    unaligned = memoryview(other)[1:4097]                   # one byte off a page
+    dev.pwrite_many_stable([(unaligned, 1 << 20)])
+    assert dev.bytes_bounced == 4096
+    assert dev.pread(4096, 1 << 20) == bytes(unaligned)
+    view.release()
+    unaligned.release()
+    dev.close()
+    empty = FileDevice(path)
+    empty.pwrite_many([(b"", 0), (bytes(4096), 4096)])     # an empty item is no write
+    empty.pwrite_many_stable([(b"", 0)])
+    empty.close()
