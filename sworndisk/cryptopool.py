@@ -217,9 +217,7 @@ class CryptoPool:
         step = kb + NONCE
         mat = self.seal_mat
         mem[mat:mat + n * step] = crypto.random_bytes(n * step)
-        sl = mem[self.seal_slots:self.seal_slots + n * 2].cast("H")
-        for j, s in enumerate(slots):
-            sl[j] = s
+        mem[self.seal_slots:self.seal_slots + n * 2] = array("H", slots).tobytes()
         out = self.sealed[self._sealing]
         self._sealing ^= 1
         spec = (OP_SEAL, kb, step, 0, 0, n, self.plain[buf], out, mat, self.seal_tags,
