@@ -84,8 +84,8 @@ def test_boot_that_panics_before_command_is_retried(vm_run, monkeypatch):
     # The reason is the boot's first panic line: the hook's own ("Attempted to kill
     # init!"), unless one of TCG's rare early-boot Oopses came first (one CI run met an
     # "Oops: int3" there); that boot died before COMMAND too, and was retried.
-    assert re.search(r"died before COMMAND started \((Kernel panic - not syncing: "
-                     r"Attempted to kill init!|Oops|BUG:)", retry), retry
+    assert re.search(r"\(the VM stopped before COMMAND started: (Kernel panic - not "
+                     r"syncing: Attempted to kill init!|Oops|BUG:)", retry), retry
 
 
 def test_panic_after_command_started_is_not_retried(vm_run):
