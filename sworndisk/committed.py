@@ -72,7 +72,7 @@ class CommittedState:
         fmt = self.fmt
         recs = np.empty(len(lbas), fmt.dtype)
         have = np.zeros(len(lbas), bool)
-        if not self.index.all_resident():
+        if not self.index.batch_lookups():
             ll = lbas.tolist()
             found = self.resolve(ll)
             pos = [i for i, l in enumerate(ll) if l in found]

@@ -18,10 +18,15 @@ import numpy as np
 
 from .bit import Bit, BitBuilder, BitMeta, NodeStore
 from .config import Config
+from .flatindex import FlatIndex
 from .layout import INDEX_CHUNK_BLOCKS, level_caps
 from .memtable import MemTable
 from .records import TOMBSTONE_HBA, RecordFormat, u64
 
+# With several BITs, the flat index is built once the BIT searches since the last change
+# cost about what building it does (one BIT's search of a key, measured, costs about the
+# copying of FLAT_BUILD_RATIO records); a single resident BIT is its own flat index.
+FLAT_BUILD_RATIO = 8
 
 
 class LsmIndex:
@@ -39,6 +44,9 @@ class LsmIndex:
         self.minor_compactions = 0
         self.major_compactions = 0
         self.index_blocks_written = 0
+        self._flat: FlatIndex | None = None     # every BIT merged (flatindex.py), or None
+        self._flat_bytes = 0                    # its share of the store's resident budget
+        self._probes = 0                        # BIT searches of a key since it was dropped
 
     # ---- catalog ----
     def bits(self) -> list[Bit]:
@@ -52,6 +60,7 @@ class LsmIndex:
              major_compactions: int = 0) -> None:
         """The index of a checkpoint pack: its BIT catalog and compaction counts."""
         self.minor_compactions, self.major_compactions = minor_compactions, major_compactions
+        self._set_flat(None)
         for bit in self.bits():
             bit.release()
         self.levels = []
@@ -78,6 +87,11 @@ class LsmIndex:
     def all_resident(self) -> bool:
         """True if every BIT is held whole in memory (Bit.resident)."""
         return all(bit.resident() is not None for level in self.levels for bit in level)
+
+    def batch_lookups(self) -> bool:
+        """True if lookup_sorted stays in numpy for a whole batch: there is a flat index,
+        or every BIT is resident (and a flat index may be built from them)."""
+        return self._flat is not None or self.all_resident()
 
     def lookup_each(self, lbas: list[int]) -> dict[int, bytes]:
         """Newest BIT record for each LBA (MemTable not consulted), one lookup per LBA."""
@@ -106,13 +120,45 @@ class LsmIndex:
     def lookup_sorted(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For sorted uint64 `keys` (repeats allowed): which have a BIT record, and the
         newest one of each (rows where not found are undefined). MemTable not consulted."""
+        if self._flat is not None:
+            return self._flat.lookup_sorted(keys)
         found = np.zeros(len(keys), bool)
         out = np.empty(len(keys), self.fmt.dtype)
-        for bit in self.bits():
+        bits = self.bits()
+        for bit in bits:
             bit.lookup_many(keys, found, out)
             if found.all():
                 break
+        self._probes += len(keys) * len(bits)
+        if len(bits) == 1 or self._probes * FLAT_BUILD_RATIO >= self._records():
+            self.flatten()
         return found, out
+
+    # ---- the flat index ----
+    def flatten(self) -> bool:
+        """Builds the flat index now if every BIT is resident and it fits the store's
+        resident budget; whether there is one."""
+        if self._flat is None and self.all_resident():
+            self._probes = 0
+            bits = self.bits()
+            if len(bits) == 1 or self.store.resident.room() >= self._records() * (
+                    self.fmt.size + 8):             # at most that much: not built to no use
+                self._set_flat(FlatIndex.merged([bit.resident() for bit in bits], self.fmt))
+        return self._flat is not None
+
+    def flat_records(self) -> int:
+        """Records in the flat index (0: none)."""
+        return len(self._flat) if self._flat is not None else 0
+
+    def _records(self) -> int:
+        return sum(bit.meta.count for bit in self.bits())
+
+    def _set_flat(self, flat: FlatIndex | None) -> None:
+        """Replaces the flat index (None drops it), within the resident budget."""
+        self.store.release_resident(self._flat_bytes)
+        self._flat, self._flat_bytes, self._probes = None, 0, 0
+        if flat is not None and self.store.reserve_resident(flat.nbytes):
+            self._flat, self._flat_bytes = flat, flat.nbytes
 
     def range(self, lo: int, hi: int) -> dict[int, bytes]:
         """Newest committed value of every mapped LBA in [lo, hi) (tombstones included)."""
@@ -177,6 +223,7 @@ class LsmIndex:
                 self.levels.append([])
             if bit is not None:
                 self.levels[0].insert(0, bit)
+                self._lay_over(bit)
             self.memtable.clear()
             self.minor_compactions += 1
         due = next((lvl for lvl in range(len(self.levels)) if self._overfull(lvl)), None)
@@ -185,6 +232,12 @@ class LsmIndex:
         while self.levels and not self.levels[-1]:
             self.levels.pop()
         return retired
+
+    def _lay_over(self, bit: Bit) -> None:
+        """A new L0 BIT over the flat index (dropped if that BIT is not resident)."""
+        if self._flat is not None:
+            res = bit.resident()
+            self._set_flat(self._flat.overlay(res[1]) if res is not None else None)
 
     def _overfull(self, lvl: int) -> bool:
         level = self.levels[lvl]
@@ -215,6 +268,7 @@ class LsmIndex:
             b.add(recs)
         for bit in inputs:
             bit.release()
+        self._set_flat(None)            # the merge changes what the BITs say (tombstones)
         new = self._finish(b, target)
         retired = [c for bit in inputs for c in bit.meta.chunks]
         for level in range(lvl, target):

@@ -87,6 +87,7 @@ class Reader:
         """A batch with nothing pending, read and verified by the workers: its records
         found as in _read_committed, then sent whole (one lane per 256 blocks)."""
         rid, idx, lba = _expand(ranges)
+        single = len(lba) == len(ranges)            # every range one block
         recs, have = self.state.resolve_records(lba)
         errors: dict[int, SwornDiskError] = {}
         keep = have & (recs["hba"] < u64(self.data_blocks))
@@ -99,7 +100,7 @@ class Reader:
             keep = np.flatnonzero(keep)
             rid, idx, recs = rid[keep], idx[keep], recs[keep]
         job = self.crypto.fetch_start(recs, self.fmt.key_at + 8) if len(recs) else None
-        return FetchedReads(ranges, rid, idx, recs, job, errors)
+        return FetchedReads(ranges, rid, idx, recs, job, errors, single)
 
     def _read_each(self, ranges: list, outs: list, errors: dict) -> tuple | None:
         """A few blocks (where numpy's per-call cost outweighs the Python it saves), or a
@@ -193,9 +194,9 @@ def _expand(ranges: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every block of the ranges as arrays: its range, its index in the range, its LBA."""
     m = len(ranges)
     firsts, sizes = zip(*ranges)
+    if max(sizes) == 1:
+        return np.arange(m), np.zeros(m, np.int64), np.array(firsts, np.uint64)
     starts, counts = np.fromiter(firsts, np.uint64, m), np.fromiter(sizes, np.int64, m)
-    if (counts == 1).all():
-        return np.arange(m), np.zeros(m, np.int64), starts
     rid = np.repeat(np.arange(m), counts)
     idx = np.arange(len(rid)) - np.repeat(np.cumsum(counts) - counts, counts)
     return rid, idx, starts[rid] + idx.astype(np.uint64)
@@ -206,9 +207,10 @@ class FetchedReads:
     each range's plaintext out of shared memory as its blocks come back."""
 
     def __init__(self, ranges: list, rid: np.ndarray, idx: np.ndarray, recs: np.ndarray,
-                 job, errors: dict):
+                 job, errors: dict, single: bool):
         self.ranges, self.rid, self.idx, self.recs = ranges, rid, idx, recs
         self.job, self.errors = job, errors
+        self.single = single            # every range one block (random 4 KiB reads)
 
     def result(self) -> list:
         """Each range's bytes, or the SwornDiskError it alone raised. A block the data
@@ -238,9 +240,21 @@ class FetchedReads:
 
     def _take(self, first: int, plain: memoryview, status: bytes, results: list,
               partial: dict, failed: list) -> None:
-        """One lane's blocks (first.. in the batch's order) into the results: a range
-        whose blocks all lie together here is one copy."""
+        """One lane's blocks (first.. in the batch's order) into the results."""
         n = len(status)
+        B = BLOCK_SIZE
+        if self.single:                         # no range spans blocks: one copy each
+            for a, r in enumerate(self.rid[first:first + n].tolist()):
+                results[r] = bytes(plain[a * B:(a + 1) * B])
+        else:
+            self._take_runs(first, plain, n, results, partial)
+        if status.count(0) != n:
+            failed += [(first + j, s) for j, s in enumerate(status) if s]
+
+    def _take_runs(self, first: int, plain: memoryview, n: int, results: list,
+                   partial: dict) -> None:
+        """_take for ranges of several blocks: a range whose blocks all lie together here
+        is one copy; one split over lanes (or with holes) is put together in `partial`."""
         rid, idx = self.rid[first:first + n], self.idx[first:first + n]
         cuts = np.flatnonzero((rid[1:] != rid[:-1]) | (idx[1:] != idx[:-1] + 1)) + 1
         starts = [0] + cuts.tolist()
@@ -255,8 +269,6 @@ class FetchedReads:
                 if out is None:
                     out = partial[r] = bytearray(size * B)
                 out[i * B:(i + b - a) * B] = plain[a * B:b * B]
-        if status.count(0) != n:
-            failed += [(first + j, s) for j, s in enumerate(status) if s]
 
 
 class PendingReads:

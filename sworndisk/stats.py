@@ -47,8 +47,9 @@ class Index:
     lookaside_limit: int = 0
     summary_bytes: int = 0           # BIT fences and filters in memory (bit.py)
     summary_limit: int = 0
-    resident_bytes: int = 0          # BITs held whole in memory (bit.py)
+    resident_bytes: int = 0          # BITs held whole in memory (bit.py), the flat index too
     resident_limit: int = 0
+    flat_records: int = 0            # the flat index's records (flatindex.py; 0: none)
     segtable_cached: int = 0
     segtable_dirty: int = 0
     journal_blocks_used: int = 0
@@ -103,6 +104,7 @@ def collect_stats(parts: "DebugView", lifetime: Lifetime, session: Session, nr_b
                     lookaside_entries=len(st.lookaside), lookaside_limit=config.lookaside_records,
                     summary_bytes=store.summaries.used, summary_limit=store.summaries.limit,
                     resident_bytes=store.resident.used, resident_limit=store.resident.limit,
+                    flat_records=st.index.flat_records(),
                     segtable_cached=st.segtable.cached_count(),
                     segtable_dirty=st.segtable.dirty_count(),
                     journal_blocks_used=protocol.journal.used(),

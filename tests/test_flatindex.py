@@ -1,0 +1,116 @@
+"""The flat index (flatindex.py): every BIT's newest record per LBA in one array. It
+must answer exactly what a search of the BITs, newest first, answers: checked against a
+dict model, through overlays, and through a disk whose lookups use it."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from sworndisk import Config, MemoryDevice, SwornDisk
+from sworndisk.flatindex import FlatIndex
+from sworndisk.records import RecordFormat
+
+from .conftest import KEY16, MiB, Model, make_blocks
+
+FMT = RecordFormat(16)
+
+
+def _bit(rng: random.Random, tag: int, span: int, n: int) -> np.ndarray:
+    """A BIT's records: n distinct sorted LBAs below `span`, HBA tagging who wrote them."""
+    recs = np.zeros(n, FMT.dtype)
+    recs["lba"] = sorted(rng.sample(range(span), n))
+    recs["hba"] = [tag * 100000 + i for i in range(n)]
+    return recs
+
+
+def _newest(parts: list[np.ndarray]) -> dict[int, int]:
+    """LBA -> HBA of the newest record (parts newest first)."""
+    want: dict[int, int] = {}
+    for recs in parts:
+        for lba, hba in zip(recs["lba"].tolist(), recs["hba"].tolist()):
+            want.setdefault(lba, hba)
+    return want
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_merged_and_overlaid_equal_the_newest_record_of_each_lba(seed):
+    rng = random.Random(seed)
+    span = rng.choice([8, 100, 5000])
+    parts = [_bit(rng, k, span, rng.randint(0, min(span, 300))) for k in range(rng.randint(2, 6))]
+    flat = FlatIndex.merged([(np.ascontiguousarray(p["lba"]), p) for p in parts], FMT)
+    want = _newest(parts)
+    assert flat.lbas.tolist() == sorted(want)
+    assert flat.recs["hba"].tolist() == [want[lba] for lba in sorted(want)]
+    assert (flat.recs["lba"] == flat.lbas).all()
+    assert flat.owned and flat.nbytes == flat.lbas.nbytes + flat.recs.nbytes
+
+    newer = _bit(rng, 99, span, rng.randint(0, min(span, 300)))
+    over = flat.overlay(newer)
+    want = _newest([newer] + parts)
+    keys = np.arange(span + 3, dtype=np.uint64)       # every LBA, and some past the end
+    found, out = over.lookup_sorted(keys)
+    assert found.tolist() == [k in want for k in range(span + 3)]
+    assert out["hba"][found].tolist() == [want[k] for k in range(span + 3) if k in want]
+    assert flat.recs["hba"].tolist() == [_newest(parts)[k] for k in sorted(_newest(parts))]
+
+
+def test_a_single_bit_is_its_own_flat_index():
+    recs = _bit(random.Random(0), 1, 1000, 300)
+    lbas = np.ascontiguousarray(recs["lba"])
+    flat = FlatIndex.merged([(lbas, recs)], FMT)
+    assert flat.lbas is lbas and flat.recs is recs and not flat.owned and flat.nbytes == 0
+
+
+def test_an_empty_flat_index_finds_nothing():
+    flat = FlatIndex.merged([(np.empty(0, np.uint64), np.empty(0, FMT.dtype))] * 2, FMT)
+    found, _out = flat.lookup_sorted(np.array([0, 5], np.uint64))
+    assert not found.any() and len(flat) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reads_through_the_flat_index_match_the_model(seed):
+    """Writes, discards, flushes (minor compactions lay each new BIT over the flat index,
+    major ones drop it, the next lookups may build it again) and reopens, with the flat
+    index built before every read."""
+    rng = random.Random(seed)
+    cfg = Config(memtable_records=32, level_ratio=4)     # room for minor-only compactions
+    data, meta = MemoryDevice(24 * MiB), MemoryDevice(SwornDisk.min_meta_size(24 * MiB, 256, cfg))
+    disk = SwornDisk.create(data, meta, KEY16, nr_blocks=256, config=cfg)
+    model = Model(256)
+    built = overlaid = 0
+    for ver in range(300):
+        op = rng.choice("wwwwddfcrrrr")
+        lba, n = rng.randrange(256), rng.randint(1, 24)
+        n = min(n, 256 - lba)
+        index = disk.debug.index
+        before = disk.stats().lifetime, index.flat_records()
+        if op == "w":
+            buf = make_blocks(rng, lba, n, ver)
+            disk.write(lba, buf)
+            model.write(lba, buf)
+        elif op == "d":
+            disk.discard(lba, n)
+            model.discard(lba, n)
+        elif op == "f":
+            disk.flush()
+        elif op == "c":
+            disk.close()
+            disk = SwornDisk.open(data, meta, KEY16)
+            continue
+        else:
+            if index.bits():
+                built += index.flatten()
+                assert index.flat_records() == len(np.unique(np.concatenate(
+                    [bit.resident()[0] for bit in index.bits()])))
+            spans = [(a, min(k, 256 - a)) for a, k in
+                     ((rng.randrange(256), rng.randint(1, 16)) for _ in range(rng.randint(1, 12)))]
+            assert disk.read_many(spans) == [model.read(a, k) for a, k in spans]
+        after = disk.stats().lifetime
+        if before[1] and after.minor_compactions > before[0].minor_compactions and \
+                after.major_compactions == before[0].major_compactions:
+            assert index.flat_records()                 # the new BITs laid over it
+            overlaid += 1
+    disk.close()
+    assert built and overlaid            # both paths ran
