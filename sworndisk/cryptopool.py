@@ -837,15 +837,22 @@ class FetchJob(_LaneJob):
         self.consume = None
         self._lock = threading.RLock()
         self._moved: list[tuple] = []           # (first, read_chunk's result)
+        self._registered = False                # in the pool's held jobs (pool.hold)
         with self._lock:                        # (a fence may come before __init__ ends)
             super().__init__(pool, len(records))
-            pool.hold(self, bool(self.chunks))
+            self._hold(bool(self.chunks))
+
+    def _hold(self, held: bool) -> None:
+        """pool.hold, where that changes anything (called with the job's lock held)."""
+        if held != self._registered:
+            self._registered = held
+            self.pool.hold(self, held)
 
     def _send(self) -> None:
         with self._lock:
             super()._send()
             if not self.chunks:
-                self.pool.hold(self, False)
+                self._hold(False)
 
     def _one_here(self) -> None:
         with self._lock:
@@ -854,7 +861,7 @@ class FetchJob(_LaneJob):
             first, count = self.chunks.popleft()
             chunk = self.pool.read_chunk(self.records, self.key_at, first, count)
             if not self.chunks:
-                self.pool.hold(self, False)
+                self._hold(False)
         self._open(first, chunk)
 
     def move_out(self) -> None:
@@ -864,7 +871,7 @@ class FetchJob(_LaneJob):
                 first, count = self.chunks.popleft()
                 self._moved.append((first, self.pool.read_chunk(self.records, self.key_at,
                                                                 first, count)))
-            self.pool.hold(self, False)
+            self._hold(False)
 
     def _open(self, first: int, chunk: tuple) -> None:
         self.pool.open_chunk(chunk, lambda plain, status: self.consume(first, plain, status))
@@ -872,7 +879,7 @@ class FetchJob(_LaneJob):
     def _abandon(self) -> None:
         with self._lock:
             self.chunks.clear()
-            self.pool.hold(self, False)
+            self._hold(False)
             moved, self._moved = self._moved, []
         for _first, chunk in moved:
             _discard(chunk)
