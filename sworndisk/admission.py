@@ -2,8 +2,9 @@
 
 Before buffering what would not fit in free space or in the autocommit budget, the disk
 commits early (docs/cleaning.md): a crash then leaves the disk as at that commit, a prefix
-of the write history. Arguments are checked by SwornDisk before they get here; a failure
-while buffering (a seal's device write) goes through `guarded`, the disk's failure latch.
+of the write history. Arguments are checked before they get here (by SwornDisk, and for
+write_many by `write_requests`); a failure while buffering (a seal's device write) goes
+through `guarded`, the disk's failure latch.
 """
 from __future__ import annotations
 
@@ -12,7 +13,32 @@ from typing import Callable
 from .batch import PendingBatch
 from .committed import CommittedState
 from .counters import Lifetime, Session
+from .errors import InvalidArgument
 from .format import BLOCK_SIZE
+
+
+def write_requests(items, limit: int, check_range: Callable[[int, int], None]) -> tuple:
+    """SwornDisk.write_many's (lba, data) requests as Admission.write_many takes them,
+    with their blocks in all; bad arguments raise before anything is buffered. A batch
+    of single 4 KiB blocks (a ublk queue's at depth) is checked in one pass, and blocks
+    given as bytes need no view."""
+    items = items if type(items) is list else list(items)
+    if all(type(d) is bytes and len(d) == BLOCK_SIZE and type(lba) is int and 0 <= lba < limit
+           for lba, d in items):
+        return items, len(items)
+    views = [(lba, memoryview(d).cast("B")) for lba, d in items]
+    if all(type(lba) is int and len(mv) == BLOCK_SIZE and 0 <= lba < limit
+           for lba, mv in views):
+        return views, len(views)
+    total = 0
+    for lba, mv in views:
+        n, rem = divmod(len(mv), BLOCK_SIZE)
+        if rem or n == 0:
+            raise InvalidArgument(f"write length must be a positive multiple of "
+                                  f"{BLOCK_SIZE} bytes (got {len(mv)})")
+        check_range(lba, n)
+        total += n
+    return views, total
 
 
 class Admission:

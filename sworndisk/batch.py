@@ -153,7 +153,7 @@ class PendingBatch:
             self.unflushed += 1
 
     def _put_new(self, items: list[tuple[int, memoryview]]) -> bool:
-        """The whole batch of single blocks with one slot assignment and one copy, if none
+        """The whole batch of single blocks with one slot assignment, if none
         is buffered already, no LBA repeats and all fit the buffer (a random-write batch
         at depth, but at a segment's end); False, with nothing done, otherwise."""
         slots, slot_of = self._slots, self._slot_of
@@ -163,7 +163,10 @@ class PendingBatch:
         lbas = [lba for lba, _ in items]
         if len(set(lbas)) != n or not slot_of.keys().isdisjoint(lbas):
             return False
-        self._buf[first * BLOCK_SIZE:(first + n) * BLOCK_SIZE] = b"".join(mv for _, mv in items)
+        buf, at = self._buf, first * BLOCK_SIZE
+        for _, mv in items:                 # each straight in: a join would copy twice
+            buf[at:at + BLOCK_SIZE] = mv
+            at += BLOCK_SIZE
         slots.extend(lbas)
         slot_of.update(zip(lbas, range(first, first + n)))
         self.unflushed += n

@@ -23,7 +23,7 @@ from typing import Callable, Union
 import numpy as np
 
 from . import crypto, superblock as sbmod
-from .admission import Admission
+from .admission import Admission, write_requests
 from .anchor import Anchor, attach_anchor
 from .batch import PendingBatch
 from .bit import NodeStore
@@ -251,19 +251,7 @@ class SwornDisk:
         once for the batch where it can be. Bad arguments raise before anything is
         buffered."""
         self._check_usable()
-        views = [(lba, memoryview(d).cast("B")) for lba, d in items]
-        limit, total = self.nr_blocks, 0
-        if all(type(lba) is int and len(mv) == BLOCK_SIZE and 0 <= lba < limit
-               for lba, mv in views):          # single blocks, as a ublk queue's batch
-            return self._admission.write_many(views, len(views))
-        for lba, mv in views:
-            n, rem = divmod(len(mv), BLOCK_SIZE)
-            if rem or n == 0:
-                raise InvalidArgument(f"write length must be a positive multiple of "
-                                      f"{BLOCK_SIZE} bytes (got {len(mv)})")
-            self._check_range(lba, n)
-            total += n
-        self._admission.write_many(views, total)
+        self._admission.write_many(*write_requests(items, self.nr_blocks, self._check_range))
 
     def discard(self, lba: int, nr_blocks: int) -> None:
         """Unmaps blocks. A large range goes in several commits (each at most the

@@ -287,41 +287,50 @@ def merge_streams(streams: list, fmt: RecordFormat) -> "iter[np.ndarray]":
     Each step takes everything up to the smallest last-buffered LBA among the inputs, so
     no input can still hold a smaller LBA. Inputs are read in chunks of a few thousand
     records (several leaves), so that the numpy work of a step is spread over many
-    records; memory stays a chunk per input."""
+    records; memory stays a chunk per input. Each chunk keeps its LBAs as a contiguous
+    array for the searches and the sort, and records move as opaque bytes (numpy copies
+    a structured dtype field by field)."""
     streams = [_chunked(s, fmt) for s in streams]
     bufs = [next(s, None) for s in streams]
+    raw = fmt.opaque
     while True:
         live = [i for i, b in enumerate(bufs) if b is not None]
         if not live:
             return
-        cut = min(int(bufs[i]["lba"][-1]) for i in live)
-        parts, prios = [], []
+        cut = u64(min(int(bufs[i][1][-1]) for i in live))
+        parts, keys = [], []
         for i in live:
-            b = bufs[i]
-            k = int(np.searchsorted(b["lba"], u64(cut), side="right"))
+            recs, lbas = bufs[i]
+            k = int(lbas.searchsorted(cut, side="right"))
             if k:
-                parts.append(b[:k])
-                prios.append(np.full(k, i, np.int32))
-            bufs[i] = b[k:] if k < len(b) else next(streams[i], None)
+                parts.append(recs[:k].view(raw))
+                keys.append(lbas[:k])
+            bufs[i] = (recs[k:], lbas[k:]) if k < len(recs) else next(streams[i], None)
         if len(parts) == 1:
-            yield parts[0]
+            yield parts[0].view(fmt.dtype)
             continue
-        recs = fmt.concat(parts)
-        order = np.lexsort((np.concatenate(prios), recs["lba"]))
-        recs = recs[order]
-        keep = np.ones(len(recs), bool)
-        keep[1:] = recs["lba"][1:] != recs["lba"][:-1]
-        yield recs[keep]
+        lbas = np.concatenate(keys)
+        order = np.argsort(lbas, kind="stable")     # equal LBAs: the newer input first
+        lbas = lbas[order]
+        first = np.empty(len(lbas), bool)
+        first[0] = True
+        np.not_equal(lbas[1:], lbas[:-1], out=first[1:])
+        yield np.concatenate(parts)[order[first]].view(fmt.dtype)
 
 
-def _chunked(stream, fmt: RecordFormat) -> "iter[np.ndarray]":
-    """The arrays of `stream` joined into chunks of at least MERGE_CHUNK_RECORDS."""
+def _chunked(stream, fmt: RecordFormat) -> "iter[tuple[np.ndarray, np.ndarray]]":
+    """The arrays of `stream` joined into chunks of at least MERGE_CHUNK_RECORDS, each
+    with its LBAs as a contiguous array."""
     parts, n = [], 0
     for recs in stream:
         parts.append(recs)
         n += len(recs)
         if n >= MERGE_CHUNK_RECORDS:
-            yield fmt.concat(parts)
+            chunk = fmt.concat(parts)
+            yield chunk, np.ascontiguousarray(chunk["lba"])
             parts, n = [], 0
     if parts:
-        yield fmt.concat(parts)
+        chunk = fmt.concat(parts)
+        yield chunk, np.ascontiguousarray(chunk["lba"])
+
+

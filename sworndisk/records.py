@@ -33,7 +33,7 @@ class RecordFormat:
         self.value_size = self.size - 8
         self.key_at = 8                 # a value's key offset: HBA, key, nonce, tag
         self.tombstone = _HBA.pack(TOMBSTONE_HBA) + bytes(self.value_size - 8)
-        self._opaque = np.dtype((np.void, self.size))
+        self.opaque = np.dtype((np.void, self.size))     # a record as bytes: copies fast
 
     def concat(self, arrays: list[np.ndarray]) -> np.ndarray:
         """np.concatenate for record arrays, as opaque fixed-size items: numpy would
@@ -41,7 +41,7 @@ class RecordFormat:
         costs several times the copy itself."""
         if not arrays:
             return np.empty(0, self.dtype)
-        return np.concatenate([a.view(self._opaque) for a in arrays]).view(self.dtype)
+        return np.concatenate([a.view(self.opaque) for a in arrays]).view(self.dtype)
 
     def value(self, hba: int, key: bytes, nonce: bytes, mac: bytes) -> bytes:
         return _HBA.pack(hba) + key + nonce + mac

@@ -147,8 +147,14 @@ class SegmentTable:
             self.dirty.add(seg)
 
     def invalidate_many(self, hbas: np.ndarray) -> None:
-        for seg, offs, _ in self._by_segment(hbas):
-            offs = np.unique(offs)
+        if len(hbas) == 0:
+            return
+        hbas = np.unique(np.asarray(hbas, np.int64))    # sorted: segments in runs
+        self._check_hbas(int(hbas[0]), int(hbas[-1]))
+        segs = hbas // SEGMENT_BLOCKS
+        cuts = (np.flatnonzero(np.diff(segs)) + 1).tolist()
+        for a, b in zip([0] + cuts, cuts + [len(hbas)]):
+            seg, offs = int(segs[a]), hbas[a:b] % SEGMENT_BLOCKS
             d = self.detail(seg)
             removed = int((d[offs] != NONE).sum())
             if removed:
@@ -157,13 +163,16 @@ class SegmentTable:
                 self.total_valid -= removed
                 self.dirty.add(seg)
 
+    def _check_hbas(self, lo: int, hi: int) -> None:
+        if lo < 0 or hi >= self.nseg * SEGMENT_BLOCKS:
+            raise IntegrityError("an index record points outside the data device")
+
     def _by_segment(self, hbas: np.ndarray):
         """(segment, offsets, selection) groups of an HBA array, checked against the device."""
         if len(hbas) == 0:
             return
         hbas = np.asarray(hbas, np.int64)
-        if hbas.min() < 0 or hbas.max() >= self.nseg * SEGMENT_BLOCKS:
-            raise IntegrityError("an index record points outside the data device")
+        self._check_hbas(int(hbas.min()), int(hbas.max()))
         segs = hbas // SEGMENT_BLOCKS
         order = np.argsort(segs, kind="stable")
         segs_sorted = segs[order]
