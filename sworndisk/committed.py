@@ -132,17 +132,27 @@ class CommittedState:
             recs = recs[len(recs) - 1 - last]           # the last record of each LBA
         else:
             recs = recs[np.argsort(recs["lba"], kind="stable")]
-        lbas, values = recs["lba"].tolist(), self.fmt.values_of(recs)
         mt = self.index.memtable
+        if mt.is_empty():                   # every old record is in the BITs, if any
+            old_hbas = self.index.lookup_records(np.ascontiguousarray(recs["lba"]))["hba"]
+            if len(self.lookaside):
+                self.lookaside.invalidate(recs["lba"].tolist())
+            self._revalidate(old_hbas, recs)
+            mt.stage(recs)
+            return
+        lbas, values = recs["lba"].tolist(), self.fmt.values_of(recs)
         in_mt, misses = mt.split(lbas)
         old = [np.frombuffer(b"".join(v[:8] for v in in_mt.values()), "<u8")]
         if misses:
             old.append(self.index.lookup_records(np.asarray(misses, np.uint64))["hba"])
-        old_hbas = np.concatenate(old)
         self.lookaside.invalidate(lbas)
+        self._revalidate(np.concatenate(old), recs)
+        mt.update(dict(zip(lbas, values)))
+
+    def _revalidate(self, old_hbas: np.ndarray, recs: np.ndarray) -> None:
+        """The blocks the old records named become invalid, the new records' valid."""
         self.segtable.invalidate_many(old_hbas[old_hbas != TOMBSTONE_HBA].astype(np.uint64))
         self.segtable.validate_many(recs["hba"], recs["lba"])
-        mt.update(dict(zip(lbas, values)))
 
     def _apply_discard(self, lo: int, n: int) -> None:
         self.lookaside.invalidate_range(lo, lo + n)
