@@ -89,7 +89,7 @@ class CommittedState:
         if len(rest) and self.index.levels:
             keys = lbas if rest is lbas else lbas[rest]
             order = np.argsort(keys, kind="stable")
-            found, out = self.index.lookup_sorted(keys[order])
+            found, out = self.index.lookup_sorted(keys[order], reads=True)
             at = order[found] if rest is lbas else rest[order[found]]
             recs[at] = out[found]
             have[at] = True

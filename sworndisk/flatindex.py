@@ -5,9 +5,8 @@ turn, newest first: about ten numpy calls per BIT, most of a random read's index
 with a few BITs. The flat index merges what they hold once (newest record of each LBA,
 tombstones kept, as a lookup over the BITs would find them) so that a batch is one
 search. It is a cache of the BITs in memory, never written anywhere: lsm.LsmIndex builds
-it when the lookups it would have saved outweigh building it, lays each new BIT of a
-minor compaction over it, and drops it when a major compaction or a load changes what
-the BITs hold otherwise.
+it when the reads' lookups it would have saved outweigh building it, and drops it when a
+compaction or a load changes the BITs.
 """
 from __future__ import annotations
 

@@ -117,9 +117,13 @@ class LsmIndex:
         found, out = self.lookup_sorted(keys)
         return out[found]
 
-    def lookup_sorted(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def lookup_sorted(self, keys: np.ndarray, reads: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray]:
         """For sorted uint64 `keys` (repeats allowed): which have a BIT record, and the
-        newest one of each (rows where not found are undefined). MemTable not consulted."""
+        newest one of each (rows where not found are undefined). MemTable not consulted.
+        `reads`: a read's lookup, which counts toward building a flat index of several
+        BITs (a commit's lookups do not: a write burst would pay for building it anew
+        after every minor compaction, and reads barely come)."""
         if self._flat is not None:
             return self._flat.lookup_sorted(keys)
         found = np.zeros(len(keys), bool)
@@ -129,7 +133,8 @@ class LsmIndex:
             bit.lookup_many(keys, found, out)
             if found.all():
                 break
-        self._probes += len(keys) * len(bits)
+        if reads:
+            self._probes += len(keys) * len(bits)
         if len(bits) == 1 or self._probes * FLAT_BUILD_RATIO >= self._records():
             self.flatten()
         return found, out
@@ -223,7 +228,7 @@ class LsmIndex:
                 self.levels.append([])
             if bit is not None:
                 self.levels[0].insert(0, bit)
-                self._lay_over(bit)
+            self._set_flat(None)        # the reads to come rebuild it if they pay for it
             self.memtable.clear()
             self.minor_compactions += 1
         due = next((lvl for lvl in range(len(self.levels)) if self._overfull(lvl)), None)
@@ -232,12 +237,6 @@ class LsmIndex:
         while self.levels and not self.levels[-1]:
             self.levels.pop()
         return retired
-
-    def _lay_over(self, bit: Bit) -> None:
-        """A new L0 BIT over the flat index (dropped if that BIT is not resident)."""
-        if self._flat is not None:
-            res = bit.resident()
-            self._set_flat(self._flat.overlay(res[1]) if res is not None else None)
 
     def _overfull(self, lvl: int) -> bool:
         level = self.levels[lvl]
@@ -268,7 +267,7 @@ class LsmIndex:
             b.add(recs)
         for bit in inputs:
             bit.release()
-        self._set_flat(None)            # the merge changes what the BITs say (tombstones)
+        self._set_flat(None)
         new = self._finish(b, target)
         retired = [c for bit in inputs for c in bit.meta.chunks]
         for level in range(lvl, target):
