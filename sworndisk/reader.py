@@ -91,12 +91,12 @@ class Reader:
         recs, have = self.state.resolve_records(lba)
         errors: dict[int, SwornDiskError] = {}
         keep = have & (recs["hba"] < u64(self.data_blocks))
-        for j in np.flatnonzero(have & ~keep).tolist():
-            # Past the device's end: a forged or corrupt record fails its range alone.
-            errors.setdefault(int(rid[j]), IntegrityError(
-                f"index record points outside the data device (block {int(recs['hba'][j])}, "
-                f"LBA {int(lba[j])})"))
         if not keep.all():
+            for j in np.flatnonzero(have & ~keep).tolist():
+                # Past the device's end: a forged or corrupt record fails its range alone.
+                errors.setdefault(int(rid[j]), IntegrityError(
+                    f"index record points outside the data device (block "
+                    f"{int(recs['hba'][j])}, LBA {int(lba[j])})"))
             keep = np.flatnonzero(keep)
             rid, idx, recs = rid[keep], idx[keep], recs[keep]
         job = self.crypto.fetch_start(recs, self.fmt.key_at + 8) if len(recs) else None
@@ -231,6 +231,8 @@ class FetchedReads:
             errors.setdefault(r, authentication_error(f"data block {hba} (LBA {lba})"))
         for r, out in partial.items():
             results[r] = bytes(out)
+        if not errors and None not in results:      # every range read (the usual case)
+            return results
         for r, (_lba, n) in enumerate(self.ranges):
             if r in errors:
                 results[r] = errors[r]
