@@ -35,6 +35,8 @@ class MemTable:
     def stage(self, recs: np.ndarray) -> None:
         """Adds records with sorted, unique LBAs, newer than any held: kept as they are if
         the table is empty, else merged into its dict."""
+        if not len(recs):
+            return
         if self.is_empty():
             self._staged, self._staged_lbas = recs, np.ascontiguousarray(recs["lba"])
         else:

@@ -36,6 +36,12 @@ def test_staged_records_answer_as_the_dict_would():
     assert staged.map == plain.map
 
 
+def test_staging_nothing_leaves_the_table_empty():
+    mt = MemTable(FMT)
+    mt.stage(_recs([], 1))
+    assert mt.is_empty() and mt.find([1]) == ([], []) and mt.get(1) is None
+
+
 def test_a_change_after_staging_keeps_every_record():
     mt = MemTable(FMT)
     mt.stage(_recs([1, 2, 3], 1))
