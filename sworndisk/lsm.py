@@ -221,6 +221,9 @@ class LsmIndex:
             bottom = not any(self.levels)
             if bottom:
                 recs = recs[recs["hba"] != TOMBSTONE_HBA]
+            # Dropped first: the reads to come rebuild it if they pay for it, and the new
+            # BIT takes its share of the resident budget (reserved when it is built).
+            self._set_flat(None)
             b = self._builder(len(recs), bottom)
             b.add(recs)
             bit = self._finish(b, 0)
@@ -228,7 +231,6 @@ class LsmIndex:
                 self.levels.append([])
             if bit is not None:
                 self.levels[0].insert(0, bit)
-            self._set_flat(None)        # the reads to come rebuild it if they pay for it
             self.memtable.clear()
             self.minor_compactions += 1
         due = next((lvl for lvl in range(len(self.levels)) if self._overfull(lvl)), None)

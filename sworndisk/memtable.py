@@ -6,8 +6,9 @@ uncommitted writes out of the BITs.
 
 A commit's records that arrive while the table is empty (the common case when every
 commit of a write burst fills it and a checkpoint empties it) are kept as the record
-array they came in, sorted: `find`, `get` and `to_array` answer from it in numpy, and it
-becomes a dict (one entry per record) only when a change or a range query needs one.
+array they came in, sorted: `find` and `to_array` answer from it in numpy, and it becomes
+a dict (one entry per record) only when a change, a range query or LBA-by-LBA lookups
+need one.
 """
 from __future__ import annotations
 
@@ -38,14 +39,13 @@ class MemTable:
         if not len(recs):
             return
         if self.is_empty():
+            recs.flags.writeable = False            # compacted as it is: nobody may change it
             self._staged, self._staged_lbas = recs, np.ascontiguousarray(recs["lba"])
         else:
             self.update(dict(zip(recs["lba"].tolist(), self.fmt.values_of(recs))))
 
     def get(self, lba: int) -> bytes | None:
-        if self._staged is not None:
-            pos, values = self.find([lba])
-            return values[0] if pos else None
+        self._unstage()                 # lookups one LBA at a time come many at once
         return self.map.get(lba)
 
     def split(self, lbas) -> tuple[dict[int, bytes], list[int]]:

@@ -87,7 +87,7 @@ class Reader:
         """A batch with nothing pending, read and verified by the workers: its records
         found as in _read_committed, then sent whole (one lane per 256 blocks)."""
         rid, idx, lba = _expand(ranges)
-        single = len(lba) == len(ranges)            # every range one block
+        single = _single_blocks(ranges)
         recs, have = self.state.resolve_records(lba)
         errors: dict[int, SwornDiskError] = {}
         keep = have & (recs["hba"] < u64(self.data_blocks))
@@ -194,12 +194,18 @@ def _expand(ranges: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every block of the ranges as arrays: its range, its index in the range, its LBA."""
     m = len(ranges)
     firsts, sizes = zip(*ranges)
-    if max(sizes) == 1:
+    if min(sizes) == 1 == max(sizes):
         return np.arange(m), np.zeros(m, np.int64), np.array(firsts, np.uint64)
     starts, counts = np.fromiter(firsts, np.uint64, m), np.fromiter(sizes, np.int64, m)
     rid = np.repeat(np.arange(m), counts)
     idx = np.arange(len(rid)) - np.repeat(np.cumsum(counts) - counts, counts)
     return rid, idx, starts[rid] + idx.astype(np.uint64)
+
+
+def _single_blocks(ranges: list) -> bool:
+    """Every range one block (not none, not several): random 4 KiB reads."""
+    sizes = [n for _, n in ranges]
+    return min(sizes) == 1 == max(sizes)
 
 
 class FetchedReads:

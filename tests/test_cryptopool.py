@@ -342,6 +342,25 @@ def _fill(disk, rng: random.Random, n: int, model: Model) -> list[int]:
     return lbas
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_empty_ranges_in_a_batch_read_as_nothing(tmp_path, workers):
+    """Ranges of no block among ranges of one or two (read_many's fast paths for batches
+    of single blocks must not take them for one-block ranges)."""
+    disk, _, _ = _file_disk(tmp_path, workers)
+    rng = random.Random(7)
+    model = Model(disk.nr_blocks)
+    _fill(disk, rng, 64, model)
+    buf = make_block(rng, 5, 3) * 2
+    disk.write(5, buf)
+    model.write(5, buf)
+    disk.flush()
+    for ranges in ([(0, 0)] + [(lba, 1) for lba in range(1, 10)],
+                   [(0, 0)] * 5 + [(5, 2)] * 5,
+                   [(0, 0), (5, 2)] + [(20, 0)] * 8):
+        assert disk.read_many(ranges) == [model.read(l, n) for l, n in ranges]
+    disk.close()
+
+
 def _filled_with_a_worker(tmp_path, seed: int):
     """(disk, rng, model, the 200 LBAs written and flushed, its one worker's pid)."""
     disk, _, _ = _file_disk(tmp_path, 1)

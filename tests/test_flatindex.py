@@ -12,7 +12,7 @@ from sworndisk import Config, MemoryDevice, SwornDisk
 from sworndisk.flatindex import FlatIndex
 from sworndisk.records import RecordFormat
 
-from .conftest import KEY16, MiB, Model, make_blocks
+from .conftest import BS, KEY16, MiB, Model, make_blocks, new_disk
 
 FMT = RecordFormat(16)
 
@@ -114,3 +114,26 @@ def test_reads_through_the_flat_index_match_the_model(seed):
             dropped += 1
     disk.close()
     assert built and dropped            # both paths ran
+
+
+def test_a_compaction_frees_the_flat_index_budget_before_the_new_bit_takes_its_share():
+    """A flat index of several BITs holds about as much of the resident budget as they
+    do: it must be given back before the new BIT reserves its own, or the new BIT is never
+    resident and every read after it goes LBA by LBA."""
+    cfg = Config(memtable_records=1800, level_ratio=8, node_cache_bytes=1 << 20,
+                 lookaside_records=0)
+    disk, _data, _meta = new_disk(64 * MiB, config=cfg)
+    index, rng, end, merged = disk.debug.index, random.Random(1), 0, 0
+    for _ in range(4):
+        if end:                                   # reads until the flat index is built
+            for _ in range(20):
+                disk.read_many([(rng.randrange(end), 1) for _ in range(64)])
+            assert index.flat_records()
+            merged += len(index.bits()) > 1
+        for lba in range(end, end + 1800, 100):
+            disk.write_many([(lba + j, bytes(BS)) for j in range(100)])
+        end += 1800
+        disk.flush()
+        assert index.all_resident() and index.batch_lookups()
+    assert merged >= 2
+    disk.close()

@@ -30,10 +30,13 @@ def test_staged_records_answer_as_the_dict_would():
     assert len(staged) == len(plain) == 4
     lbas = [0, 3, 8, 9, 100, 101, 3]
     assert staged.find(lbas) == plain.find(lbas)
-    assert [_hba(staged.get(l)) for l in lbas] == [_hba(plain.get(l)) for l in lbas]
     assert staged.to_array().tobytes() == plain.to_array().tobytes()
-    assert staged.split(lbas) == plain.split(lbas)             # a dict from here on
-    assert staged.map == plain.map
+    assert not staged.to_array().flags.writeable               # compacted as it is
+    assert staged.map == {}
+    assert [_hba(staged.get(l)) for l in lbas] == [_hba(plain.get(l)) for l in lbas]
+    assert staged.map == plain.map                             # a dict from here on
+    assert staged.split(lbas) == plain.split(lbas)
+    assert staged.to_array().tobytes() == plain.to_array().tobytes()
 
 
 def test_staging_nothing_leaves_the_table_empty():
