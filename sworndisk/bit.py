@@ -58,6 +58,13 @@ class BitMeta:
                    bytes.fromhex(d["root"]), list(d["chunks"]))
 
 
+def _held_whole(recs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A resident BIT's (LBAs, records), read-only: a flat index may share them."""
+    lbas = np.ascontiguousarray(recs["lba"])
+    lbas.flags.writeable = recs.flags.writeable = False
+    return lbas, recs
+
+
 class Budget:
     """Bytes of memory some derived state may hold, reserved before it is built."""
 
@@ -259,7 +266,7 @@ class Bit:
         self._resident_bytes = 0
         self._resident_tried = records is not None
         if records is not None and store.reserve_resident(self._resident_cost()):
-            self._resident = (np.ascontiguousarray(records["lba"]), records)
+            self._resident = _held_whole(records)
             self._resident_bytes = self._resident_cost()
             fence = bloom = None
             want_filter = False
@@ -344,7 +351,7 @@ class Bit:
                     self.store.fmt.values_of(self.store.fmt.concat(
                         list(self._nodes_at(1, remember=False))))
                 recs = self.store.records_many(leaves, LEAF, self._what)
-                self._resident = (np.ascontiguousarray(recs["lba"]), recs)
+                self._resident = _held_whole(recs)
                 self._resident_bytes = cost
                 self._drop_summaries()
         return self._resident
