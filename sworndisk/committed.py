@@ -67,8 +67,9 @@ class CommittedState:
         """`resolve` for a batch, as arrays aligned with `lbas` (uint64, any order,
         repeats allowed): each LBA's newest committed record, and which of them hold
         data. While every BIT is resident this stays in numpy from the LBAs to the
-        records (one search per BIT for the whole batch, no dict, no value per LBA);
-        otherwise it is `resolve` (node by node, through the lookaside cache), packed."""
+        records (a gather, or a search per BIT, for the whole batch; no dict, no value
+        per LBA); otherwise it is `resolve` (node by node, through the lookaside cache),
+        packed."""
         fmt = self.fmt
         recs = np.empty(len(lbas), fmt.dtype)
         have = np.zeros(len(lbas), bool)
@@ -87,13 +88,13 @@ class CommittedState:
             have[pos] = True
             rest = np.flatnonzero(~have)
         if len(rest) and self.index.levels:
-            keys = lbas if rest is lbas else lbas[rest]
-            order = np.argsort(keys, kind="stable")
-            found, out = self.index.lookup_sorted(keys[order], reads=True)
-            at = order[found] if rest is lbas else rest[order[found]]
-            recs[at] = out[found]
-            have[at] = True
-        have[have] = recs["hba"][have] != TOMBSTONE_HBA
+            if rest is lbas:                    # nothing in the MemTable: theirs as they are
+                have, recs = self.index.lookup(lbas, reads=True)
+            else:
+                found, out = self.index.lookup(lbas[rest], reads=True)
+                recs.view(fmt.opaque)[rest[found]] = out[found].view(fmt.opaque)
+                have[rest[found]] = True
+        have &= recs["hba"] != TOMBSTONE_HBA     # rows not had: undefined, masked
         return recs, have
 
     def lookup_exact(self, lbas: list[int]) -> dict[int, bytes]:

@@ -117,6 +117,19 @@ class LsmIndex:
         found, out = self.lookup_sorted(keys)
         return out[found]
 
+    def lookup(self, keys: np.ndarray, reads: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """lookup_sorted for uint64 `keys` in any order, its answers aligned with them:
+        one gather through the flat index's direct table when it has one, else sorted,
+        searched and put back in order."""
+        if self._flat is not None and self._flat.direct:
+            return self._flat.lookup(keys)
+        order = np.argsort(keys, kind="stable")
+        found_sorted, out_sorted = self.lookup_sorted(keys[order], reads)
+        found, out = np.empty_like(found_sorted), np.empty_like(out_sorted)
+        found[order] = found_sorted
+        out.view(self.fmt.opaque)[order] = out_sorted.view(self.fmt.opaque)
+        return found, out
+
     def lookup_sorted(self, keys: np.ndarray, reads: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
         """For sorted uint64 `keys` (repeats allowed): which have a BIT record, and the
@@ -155,14 +168,22 @@ class LsmIndex:
         """Records in the flat index (0: none)."""
         return len(self._flat) if self._flat is not None else 0
 
+    def flat_direct(self) -> bool:
+        """Whether the flat index has its direct table (lookups in any order)."""
+        return self._flat is not None and self._flat.direct
+
     def _records(self) -> int:
         return sum(bit.meta.count for bit in self.bits())
 
     def _set_flat(self, flat: FlatIndex | None) -> None:
-        """Replaces the flat index (None drops it), within the resident budget."""
+        """Replaces the flat index (None drops it), within the resident budget, with its
+        direct table if that fits too."""
         self.store.release_resident(self._flat_bytes)
         self._flat, self._flat_bytes, self._probes = None, 0, 0
         if flat is not None and self.store.reserve_resident(flat.nbytes):
+            table = flat.direct_nbytes()
+            if table and self.store.reserve_resident(table):
+                flat.build_direct()
             self._flat, self._flat_bytes = flat, flat.nbytes
 
     def range(self, lo: int, hi: int) -> dict[int, bytes]:

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from sworndisk import Config, MemoryDevice, SwornDisk
+from sworndisk import Config, MemoryDevice, SwornDisk, flatindex
 from sworndisk.flatindex import FlatIndex
 from sworndisk.records import RecordFormat
 
@@ -69,17 +69,49 @@ def test_an_empty_flat_index_finds_nothing():
     assert not found.any() and len(flat) == 0
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_the_direct_table_answers_as_the_search(seed):
+    """Dense LBAs get a direct table; its lookups, keys in any order and outside the
+    span on both sides, answer what the binary search answers. Sparse ones get none."""
+    rng = random.Random(seed)
+    n, lo = rng.randint(1024, 3000), rng.choice([0, 7, 1 << 40])
+    span = int(n * rng.choice([1, 1.5, 2, 2.5]))
+    recs = _bit(rng, 1, span, n)
+    recs["lba"] += lo
+    plain = FlatIndex(np.ascontiguousarray(recs["lba"]), recs)
+    flat = FlatIndex(np.ascontiguousarray(recs["lba"]), recs)
+    covered = int(recs["lba"][-1]) - int(recs["lba"][0]) + 1     # what a table must span
+    dense = covered <= flatindex.DIRECT_SPAN * n
+    assert (flat.direct_nbytes() > 0) == dense
+    flat.build_direct()
+    assert flat.direct == dense
+    if not dense:
+        return
+    assert flat.nbytes == plain.nbytes + 4 * (covered + 1)
+    keys = np.array([rng.randrange(max(0, lo - 5), lo + span + 5) for _ in range(500)]
+                    + [0, lo + span + (1 << 20), (1 << 64) - 1], np.uint64)
+    found, out = flat.lookup(keys)
+    order = np.argsort(keys, kind="stable")
+    want_found, want_out = plain.lookup_sorted(keys[order])
+    assert found[order].tolist() == want_found.tolist()
+    assert (out[order][want_found] == want_out[want_found]).all()
+
+
+@pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_reads_through_the_flat_index_match_the_model(seed):
+def test_reads_through_the_flat_index_match_the_model(seed, direct, monkeypatch):
     """Writes, discards, flushes (a compaction drops the flat index; the lookups of the
     commits after it do not build it again) and reopens, with the flat index built before
-    every read."""
+    every read; with `direct`, it has its direct table whenever its LBAs are dense (this
+    disk's indexes are otherwise too small for one)."""
+    if direct:
+        monkeypatch.setattr(flatindex, "DIRECT_MIN_RECORDS", 1)
     rng = random.Random(seed)
     cfg = Config(memtable_records=32, level_ratio=4)
     data, meta = MemoryDevice(24 * MiB), MemoryDevice(SwornDisk.min_meta_size(24 * MiB, 256, cfg))
     disk = SwornDisk.create(data, meta, KEY16, nr_blocks=256, config=cfg)
     model = Model(256)
-    built = dropped = 0
+    built = dropped = tables = 0
     for ver in range(300):
         op = rng.choice("wwwwddfcrrrr")
         lba, n = rng.randrange(256), rng.randint(1, 24)
@@ -102,6 +134,7 @@ def test_reads_through_the_flat_index_match_the_model(seed):
         else:
             if index.bits():
                 built += index.flatten()
+                tables += index.flat_direct()
                 assert index.flat_records() == len(np.unique(np.concatenate(
                     [bit.resident()[0] for bit in index.bits()])))
             spans = [(a, min(k, 256 - a)) for a, k in
@@ -114,6 +147,7 @@ def test_reads_through_the_flat_index_match_the_model(seed):
             dropped += 1
     disk.close()
     assert built and dropped            # both paths ran
+    assert bool(tables) == direct
 
 
 def test_a_compaction_frees_the_flat_index_budget_before_the_new_bit_takes_its_share():
