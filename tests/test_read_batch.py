@@ -114,3 +114,25 @@ def test_a_reopened_disk_loads_a_bit_with_few_reads_and_verifies_every_node():
         disk.read_many([(l, 1) for l in range(NR)])
     assert bottom.resident() is None
     disk.close()
+
+
+def test_a_bit_loaded_whole_with_some_leaves_cached_holds_the_same_records():
+    """Loading a BIT whole takes the leaves the node cache holds from it and verifies the
+    rest in one batch: the records come out in the same order as a load from the device
+    alone, and a cached leaf is not read again."""
+    disk, data, meta, _model = _aged(True)
+    disk.close()
+    fresh = SwornDisk.open(data, meta, KEY16)
+    want = fresh.debug.index.bits()[-1].resident()[1]
+    fresh.close()
+    disk = SwornDisk.open(data, meta, KEY16)
+    store, bottom = disk.debug.index.store, disk.debug.index.bits()[-1]
+    leaves = bottom.fence()[1]
+    assert len(leaves) >= 6
+    for entry in leaves[1::3]:                          # some leaves in the cache
+        store.node(entry)
+    misses = store.misses
+    got = bottom.resident()[1]
+    assert store.misses - misses == len(leaves) - len(leaves[1::3])
+    assert got.tobytes() == want.tobytes() and len(got) == bottom.meta.count
+    disk.close()
