@@ -13,6 +13,8 @@ until the commit that validates them, or a reopen that forgets them.
 from __future__ import annotations
 
 import mmap
+from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,9 +23,20 @@ from .format import BLOCK_SIZE, SEGMENT_BLOCKS
 from .device import BlockDevice
 from .ops import Discard, Op, Writes
 from .blockcrypto import BlockCrypto
+from .cryptopool import SEAL_DEPTH, SealJob
 from .records import RecordFormat
 from .space import DataSpace
 from .counters import Lifetime
+
+
+class _Sealing(NamedTuple):
+    """A segment the workers are sealing, read through until its records are staged."""
+    job: SealJob
+    live: list                  # (buffer slot, LBA) of its blocks, in sealing order
+    runs: list                  # where they go on the data device
+    slot_of: dict               # LBA -> buffer slot
+    buf: memoryview             # its plaintext
+    index: int                  # which of the pool's buffers that is
 
 
 class PendingBatch:
@@ -41,13 +54,14 @@ class PendingBatch:
             # areas, one seal each in turn, as in the pool's region (see _write_sealed).
             self._sealed = [mmap.mmap(-1, SEGMENT_BLOCKS * BLOCK_SIZE + 4096) for _ in range(2)]
             self._sealing = 0
-        else:                           # double-buffered, in the pool's shared region
-            self._bufs = [pool.plaintext(0), pool.plaintext(1)]
+        else:                           # SEAL_DEPTH buffers in the pool's shared region
+            self._bufs = [pool.plaintext(i) for i in range(SEAL_DEPTH)]
         self._cur = 0
         self._buf = self._bufs[0]
-        # The segment the workers are sealing: (job, live slots, runs, its LBA -> slot
-        # map, its plaintext buffer), read through until its records are staged.
-        self._inflight: tuple | None = None
+        # The segments the workers are sealing, oldest first: up to SEAL_DEPTH - 1, so
+        # that a worker a little behind costs the next writes no wait (nor this thread a
+        # take-over of its chunks) until a commit needs every one of them.
+        self._inflight: deque[_Sealing] = deque()
         self._slots: list = []                  # buffer slot -> LBA, None once discarded
         self._slot_of: dict[int, int] = {}      # LBA -> buffer slot
         self._values: dict[int, bytes] = {}     # LBA -> sealed, uncommitted record value
@@ -59,10 +73,11 @@ class PendingBatch:
 
     # ---- queries ----
     def is_empty(self) -> bool:
-        return not self._ops and not self._slot_of and self._inflight is None
+        return not self._ops and not self._slot_of and not self._inflight
 
     @property
     def buffered(self) -> int:
+        """Blocks in the plaintext buffer, not allocated yet (those being sealed are)."""
         return len(self._slot_of)
 
     @property
@@ -85,7 +100,7 @@ class PendingBatch:
     def superseded(self, lba: int) -> bool:
         """True if something newer than the committed value of lba is buffered or pending."""
         return (lba in self._slot_of or lba in self._value_map()
-                or (self._inflight is not None and lba in self._inflight[3])
+                or any(lba in s.slot_of for s in self._inflight)
                 or (bool(self._discards) and self._discarded(lba)))
 
     def overlay(self, lba: int, n: int, out: bytearray) -> tuple[list, list[int]]:
@@ -94,19 +109,22 @@ class PendingBatch:
         LBAs the batch says nothing about (for the committed index)."""
         inflight = self._inflight
         if (not self._slot_of and not self._values and not self._staged and not self._discards
-                and inflight is None):
+                and not inflight):
             return [], list(range(lba, lba + n))    # nothing pending: all committed
         values = self._value_map()
         fetch, rest = [], []
         tomb = self.fmt.tombstone
-        sealing = {} if inflight is None else inflight[3]
+        sealing = list(reversed(inflight))          # newest first
         for i in range(n):
             l = lba + i
             slot = self._slot_of.get(l)
             buf = self._buf
-            if slot is None and sealing:
-                slot = sealing.get(l)
-                buf = inflight[4]
+            if slot is None:
+                for seg in sealing:
+                    slot = seg.slot_of.get(l)
+                    if slot is not None:
+                        buf = seg.buf
+                        break
             if slot is not None:
                 out[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE] = \
                     buf[slot * BLOCK_SIZE:(slot + 1) * BLOCK_SIZE]
@@ -230,19 +248,28 @@ class PendingBatch:
 
     def stage(self, records: np.ndarray) -> None:
         """Stages index records whose blocks are already written and busy (the cleaner's
-        moves, and sealing)."""
+        moves), after those of every segment being sealed."""
         if not len(records):
             return
         self.finish_seal()
+        self._stage(records)
+
+    def _stage(self, records: np.ndarray) -> None:
+        """Records go into the ops in the order they are staged: a later one wins."""
         self._staged.append(records)
         self._ops.append(Writes(records))
         self._hbas.extend(records["hba"].tolist())
 
     def seal(self) -> None:
         """Encrypts the buffer and writes it at the log head (uncommitted). With a crypto
-        pool, the workers seal it while the other buffer takes new writes: the segment
-        before is finished first, this one by the next seal, a discard or the commit."""
-        self.finish_seal()
+        pool, the workers seal it while another buffer takes new writes: the oldest
+        segment in flight is finished first if every other buffer is taken, this one by
+        a later seal, a discard or the commit."""
+        if self.pool is None:
+            self.finish_seal()
+        else:
+            while len(self._inflight) >= SEAL_DEPTH - 1:
+                self._finish_oldest()
         live = [(slot, l) for slot, l in enumerate(self._slots) if l is not None]
         if not live:
             self._reset_buffer()
@@ -252,8 +279,10 @@ class PendingBatch:
         slots = [slot for slot, _ in live]
         if self.pool is not None:
             job = self.pool.seal_start(self._cur, slots)
-            self._inflight = (job, live, runs, dict(self._slot_of), self._buf)
-            self._cur ^= 1
+            self._inflight.append(_Sealing(job, live, runs, dict(self._slot_of), self._buf,
+                                           self._cur))
+            taken = {seg.index for seg in self._inflight}
+            self._cur = next(i for i in range(SEAL_DEPTH) if i not in taken)
             self._buf = self._bufs[self._cur]
             self._reset_buffer()
             return
@@ -274,13 +303,16 @@ class PendingBatch:
         self._reset_buffer()
 
     def finish_seal(self) -> None:
-        """Waits for the segment the workers are sealing, writes it and stages its records."""
-        if self._inflight is None:
-            return
-        job, live, runs = self._inflight[:3]
-        material, tags, sealed = job.result()
-        self._inflight = None
-        self._write_sealed(live, runs, material, tags, sealed)
+        """Waits for every segment the workers are sealing, writes them and stages their
+        records, in order."""
+        while self._inflight:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        seg = self._inflight[0]
+        material, tags, sealed = seg.job.result()
+        self._inflight.popleft()
+        self._write_sealed(seg.live, seg.runs, material, tags, sealed)
 
     def _write_sealed(self, live: list, runs: list, material: bytes, tags, sealed) -> None:
         """Writes the sealed runs (consecutive in `sealed`) and stages their records."""
@@ -299,11 +331,13 @@ class PendingBatch:
         # is not sealed over before the next segment's pwrite_many has waited for it.
         self.data.pwrite_many_stable(writes)
         self.space.stamp(recs["hba"])
-        self.stage(recs)
+        self._stage(recs)                   # after the segments before it, before the rest
         self.lifetime.segments_sealed += 1
 
     def take(self) -> tuple[list[Op], list[int]]:
-        """The batch's operations and busy blocks, for a commit; the batch is empty after."""
+        """The batch's operations and busy blocks, for a commit; the batch is empty after.
+        A commit covers everything written before it (the ublk target's write log and
+        `recover` rely on that), so every segment in flight is finished first."""
         self.seal()
         self.finish_seal()
         ops, hbas = self._ops, self._hbas

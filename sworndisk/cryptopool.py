@@ -45,6 +45,7 @@ MIN_OPEN_BLOCKS = 8         # smaller read batches are verified in the calling t
 MIN_SEAL_BLOCKS = 64        # smaller seals (a flush of a few blocks) stay in the thread
 MIN_SHARED_SEAL = 16        # smaller batches of BIT nodes are sealed in the thread
 SEAL_CHUNK = 128            # blocks of one seal job: what the engine's thread may take over
+SEAL_DEPTH = 3              # plaintext segment buffers: one filling, the others sealing
 TAKE_OVER = True            # see seal_result
 QUARANTINE_SECONDS = 5.0    # a lane a dead worker was reading into rests this long: its
                             # io_uring reads may still land after the process is reaped
@@ -153,20 +154,24 @@ class CryptoPool:
         step = key_bytes + NONCE
         self.lanes = 2 * workers
         # key material first (the workers mlock it), then the data areas
-        self.seal_mat = 0
-        lane_mat0 = _align(SEGMENT_BLOCKS * step)
+        mat_len = _align(SEGMENT_BLOCKS * step)
+        lane_mat0 = SEAL_DEPTH * mat_len
         self.keys_len = _align(lane_mat0 + self.lanes * LANE_BLOCKS * VALUE_MAX)
-        self.plain = [self.keys_len, self.keys_len + SEGMENT_BLOCKS * BLOCK]
-        # Two ciphertext areas, one seal each in turn: the device may still be writing
-        # the last segment from one (pwrite_many_stable) while the next is sealed.
+        self.plain = [self.keys_len + i * SEGMENT_BLOCKS * BLOCK for i in range(SEAL_DEPTH)]
+        # A seal area per buffer, used in turn: up to SEAL_DEPTH - 1 seals in flight,
+        # and the device may still be writing the segment before them from the next
+        # area (pwrite_many_stable) while they are sealed.
         sealed_len = _align(SEGMENT_BLOCKS * BLOCK + TAG)
-        self.sealed = [self.plain[1] + SEGMENT_BLOCKS * BLOCK,
-                       self.plain[1] + SEGMENT_BLOCKS * BLOCK + sealed_len]
+        at = self.plain[-1] + SEGMENT_BLOCKS * BLOCK
+        self.seal_areas = []
+        for i in range(SEAL_DEPTH):
+            tags = at + sealed_len
+            slots = tags + SEGMENT_BLOCKS * TAG
+            claims = slots + SEGMENT_BLOCKS * 2
+            self.seal_areas.append(SealArea(at, i * mat_len, tags, slots, claims))
+            at = _align(claims + SEGMENT_BLOCKS // SEAL_CHUNK)
         self._sealing = 0                       # the area the next seal uses
-        self.seal_tags = self.sealed[1] + sealed_len
-        self.seal_slots = self.seal_tags + SEGMENT_BLOCKS * TAG
-        self.seal_claims = self.seal_slots + SEGMENT_BLOCKS * 2
-        lane0 = _align(self.seal_claims + SEGMENT_BLOCKS // SEAL_CHUNK)
+        lane0 = at
         lane_len = _align(LANE_BLOCKS * (2 * BLOCK + 1))
         self._lane_at = [(lane_mat0 + i * LANE_BLOCKS * VALUE_MAX, lane0 + i * lane_len)
                          for i in range(self.lanes)]
@@ -203,7 +208,8 @@ class CryptoPool:
 
     # ------------------------------------------------------------------ buffers
     def plaintext(self, i: int) -> memoryview:
-        """Plaintext segment buffer i (0 or 1), which the pending batch fills in place."""
+        """Plaintext segment buffer i (below SEAL_DEPTH), which the pending batch fills
+        in place."""
         view = self.mem[self.plain[i]:self.plain[i] + SEGMENT_BLOCKS * BLOCK]
         self._region.views.append(view)     # released at close, so the mapping can go
         return view
@@ -211,31 +217,32 @@ class CryptoPool:
     # ------------------------------------------------------------------ sealing
     def seal_start(self, buf: int, slots: list[int]) -> "SealJob":
         """Starts sealing `slots` of plaintext buffer `buf` under fresh keys: split over
-        the workers (or done here for a few blocks). The buffer must stay unchanged until
-        the job's result() returns."""
+        the workers (or done here for a few blocks), in the next seal area. The buffer
+        must stay unchanged until the job's result() returns; at most SEAL_DEPTH - 1
+        seals may be in flight, their results taken in the order they started."""
         n, kb, mem = len(slots), self.kb, self.mem
         step = kb + NONCE
-        mat = self.seal_mat
-        mem[mat:mat + n * step] = crypto.random_bytes(n * step)
-        mem[self.seal_slots:self.seal_slots + n * 2] = array("H", slots).tobytes()
-        out = self.sealed[self._sealing]
-        self._sealing ^= 1
-        spec = (OP_SEAL, kb, step, 0, 0, n, self.plain[buf], out, mat, self.seal_tags,
-                self.seal_slots, 0)
+        area = self.seal_areas[self._sealing]
+        self._sealing = (self._sealing + 1) % SEAL_DEPTH
+        mem[area.mat:area.mat + n * step] = crypto.random_bytes(n * step)
+        mem[area.slots:area.slots + n * 2] = array("H", slots).tobytes()
+        spec = (OP_SEAL, kb, step, 0, 0, n, self.plain[buf], area.out, area.mat, area.tags,
+                area.slots, 0)
         if n < MIN_SEAL_BLOCKS:
             self._inline(spec)
-            return SealJob(self, n, [], out)
+            return SealJob(self, n, [], area)
         # In chunks, each with a claim byte: at result() this thread seals the chunks no
         # worker has started yet instead of waiting for them (work taken from the back).
-        claims = self.seal_claims
+        claims = area.claims
         mem[claims:claims + SEGMENT_BLOCKS // SEAL_CHUNK] = bytes(SEGMENT_BLOCKS // SEAL_CHUNK)
         jobs = []
         for f in range(0, n, SEAL_CHUNK):
             chunk = spec[:4] + (f, min(SEAL_CHUNK, n - f)) + spec[6:11] + (claims + f // SEAL_CHUNK,)
             jobs.append((self._send(chunk), chunk))
-        return SealJob(self, n, jobs, out)
+        return SealJob(self, n, jobs, area)
 
-    def seal_result(self, n: int, jobs: list[tuple], out: int) -> tuple[bytes, bytes, memoryview]:
+    def seal_result(self, n: int, jobs: list[tuple], area: "SealArea"
+                    ) -> tuple[bytes, bytes, memoryview]:
         # Rather than wait, this thread seals the chunks no worker has started (from the
         # back). The claim byte is not atomic across processes: a worker may seal the
         # same chunk too. Both give the same bytes, but each reads a block's tag back from
@@ -261,13 +268,13 @@ class CryptoPool:
         self._wait([jid for jid, _spec in jobs])
         with self._cv:
             self._taken.difference_update(jid for jid, _spec in jobs)
+        out, tags, mat = area.out, area.tags, area.mat
         for first, count, ct, tg in own:
             mem[out + first * BLOCK:out + (first + count) * BLOCK] = ct
-            mem[self.seal_tags + first * TAG:self.seal_tags + (first + count) * TAG] = tg
-        material = bytes(mem[self.seal_mat:self.seal_mat + n * step])
-        mem[self.seal_mat:self.seal_mat + n * step] = bytes(n * step)
-        return (material, bytes(mem[self.seal_tags:self.seal_tags + n * TAG]),
-                mem[out:out + n * BLOCK])
+            mem[tags + first * TAG:tags + (first + count) * TAG] = tg
+        material = bytes(mem[mat:mat + n * step])
+        mem[mat:mat + n * step] = bytes(n * step)
+        return material, bytes(mem[tags:tags + n * TAG]), mem[out:out + n * BLOCK]
 
     def seal_blocks(self, plain: memoryview, n: int) -> tuple[bytes, bytes, bytearray]:
         """Seals n consecutive 4 KiB blocks of `plain` under fresh keys (BIT nodes), as
@@ -919,17 +926,29 @@ def _discard(chunk: tuple) -> None:
     scratch.close()
 
 
+@dataclass(frozen=True)
+class SealArea:
+    """Where one segment's seal lives in the region: its ciphertext (`out`), key ||
+    nonce material (`mat`, among the locked key pages), tags, u16 buffer slots and the
+    claim byte of each chunk."""
+    out: int
+    mat: int
+    tags: int
+    slots: int
+    claims: int
+
+
 class SealJob:
     """A segment being sealed; result() waits for it."""
 
-    def __init__(self, pool: CryptoPool, n: int, jobs: list[int], out: int):
-        self.pool, self.n, self.jobs, self.out = pool, n, jobs, out
+    def __init__(self, pool: CryptoPool, n: int, jobs: list[int], area: SealArea):
+        self.pool, self.n, self.jobs, self.area = pool, n, jobs, area
 
     def result(self) -> tuple[bytes, bytes, memoryview]:
         """(key/nonce material, tags, ciphertext view) of the n sealed blocks; the
-        region's copy of the keys is zeroed. The ciphertext stays unchanged until the
-        seal after next (the areas alternate)."""
-        return self.pool.seal_result(self.n, self.jobs, self.out)
+        region's copy of the keys is zeroed. The ciphertext stays unchanged until its
+        area's next seal, SEAL_DEPTH seals later."""
+        return self.pool.seal_result(self.n, self.jobs, self.area)
 
 
 

@@ -114,7 +114,8 @@ def _stopped_worker_seal(again: bool):
         plain[:] = rng.randbytes(SEGMENT_BLOCKS * BS)
         slots = list(range(0, SEGMENT_BLOCKS, 2))
         assert pool.dumpable() == (0,)
-        region = pool.mem[pool.sealed[0]:pool.sealed[0] + len(slots) * BS]
+        area = pool.seal_areas[0]
+        region = pool.mem[area.out:area.out + len(slots) * BS]
         region[:] = bytes(len(region))
         pid = pool.pids()[0]
         os.kill(pid, signal.SIGSTOP)
@@ -123,7 +124,7 @@ def _stopped_worker_seal(again: bool):
         def resume():
             seen["untouched"] = not any(region)
             if again:
-                pool.mem[pool.seal_claims:pool.seal_claims + 4] = bytes(4)
+                pool.mem[area.claims:area.claims + 4] = bytes(4)
             os.kill(pid, signal.SIGCONT)
         resumed = threading.Timer(0.5, resume)
         resumed.start()
