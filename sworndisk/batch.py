@@ -76,6 +76,11 @@ class PendingBatch:
         return not self._ops and not self._slot_of and not self._inflight
 
     @property
+    def sealing(self) -> int:
+        """Segments the workers are sealing now (at most SEAL_DEPTH - 1)."""
+        return len(self._inflight)
+
+    @property
     def buffered(self) -> int:
         """Blocks in the plaintext buffer, not allocated yet (those being sealed are)."""
         return len(self._slot_of)
@@ -204,7 +209,7 @@ class PendingBatch:
             if slot is None and n - done > 1:
                 if len(slots) == SEGMENT_BLOCKS:
                     self.seal()
-                    buf = self._buf             # the other buffer, while this one seals
+                    buf = self._buf             # a free buffer, while this one seals
                 k = min(n - done, SEGMENT_BLOCKS - len(slots))
                 if not slot_of or slot_of.keys().isdisjoint(range(lo, lo + k)):
                     first = len(slots)
@@ -327,8 +332,9 @@ class PendingBatch:
             np.concatenate([np.arange(start, start + count) for start, count in runs]),
             np.frombuffer(material, np.uint8).reshape(n, kb + crypto.NONCE_BYTES),
             np.frombuffer(tags, np.uint8).reshape(n, crypto.TAG_BYTES))
-        # Written from where they are (stable): the areas alternate, so this segment's
-        # is not sealed over before the next segment's pwrite_many has waited for it.
+        # Written from where they are (stable): the areas are used in turn (two here,
+        # SEAL_DEPTH in the pool, with at most SEAL_DEPTH - 1 seals in flight), so this
+        # segment's is not sealed over before a later segment's pwrite_many waited for it.
         self.data.pwrite_many_stable(writes)
         self.space.stamp(recs["hba"])
         self._stage(recs)                   # after the segments before it, before the rest

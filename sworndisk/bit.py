@@ -375,10 +375,14 @@ class Bit:
             cost = self._resident_cost()
             if self.store.reserve_resident(cost):
                 m = self.meta
-                leaves = [m.root] if m.height == 0 else \
-                    self.store.fmt.values_of(self.store.fmt.concat(
-                        list(self._nodes_at(1, remember=False))))
-                recs = self.store.records_many(leaves, LEAF, self._what)
+                try:
+                    leaves = [m.root] if m.height == 0 else \
+                        self.store.fmt.values_of(self.store.fmt.concat(
+                            list(self._nodes_at(1, remember=False))))
+                    recs = self.store.records_many(leaves, LEAF, self._what)
+                except BaseException:           # a node failed: its share goes back
+                    self.store.release_resident(cost)
+                    raise
                 self._resident = _held_whole(recs)
                 self._resident_bytes = cost
                 self._drop_summaries()

@@ -86,6 +86,9 @@ class _OpenSSLBackend(_Backend):
             return super().open_blocks(blocks)
         failed = []
         for j, (key, nonce, tag, ct, dst) in enumerate(blocks):
+            if len(ct) != len(dst):             # a short read: it cannot authenticate
+                failed.append(j)
+                continue
             try:
                 aesgcm(key).decrypt_into(nonce, b"".join((ct, tag)), None, dst)
             except invalid:

@@ -6,9 +6,10 @@ each call holds the GIL), so the parallel part lives in worker processes
 every process and never named in the file system; small job messages go over one
 SOCK_SEQPACKET socketpair per worker. Layout of the region (docs/modules.md, "Crypto
 workers"): the key/nonce material first (page-aligned, mlocked by the workers, zeroed as
-soon as a job is done), then two plaintext segment buffers (the pending batch fills one
-while the other is sealed), two ciphertext areas (one seal each in turn: the device may
-still be writing the last from one) and the tags, and read lanes
+soon as a job is done), then SEAL_DEPTH plaintext segment buffers (the pending batch
+fills one while the others are sealed) and as many seal areas (ciphertext, tags, slots,
+claims; one seal each in turn: the device may still be writing an earlier segment from
+one), and read lanes
 (one read job each: ciphertext || tag in, plaintext out, a status byte per block).
 
 A worker that dies (SIGKILL, OOM) is noticed when its socket reports EOF: its jobs are

@@ -105,6 +105,7 @@ class FlatIndex:
         """For uint64 `keys` in any order (needs the direct table): which have a record,
         and that record (rows where not found are undefined)."""
         # A key below the span wraps around to a huge offset: it too lands on the -1.
+        keys = keys.astype(np.uint64, copy=False)
         rows = self._pos[np.minimum(keys - self._lo, self._span)]
         return rows >= 0, self._raw[rows].view(self.recs.dtype)
 

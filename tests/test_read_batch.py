@@ -110,6 +110,11 @@ def test_a_reopened_disk_loads_a_bit_with_few_reads_and_verifies_every_node():
     assert bottom.meta.height >= 1
     leaf = disk.debug.fmt.hba_of(bottom.fence()[1][len(bottom.fence()[1]) // 2])
     meta.buf[leaf * BS + 100] ^= 1
+    budget = disk.debug.index.store.resident
+    used = budget.used
+    with pytest.raises(IntegrityError, match=f"meta block {leaf} failed authentication"):
+        bottom.resident()
+    assert budget.used == used               # the failed load gave its share back
     with pytest.raises(IntegrityError):
         disk.read_many([(l, 1) for l in range(NR)])
     assert bottom.resident() is None

@@ -119,3 +119,33 @@ def test_single_block_batches_whichever_path():
     disk = SwornDisk.open(data, meta, KEY16)
     verify_disk(disk, model, "after reopen", lbas=range(nr))
     disk.close()
+
+
+def test_segments_sealed_together_read_and_commit_their_newest_copies():
+    """With a crypto worker, up to two segments are sealed while the next fills: the same
+    LBAs in both of them and in the buffer read back as the newest copy, before the
+    commit, after it and after a reopen (their records staged oldest first)."""
+    nr = 4096
+    disk, data, meta = new_disk(64 * MiB, nr, Config(crypto_workers=1))
+    model, rng = Model(nr), random.Random(0)
+    spans = [(0, 8), (590, 30), (1290, 20), (1990, 20), (2700, 10), (3000, 4)]
+    most = 0
+    for ver in range(1, 4):                 # 1024 new blocks a round: a segment each
+        for lba, n in ((0, 600), (600 + ver * 700, 424)):
+            buf = make_blocks(rng, lba, n, ver)
+            disk.write(lba, buf)
+            model.write(lba, buf)
+        most = max(most, disk.debug.batch.sealing)
+        assert disk.read_many(spans) == [model.read(a, k) for a, k in spans], ver
+    buf = make_blocks(rng, 0, 40, 9)
+    disk.write(0, buf)
+    model.write(0, buf)
+    assert most == 2 and disk.debug.batch.sealing == 2
+    assert disk.read_many(spans) == [model.read(a, k) for a, k in spans]
+    disk.flush()
+    assert disk.debug.batch.sealing == 0
+    assert disk.read_many(spans) == [model.read(a, k) for a, k in spans]
+    disk.close()
+    disk = SwornDisk.open(data, meta, KEY16)
+    assert disk.read_many(spans) == [model.read(a, k) for a, k in spans]
+    disk.close()
