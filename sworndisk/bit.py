@@ -667,8 +667,12 @@ class BitBuilder:
         return hbas
 
     def _write_chunk(self) -> None:
+        """A full (or the last) chunk to the meta device, left in flight where the device
+        can (pwrite_many): the next chunk is built meanwhile, and the device's next call,
+        at the latest the checkpoint's pack write, waits for it."""
         if self.buf:
-            self.store.meta.pwrite(bytes(self.buf), self.chunk_start(self.chunks[-1]) * BLOCK_SIZE)
+            self.store.meta.pwrite_many([(self.buf,
+                                          self.chunk_start(self.chunks[-1]) * BLOCK_SIZE)])
             self.blocks_written += len(self.buf) // BLOCK_SIZE
             self.buf = bytearray()
 
