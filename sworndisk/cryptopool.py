@@ -36,7 +36,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from . import crypto
-from .cryptoworker import BLOCK, HELLO, JOB, NONCE, OP_FETCH, OP_OPEN, OP_SEAL, REPLY, TAG, Cipher
+from .cryptoworker import (BLOCK, HELLO, JOB, NONCE, OP_FETCH, OP_OPEN, OP_SEAL, READY, REPLY,
+                           TAG, Cipher)
 from .errors import InvalidArgument
 from .format import SEGMENT_BLOCKS
 
@@ -58,6 +59,7 @@ _LANE_TAGS = LANE_BLOCKS * (32 + NONCE)
 _LANE_SLOTS = _LANE_TAGS + LANE_BLOCKS * TAG
 assert _LANE_SLOTS + LANE_BLOCKS * 2 <= LANE_BLOCKS * VALUE_MAX
 _IDENTITY = array("H", range(LANE_BLOCKS)).tobytes()
+START_SECONDS = 120          # a worker's start-up, until READY (slow under emulation)
 _WORKER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cryptoworker.py")
 _PAGE = 4096
 
@@ -95,6 +97,15 @@ class CryptoStats:
     keys_locked: bool               # every live worker reported its key pages mlocked
 
 
+def _tracer(pid: int) -> int:
+    """The TracerPid of process `pid` (0: none, or no /proc to tell)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("TracerPid:")), 0)
+    except OSError:
+        return 0
+
+
 def _align(n: int) -> int:
     return (n + _PAGE - 1) // _PAGE * _PAGE
 
@@ -107,10 +118,9 @@ class _Worker:
         try:
             # the file itself, isolated (-I): not the sworndisk package and what it imports
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", _WORKER_FILE, str(memfd), str(theirs.fileno()),
-                 str(keys_len), str(os.getpid()), str(data_fd)],
-                pass_fds=(memfd, theirs.fileno()) + ((data_fd,) if data_fd >= 0 else ()),
-                stdin=subprocess.DEVNULL, cwd="/")
+                [sys.executable, "-I", _WORKER_FILE, str(theirs.fileno()), str(keys_len),
+                 str(os.getpid())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/")
         except BaseException:
             mine.close()
             raise
@@ -120,14 +130,48 @@ class _Worker:
         self.pid = self.proc.pid
         self.jobs: set[int] = set()     # sent, not answered
         self.cpu_ns = 0
-        # From its hello, the worker's first message (read when the pool first hears
-        # from it, so that opening a disk does not wait for the workers' start-up).
+        # From its hello, the worker's first message once it has the region (read when
+        # the pool first hears from it, so that a job does not wait for it).
         self.dumpable: int | None = None
         self.keys_locked = False
+        try:
+            self._share(memfd, data_fd)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _share(self, memfd: int, data_fd: int) -> None:
+        """Sends the worker the region and the data device once it said (READY) that it is
+        not dumpable, and nothing traces it: until then it holds nothing that another
+        process of the same user could take through /proc (a process is dumpable from
+        its exec until its prctl)."""
+        self.sock.settimeout(START_SECONDS)
+        try:
+            msg = self.sock.recv(64)
+        except socket.timeout:
+            msg = b""
+        finally:
+            self.sock.settimeout(None)
+        if len(msg) != READY.size:
+            raise OSError(errno.EIO, f"crypto worker {self.pid} did not start")
+        _pid, dumpable = READY.unpack(msg)
+        if dumpable != 0 or _tracer(self.pid) != 0:
+            raise OSError(errno.EPERM, f"crypto worker {self.pid} is dumpable or traced: "
+                                       f"the region is not shared with it")
+        socket.send_fds(self.sock, [b"R"], [memfd] + ([data_fd] if data_fd >= 0 else []))
 
     def hello(self, msg: bytes) -> None:
         _pid, self.dumpable, locked, self.cpu_ns = HELLO.unpack(msg)
         self.keys_locked = bool(locked)
+
+    def exited(self) -> bool:
+        """Whether the process has ended (it stays a zombie until stop() reaps it)."""
+        if self.proc.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
 
     def stop(self) -> float:
         """Ends the process and reaps it; returns its total CPU seconds. It holds nothing
@@ -616,6 +660,14 @@ class CryptoPool:
 
     # ------------------------------------------------------------------ life
     def stats(self) -> CryptoStats:
+        """The pool's figures; a worker that died while idle (nothing to redo) is noticed
+        and replaced here too, not only at its next job."""
+        with self._cv:
+            for w in [w for w in self._workers if w.exited()]:
+                self._replace(w)
+            return self._stats_locked()
+
+    def _stats_locked(self) -> CryptoStats:
         live = sum(w.cpu_ns for w in self._workers) / 1e9
         return CryptoStats(workers=self.size, worker_pids=self.pids(), batches=self.batches,
                            blocks_in_workers=self.blocks_in_workers,

@@ -1,14 +1,17 @@
 """A crypto worker process: seals and opens 4 KiB blocks in shared memory for its pool.
 
-Started by `cryptopool.CryptoPool` as `python -I .../cryptoworker.py MEMFD SOCK KEYS PARENT
-DATA` (exec, not a fork of the threaded engine; the file, not the package), it imports only
-the standard library, `cryptography` and, to read the data device (DATA, a descriptor, or
--1), `ublk_shim.uring`. It first makes itself die with its parent (PR_SET_PDEATHSIG, then a
-getppid() check for the race), non-dumpable (the region holds plaintext and keys), and
-locks its key pages in memory where RLIMIT_MEMLOCK allows. Then it answers jobs, one
-SOCK_SEQPACKET message each (docs/modules.md, "Crypto workers"): a job names places in
-the region (`MEMFD`, an anonymous memfd), the worker does the cipher work there and
-replies with the job's id, how many blocks failed and its own CPU time so far.
+Started by `cryptopool.CryptoPool` as `python -I .../cryptoworker.py SOCK KEYS PARENT` (exec,
+not a fork of the threaded engine; the file, not the package), it imports only the standard
+library, `cryptography` and, to read the data device, `ublk_shim.uring`. It first makes
+itself die with its parent (PR_SET_PDEATHSIG, then a getppid() check for the race) and
+non-dumpable, and says so (READY). Only then does the pool send it the region (an anonymous
+memfd holding plaintext and keys) and the data device's descriptor, over the socket: a
+process is dumpable from its exec until its prctl, and in that window another process of
+the same user could open its descriptors through /proc. The worker maps the region, locks
+its key pages in memory where RLIMIT_MEMLOCK allows, and sends its hello. Then it answers
+jobs, one SOCK_SEQPACKET message each (docs/modules.md, "Crypto workers"): a job names
+places in the region, the worker does the cipher work there and replies with the job's
+id, how many blocks failed and its own CPU time so far.
 
 The job functions are also what the pool runs in its own thread when a job must be
 redone (its worker died) or is too small to send: same code, same bytes.
@@ -39,6 +42,7 @@ import time
 # Reply: job id, failures, worker CPU nanoseconds.
 JOB = struct.Struct("<IBBHHxxII6Q")
 REPLY = struct.Struct("<IIQ")
+READY = struct.Struct("<ii")        # pid, PR_GET_DUMPABLE: hardened, asks for the region
 HELLO = struct.Struct("<iiiQ")      # pid, PR_GET_DUMPABLE, key pages locked (1/0), CPU ns
 OP_SEAL, OP_OPEN, OP_FETCH = 1, 2, 3
 NONCE, TAG, BLOCK = 12, 16, 4096
@@ -236,18 +240,36 @@ class Fetches:
         return done
 
 
-def _harden(libc, region: mmap.mmap, keys_len: int, parent: int) -> tuple[int, int]:
-    """Dies with the parent, not dumpable, the key pages (the region's first keys_len
-    bytes) locked in memory where RLIMIT_MEMLOCK allows, as cryptsetup locks its keys."""
+def _harden(libc, parent: int) -> int:
+    """Dies with the parent and is not dumpable, before it holds anything secret; returns
+    PR_GET_DUMPABLE (0 expected)."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:          # the parent died before the prctl took effect
         os._exit(1)
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    dumpable = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _receive_region(sock: socket.socket) -> tuple[mmap.mmap, int] | None:
+    """The region and the data device's descriptor (or -1), which the pool sends in
+    answer to READY; None if it sent nothing (it refused, or went away)."""
+    _msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 2, socket.MSG_CMSG_CLOEXEC)
+    if not fds:
+        return None
+    try:
+        region = mmap.mmap(fds[0], 0)
+    finally:
+        os.close(fds[0])
+    return region, fds[1] if len(fds) > 1 else -1
+
+
+def _lock_keys(libc, region: mmap.mmap, keys_len: int) -> int:
+    """Locks the key pages (the region's first keys_len bytes) in memory where
+    RLIMIT_MEMLOCK allows, as cryptsetup locks its keys; 1 if they are."""
     buf = (ctypes.c_char * keys_len).from_buffer(region)
     locked = libc.mlock(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(keys_len)) == 0
     del buf
-    return dumpable, int(locked)
+    return int(locked)
 
 
 def _fetches(cipher: Cipher, region: mmap.mmap, mem: memoryview) -> Fetches | None:
@@ -303,15 +325,19 @@ def serve(sock: socket.socket, cipher: Cipher, mem: memoryview,
 
 
 def main(argv: list[str]) -> None:
-    memfd, sockfd, keys_len, parent, data_fd = (int(a) for a in argv[1:6])
+    sockfd, keys_len, parent = (int(a) for a in argv[1:4])
     libc = ctypes.CDLL(None, use_errno=True)
-    region = mmap.mmap(memfd, 0)
-    os.close(memfd)
-    dumpable, locked = _harden(libc, region, keys_len, parent)
+    dumpable = _harden(libc, parent)
     sock = socket.socket(fileno=sockfd)
-    sock.send(HELLO.pack(os.getpid(), dumpable, locked, time.process_time_ns()))
-    cipher, mem = Cipher(data_fd), memoryview(region)
     try:
+        sock.send(READY.pack(os.getpid(), dumpable))
+        got = _receive_region(sock)
+        if got is None:
+            return
+        region, data_fd = got
+        locked = _lock_keys(libc, region, keys_len)
+        sock.send(HELLO.pack(os.getpid(), dumpable, locked, time.process_time_ns()))
+        cipher, mem = Cipher(data_fd), memoryview(region)
         serve(sock, cipher, mem, _fetches(cipher, region, mem))
     except OSError:             # the pool went away: nothing to say to anyone
         pass

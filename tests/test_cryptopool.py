@@ -16,7 +16,7 @@ import time
 import pytest
 
 from sworndisk import Config, IntegrityError, InvalidArgument, SwornDisk
-from sworndisk import crypto
+from sworndisk import crypto, cryptopool
 from sworndisk.cryptopool import CryptoPool, automatic_workers
 from sworndisk.device import FileDevice, create_image
 from sworndisk.format import SEGMENT_BLOCKS
@@ -199,6 +199,59 @@ def test_workers_not_dumpable_and_region_not_a_named_file():
         disk.close()
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What the descriptors of process `pid` name now."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:           # closed meanwhile
+            pass
+    return out
+
+
+def test_a_worker_gets_the_region_only_once_it_is_not_dumpable(tmp_path, monkeypatch):
+    """A process is dumpable from its exec until its prctl, and in that window another
+    process of the same user may open its descriptors through /proc: a worker must not
+    hold the region (plaintext and keys) or the data device before it said it is not
+    dumpable. It is started with its socket alone and sent the rest afterwards."""
+    started = []
+    popen = cryptopool.subprocess.Popen
+
+    def spawn(*args, **kwargs):
+        proc = popen(*args, **kwargs)           # exec done: what the worker starts with
+        started.append((proc.pid, _fd_targets(proc.pid)))
+        return proc
+    monkeypatch.setattr(cryptopool.subprocess, "Popen", spawn)
+    disk, _, _ = _file_disk(tmp_path, 1)
+    try:
+        pool = disk.debug.pool
+        assert pool.dumpable() == (0,)
+        (pid, at_exec), = started
+        assert not any("memfd:" in t or t.endswith(".img") for t in at_exec), at_exec
+        assert sum(t.startswith("socket:") for t in at_exec) == 1
+        with open(f"/proc/{pid}/maps") as f:    # and now it has them
+            assert "/memfd:sworndisk-crypto (deleted)" in f.read()
+        assert any(t.endswith("data.img") for t in _fd_targets(pid))
+    finally:
+        disk.close()
+
+
+def test_a_traced_worker_is_not_given_the_region(monkeypatch):
+    """A worker something traces (attached in its dumpable window) is stopped, not sent
+    the region: starting the pool fails instead, and no process is left behind."""
+    kids = _children()
+    monkeypatch.setattr(cryptopool, "_tracer", lambda pid: 4242)
+    pool = CryptoPool(1, 16)
+    try:
+        with pytest.raises(OSError) as e:
+            pool.start()
+        assert e.value.errno == errno.EPERM
+        assert pool.pids() == () and _children() == kids
+    finally:
+        pool.close()
+
+
 def test_open_close_cycles_leave_nothing():
     """100 open/close cycles with the default (automatic) pool: no child process, no
     descriptor left over."""
@@ -302,6 +355,28 @@ def test_worker_killed_during_read_many():
     _read_while_killing(disk, lbas, model)
     assert disk.stats().crypto.worker_restarts >= 1
     disk.close()
+
+
+def test_a_worker_killed_while_idle_is_replaced_by_the_next_stats():
+    """stats() shows a pool that is whole: a worker that died with nothing in flight is
+    replaced (and reaped) there, not only when the next job would meet it."""
+    disk, _, _ = new_disk(config=Config(crypto_workers=2))
+    try:
+        pool = disk.debug.pool
+        assert pool.dumpable() == (0, 0)
+        victim = pool.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while os.waitid(os.P_PID, victim, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        st = disk.stats().crypto
+        assert st.worker_restarts == 1
+        assert victim not in st.worker_pids and len(st.worker_pids) == 2
+        assert victim not in _children()        # reaped, not left a zombie
+        assert pool.dumpable() == (0, 0)
+    finally:
+        disk.close()
 
 
 def test_tampered_block_fails_its_range_through_the_pool():
