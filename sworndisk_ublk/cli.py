@@ -29,8 +29,7 @@ class _Parser(argparse.ArgumentParser):
     usage_code: int = ExitCode.USAGE
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise CliError(message, self.usage_code)
+        raise CliError(f"{message} (see '{self.prog} --help')", self.usage_code)
 
 
 def _positive(text: str) -> int:

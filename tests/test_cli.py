@@ -322,9 +322,13 @@ def test_del_refuses_a_device_in_use_and_leaves_its_server_alone(capsys, fake_dr
 
 def test_cli_usage_errors_are_one_line(capsys):
     code, _, err = run_cli(capsys, "del")
-    assert code == ExitCode.USAGE and "sworndisk-ublk: error:" in err
+    assert code == ExitCode.USAGE and err.startswith("sworndisk-ublk: error:")
+    assert err.count("\n") == 1
     code, _, err = run_cli(capsys, "frobnicate")
-    assert code == ExitCode.USAGE
+    assert code == ExitCode.USAGE and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "add", "--crypto-workers", "-1", "x")
+    assert code == ExitCode.USAGE and err.count("\n") == 1 and "--crypto-workers" in err
+    assert err.endswith("(see 'sworndisk-ublk add --help')\n")
 
 
 def test_cli_del_and_recover_unknown_device(capsys, fake_driver):
