@@ -54,3 +54,33 @@ def test_each_module_imports_alone():
         "        del sys.modules[k]\n"
         "    importlib.import_module('sworndisk.' + name)\n")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=os.path.dirname(PKG))
+
+
+# What a crypto worker imports (cryptoworker.py, run with -I as the pool runs it): the file,
+# cryptography where it builds its Cipher, and ublk_shim.uring where it reads the device.
+_WORKER_IMPORTS = r'''
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("cryptoworker", sys.argv[1])
+worker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(worker)
+worker.Cipher(-1)
+sys.path.insert(0, sys.argv[2])
+import ublk_shim.uring
+print(" ".join(sorted(sys.modules)))
+'''
+
+
+def test_a_crypto_worker_imports_only_what_it_needs():
+    """Every worker pays for its imports in start-up time and RSS (the issue's memory
+    target counts them), and one that imports subprocess may run programs: ctypes.util's
+    find_library once ran ldconfig in every worker."""
+    root = os.path.dirname(PKG)
+    done = subprocess.run([sys.executable, "-I", "-c", _WORKER_IMPORTS,
+                           os.path.join(PKG, "cryptoworker.py"), root],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    mods = set(done.stdout.split())
+    assert {"cryptography", "ublk_shim.uring"} <= mods
+    heavy = {"subprocess", "ctypes.util", "numpy", "sworndisk", "threading", "multiprocessing",
+             "shutil", "tempfile"}
+    assert not mods & heavy, sorted(mods & heavy)

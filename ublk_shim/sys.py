@@ -10,7 +10,6 @@ Sources: include/uapi/linux/io_uring.h and include/uapi/linux/ublk_cmd.h.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -20,7 +19,10 @@ from typing import List, Optional, Tuple, Type
 # libc and raw syscalls
 # --------------------------------------------------------------------------------------------
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter itself links (glibc's libc.so.6 on Linux): no
+# ctypes.util.find_library, which imports subprocess and runs ldconfig in every process
+# that imports this module (crypto workers included).
+libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 
 # The io_uring syscalls share one number on every architecture but alpha (asm-generic table).
