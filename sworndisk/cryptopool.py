@@ -788,9 +788,21 @@ def _spawn_loop(requests: queue.Queue, memfd: int, keys_len: int, data_fd: int) 
         if reply is None:
             return
         try:
-            reply.put(_Worker(memfd, keys_len, data_fd))
+            reply.put(_start_worker(memfd, keys_len, data_fd))
         except BaseException as e:      # noqa: BLE001 - raised in the asking thread
             reply.put(e)
+
+
+def _start_worker(memfd: int, keys_len: int, data_fd: int, attempts: int = 3) -> _Worker:
+    """A worker that has the region. One that dies during its start-up (killed, say) is
+    started again, up to `attempts` in all; one refused the region (EPERM) is not."""
+    for attempt in range(attempts):
+        try:
+            return _Worker(memfd, keys_len, data_fd)
+        except OSError as e:
+            if e.errno == errno.EPERM or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 class _LaneJob:

@@ -252,6 +252,35 @@ def test_a_traced_worker_is_not_given_the_region(monkeypatch):
         pool.close()
 
 
+def test_a_worker_killed_during_its_start_up_is_started_again(monkeypatch):
+    """The first worker dies before READY (SIGKILL right after its exec): the pool starts
+    another, and the job it was started for is done."""
+    spawned = []
+    popen = cryptopool.subprocess.Popen
+
+    def spawn(*args, **kwargs):
+        proc = popen(*args, **kwargs)
+        if not spawned:
+            os.kill(proc.pid, signal.SIGKILL)
+        spawned.append(proc.pid)
+        return proc
+    monkeypatch.setattr(cryptopool.subprocess, "Popen", spawn)
+    kids = _children()
+    disk, _, _ = new_disk(config=Config(crypto_workers=1))
+    try:
+        rng = random.Random(3)
+        blocks = [make_block(rng, lba, 1) for lba in range(2 * SEGMENT_BLOCKS)]
+        disk.write(0, b"".join(blocks))
+        disk.flush()
+        assert disk.read_many([(lba, 1) for lba in range(64)]) == blocks[:64]
+        pool = disk.debug.pool
+        assert len(spawned) == 2 and pool.pids() == (spawned[1],)
+        assert disk.stats().crypto.blocks_in_workers > 0
+    finally:
+        disk.close()
+    assert _children() == kids                  # the killed one was reaped too
+
+
 def test_open_close_cycles_leave_nothing():
     """100 open/close cycles with the default (automatic) pool: no child process, no
     descriptor left over."""
