@@ -192,8 +192,7 @@ def test_workers_not_dumpable_and_region_not_a_named_file():
         assert "/memfd:sworndisk-crypto (deleted)" in maps
         assert set(os.listdir("/dev/shm")) == shm
         for pid in pool.pids():            # no descriptor of the worker is a named file
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            for target in _fd_targets(pid):
                 assert not target.startswith("/dev/shm"), target
     finally:
         disk.close()
