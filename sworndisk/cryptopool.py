@@ -602,9 +602,11 @@ class CryptoPool:
                 finally:
                     self._cv.acquire()
                     self._polling = False
-                for fd, _ev in events:
-                    self._receive(socks[fd])
-                self._cv.notify_all()
+                try:
+                    for fd, _ev in events:
+                        self._receive(socks[fd])
+                finally:
+                    self._cv.notify_all()       # answers may be in, whatever else happened
 
     def _receive(self, w: "_Worker") -> None:
         """Takes one reply from w, or replaces w if it died (called with the lock held)."""
@@ -654,17 +656,25 @@ class CryptoPool:
             self._fetching.discard(jid)
         w.jobs.clear()
         # Out of the list first: if no replacement can start now, the next job starts one
-        # (_start_locked) rather than meet the dead one.
+        # (_start_locked, which raises to that job's caller) rather than meet the dead one.
+        # Not raised here: the jobs just redone are answered, and their waiters (and a
+        # stats() call) must hear so.
         self._workers.remove(w)
-        self._workers.append(self._spawner.worker())
+        try:
+            self._workers.append(self._spawner.worker())
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ life
     def stats(self) -> CryptoStats:
         """The pool's figures; a worker that died while idle (nothing to redo) is noticed
         and replaced here too, not only at its next job."""
         with self._cv:
-            for w in [w for w in self._workers if w.exited()]:
+            dead = [w for w in self._workers if w.exited()]
+            for w in dead:
                 self._replace(w)
+            if dead:
+                self._cv.notify_all()           # jobs it held may have been redone here
             return self._stats_locked()
 
     def _stats_locked(self) -> CryptoStats:

@@ -385,6 +385,38 @@ def test_worker_killed_during_read_many():
     disk.close()
 
 
+def _kill_and_wait(pid: int) -> None:
+    """SIGKILLs a worker and waits until it has exited (not reaping it: the pool does)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_stats_survives_a_worker_that_cannot_be_replaced(monkeypatch):
+    """A dead worker whose replacement is refused (here: traced) leaves the pool one
+    short; stats() says so rather than raise (the ublk server calls it from its main
+    loop), and the next job starts the missing worker."""
+    disk, _, _ = new_disk(config=Config(crypto_workers=2))
+    try:
+        pool = disk.debug.pool
+        assert pool.dumpable() == (0, 0)
+        victim, other = pool.pids()
+        _kill_and_wait(victim)
+        monkeypatch.setattr(cryptopool, "_tracer", lambda pid: 4242)
+        st = disk.stats().crypto
+        assert st.worker_restarts == 1 and st.worker_pids == (other,)
+        assert victim not in _children()
+        monkeypatch.undo()
+        rng = random.Random(5)
+        disk.write(0, b"".join(make_block(rng, lba, 1) for lba in range(2 * SEGMENT_BLOCKS)))
+        disk.flush()
+        assert len(disk.stats().crypto.worker_pids) == 2
+    finally:
+        disk.close()
+
+
 def test_a_worker_killed_while_idle_is_replaced_by_the_next_stats():
     """stats() shows a pool that is whole: a worker that died with nothing in flight is
     replaced (and reaped) there, not only when the next job would meet it."""
@@ -393,11 +425,7 @@ def test_a_worker_killed_while_idle_is_replaced_by_the_next_stats():
         pool = disk.debug.pool
         assert pool.dumpable() == (0, 0)
         victim = pool.pids()[0]
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while os.waitid(os.P_PID, victim, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _kill_and_wait(victim)
         st = disk.stats().crypto
         assert st.worker_restarts == 1
         assert victim not in st.worker_pids and len(st.worker_pids) == 2
