@@ -113,7 +113,8 @@ def _align(n: int) -> int:
 class _Worker:
     """One worker process and its end of the socketpair."""
 
-    def __init__(self, memfd: int, keys_len: int, data_fd: int):
+    def __init__(self, keys_len: int):
+        """Starts the process; it has nothing until share()."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # the file itself, isolated (-I): not the sworndisk package and what it imports
@@ -134,6 +135,12 @@ class _Worker:
         # the pool first hears from it, so that a job does not wait for it).
         self.dumpable: int | None = None
         self.keys_locked = False
+
+    def share(self, memfd: int, data_fd: int) -> None:
+        """Sends the worker the region and the data device once it said (READY) that it is
+        not dumpable, and nothing traces it: until then it holds nothing that another
+        process of the same user could take through /proc (a process is dumpable from
+        its exec until its prctl). If it cannot, the worker is stopped and OSError raised."""
         try:
             self._share(memfd, data_fd)
         except BaseException:
@@ -141,10 +148,6 @@ class _Worker:
             raise
 
     def _share(self, memfd: int, data_fd: int) -> None:
-        """Sends the worker the region and the data device once it said (READY) that it is
-        not dumpable, and nothing traces it: until then it holds nothing that another
-        process of the same user could take through /proc (a process is dumpable from
-        its exec until its prctl)."""
         self.sock.settimeout(START_SECONDS)
         try:
             msg = self.sock.recv(64)
@@ -661,7 +664,7 @@ class CryptoPool:
         # stats() call) must hear so.
         self._workers.remove(w)
         try:
-            self._workers.append(self._spawner.worker())
+            self._workers += self._spawner.workers(1)
         except OSError:
             pass
 
@@ -700,8 +703,8 @@ class CryptoPool:
             self._start_locked()
 
     def _start_locked(self) -> None:
-        while len(self._workers) < self.size:
-            self._workers.append(self._spawner.worker())
+        if len(self._workers) < self.size:
+            self._workers += self._spawner.workers(self.size - len(self._workers))
 
     def dumpable(self) -> tuple[int, ...]:
         """PR_GET_DUMPABLE as each worker reported it at start (0 expected); starts them
@@ -771,7 +774,8 @@ class _Spawner:
         self.requests: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
 
-    def worker(self) -> _Worker:
+    def workers(self, n: int) -> list[_Worker]:
+        """n workers that have the region (see _start_workers), or the error."""
         if self.thread is None:
             self.thread = threading.Thread(target=_spawn_loop, name="sworndisk-crypto-spawner",
                                            args=(self.requests, self.memfd, self.keys_len,
@@ -779,7 +783,7 @@ class _Spawner:
                                            daemon=True)
             self.thread.start()
         reply: queue.Queue = queue.Queue(1)
-        self.requests.put(reply)
+        self.requests.put((reply, n))
         got = reply.get()
         if isinstance(got, BaseException):
             raise got
@@ -794,25 +798,48 @@ class _Spawner:
 
 def _spawn_loop(requests: queue.Queue, memfd: int, keys_len: int, data_fd: int) -> None:
     while True:
-        reply = requests.get()
-        if reply is None:
+        request = requests.get()
+        if request is None:
             return
+        reply, n = request
         try:
-            reply.put(_start_worker(memfd, keys_len, data_fd))
+            reply.put(_start_workers(n, memfd, keys_len, data_fd))
         except BaseException as e:      # noqa: BLE001 - raised in the asking thread
             reply.put(e)
 
 
-def _start_worker(memfd: int, keys_len: int, data_fd: int, attempts: int = 3) -> _Worker:
-    """A worker that has the region. One that dies during its start-up (killed, say) is
-    started again, up to `attempts` in all; one refused the region (EPERM) is not."""
-    for attempt in range(attempts):
-        try:
-            return _Worker(memfd, keys_len, data_fd)
-        except OSError as e:
-            if e.errno == errno.EPERM or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+def _start_workers(n: int, memfd: int, keys_len: int, data_fd: int,
+                   attempts: int = 3) -> list[_Worker]:
+    """n workers that have the region, all started before any is waited for, so that
+    their start-ups overlap (eight one after another took 0.33 s). One that dies during
+    its start-up (killed, say) is started again, in up to `attempts` rounds; one refused
+    the region (EPERM) ends it. On any error, every worker started here is stopped."""
+    done: list[_Worker] = []
+    pending: list[_Worker] = []
+    try:
+        failure: OSError | None = None
+        for _attempt in range(attempts):
+            while len(done) + len(pending) < n:
+                pending.append(_Worker(keys_len))
+            failure = None
+            while pending:
+                w = pending.pop(0)
+                try:
+                    w.share(memfd, data_fd)         # stops w if it fails
+                except OSError as e:
+                    if e.errno == errno.EPERM:
+                        raise
+                    failure = e
+                else:
+                    done.append(w)
+            if failure is None:
+                return done
+        assert failure is not None
+        raise failure
+    except BaseException:
+        for w in done + pending:
+            w.stop()
+        raise
 
 
 class _LaneJob:

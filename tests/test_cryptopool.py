@@ -280,6 +280,34 @@ def test_a_worker_killed_during_its_start_up_is_started_again(monkeypatch):
     assert _children() == kids                  # the killed one was reaped too
 
 
+def test_workers_start_together(monkeypatch):
+    """Every worker of a pool is started before the first one is waited for: their
+    Python start-ups overlap instead of adding up at the disk's first job."""
+    spawned, at_first_share = [], []
+    popen, share = cryptopool.subprocess.Popen, cryptopool._Worker.share
+
+    def spawn(*args, **kwargs):
+        proc = popen(*args, **kwargs)
+        spawned.append(proc.pid)
+        return proc
+
+    def first_share(self, memfd, data_fd):
+        if not at_first_share:
+            at_first_share.append(len(spawned))
+        share(self, memfd, data_fd)
+    monkeypatch.setattr(cryptopool.subprocess, "Popen", spawn)
+    monkeypatch.setattr(cryptopool._Worker, "share", first_share)
+    kids = _children()
+    pool = CryptoPool(4, 16)
+    try:
+        pool.start()
+        assert at_first_share == [4] and sorted(pool.pids()) == sorted(spawned)
+        assert pool.dumpable() == (0, 0, 0, 0)
+    finally:
+        pool.close()
+    assert _children() == kids
+
+
 def test_open_close_cycles_leave_nothing():
     """100 open/close cycles with the default (automatic) pool: no child process, no
     descriptor left over."""
@@ -708,14 +736,14 @@ def test_a_failed_respawn_leaves_the_pool_working(tmp_path, monkeypatch):
     pool = disk.debug.pool
     os.kill(dead, signal.SIGKILL)
     os.waitid(os.P_PID, dead, os.WEXITED | os.WNOWAIT)     # dead, not reaped yet
-    spawn, failures = pool._spawner.worker, []
+    spawn, failures = pool._spawner.workers, []
 
-    def fail_once():
+    def fail_once(n):
         if not failures:
             failures.append(1)
             raise OSError(errno.EMFILE, "Too many open files")
-        return spawn()
-    monkeypatch.setattr(pool._spawner, "worker", fail_once)
+        return spawn(n)
+    monkeypatch.setattr(pool._spawner, "workers", fail_once)
     batch = [(lba, 1) for lba in lbas[:32]]
     try:
         got = disk.read_many(batch)     # may still be answered (the job redone here)
