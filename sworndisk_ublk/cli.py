@@ -31,6 +31,25 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise CliError(f"{message} (see '{self.prog} --help')", self.usage_code)
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse's, but arguments no verb knows point to that verb's help, not the
+        top level's (argparse reports them from the top-level parser)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            verb = self.verbs.get(getattr(ns, "command", None), self)
+            verb.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+    def add_subparsers(self, **kwargs):
+        self._verb_action = super().add_subparsers(**kwargs)
+        return self._verb_action
+
+    @property
+    def verbs(self) -> dict:
+        """The verbs' parsers by name (none for a verb's own parser)."""
+        action = getattr(self, "_verb_action", None)
+        return action.choices if action is not None else {}
+
 
 def _positive(text: str) -> int:
     try:

@@ -329,6 +329,11 @@ def test_cli_usage_errors_are_one_line(capsys):
     code, _, err = run_cli(capsys, "add", "--crypto-workers", "-1", "x")
     assert code == ExitCode.USAGE and err.count("\n") == 1 and "--crypto-workers" in err
     assert err.endswith("(see 'sworndisk-ublk add --help')\n")
+    code, _, err = run_cli(capsys, "stats", "--bogus")
+    assert code == ExitCode.USAGE and err == ("sworndisk-ublk: error: unrecognized arguments: "
+                                              "--bogus (see 'sworndisk-ublk stats --help')\n")
+    code, _, err = run_cli(capsys, "check", "d.img", "m.img", "--bogus")   # check's own code
+    assert code == 8 and err.count("\n") == 1 and "sworndisk-ublk check --help" in err
 
 
 def test_cli_del_and_recover_unknown_device(capsys, fake_driver):
