@@ -280,6 +280,7 @@ class FileDevice(BlockDevice):
         self._ring = False                  # io_uring for the *_many calls, made on first use
         self._ring_lock = threading.Lock()
         self._inflight = None               # the batch pwrite_many left in flight
+        self._lost: OSError | None = None   # why a write left in flight failed, if one did
         self.bytes_bounced = 0              # pwrite_many bytes copied to the bounce buffer
         self._fence = None                  # waits for reads issued by other processes
 
@@ -353,6 +354,7 @@ class FileDevice(BlockDevice):
     def pwrite(self, data, offset: int) -> None:
         _check_range(self, len(data), offset)
         self._drain()
+        self._check_lost()
         if self._fence is not None:
             self._fence()
         self._pwrite_now(data, offset)
@@ -371,6 +373,7 @@ class FileDevice(BlockDevice):
 
     def flush(self) -> None:
         self._drain()
+        self._check_lost()
         os.fdatasync(self.file.fd)
 
     def pwrite_many(self, items: list) -> None:
@@ -396,6 +399,7 @@ class FileDevice(BlockDevice):
             self._fence()
         with self._ring_lock:
             self._drain_locked()
+            self._check_lost()
             for i in range(0, len(items), _RING_BATCH):
                 self._submit_locked(ring, items[i:i + _RING_BATCH], stable)
                 if i + _RING_BATCH < len(items):
@@ -479,11 +483,24 @@ class FileDevice(BlockDevice):
                   if res != len(places[user_data][0])]
         for i in failed:                        # error or short write: redo it plainly
             view, offset = places[i]            # from the same bytes (every call drains
-            n = os.pwritev(self.file.fd, [view], offset)
-            nbytes = len(view)
-            if n != nbytes:                     # before the buffers are used again), so a
-                raise OSError(errno.EIO,        # real error is raised here
-                              f"{self.path}: short write at {offset} ({n}/{nbytes})")
+            try:                                # before the buffers are used again), so a
+                n = os.pwritev(self.file.fd, [view], offset)    # real error is raised here
+            except OSError as e:
+                self._lost = e
+                raise
+            if n != len(view):
+                self._lost = OSError(errno.EIO, f"{self.path}: short write at {offset} "
+                                                f"({n}/{len(view)})")
+                raise self._lost
+
+    def _check_lost(self) -> None:
+        """A write left in flight that failed fails every later write, flush and discard
+        too: whichever call met the error first (a read, perhaps, that its caller
+        reports alone), no flush may then return as if that write were durable."""
+        if self._lost is not None:
+            raise OSError(self._lost.errno or errno.EIO,
+                          f"{self.path}: a write failed earlier ({self._lost.strerror or self._lost}); "
+                          f"nothing written since is durable: reopen the disk")
 
     def _uring(self) -> Ring | None:
         """The ring of the *_many calls; None where the kernel refuses io_uring."""
@@ -497,6 +514,7 @@ class FileDevice(BlockDevice):
     def discard(self, offset: int, nbytes: int) -> None:
         _check_range(self, nbytes, offset)
         self._drain()
+        self._check_lost()
         if self._fence is not None:
             self._fence()
         try:

@@ -341,3 +341,46 @@ def test_stable_writes_go_from_the_callers_pages(tmp_path):
     empty.pwrite_many([(b"", 0), (bytes(4096), 4096)])     # an empty item is no write
     empty.pwrite_many_stable([(b"", 0)])
     empty.close()
+
+
+_LOST_WRITE = r"""
+import os, resource, signal, sys
+from sworndisk import FileDevice
+path = sys.argv[1]
+dev = FileDevice(path)
+if not dev.direct or dev._uring() is None:
+    print("no-uring")
+    sys.exit(0)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))   # writes past 1 MiB: EFBIG
+block = os.urandom(4096)
+dev.pwrite_many([(block, 0), (block, 2 << 20)])        # left in flight; the second fails
+for name, call in [("read", lambda: dev.pread(4096, 0)), ("flush", dev.flush),
+                   ("write", lambda: dev.pwrite(block, 4096)),
+                   ("write_many", lambda: dev.pwrite_many([(block, 8192)])),
+                   ("discard", lambda: dev.discard(0, 4096))]:
+    try:
+        call()
+        print(name, "ok")
+    except OSError as e:
+        print(name, "raised", e.errno)
+"""
+
+
+def test_a_failed_write_in_flight_fails_every_later_write_and_flush(tmp_path):
+    """A write pwrite_many left in flight fails for real (the kernel refuses it: past the
+    process's RLIMIT_FSIZE). The call that meets the error first is a read; every later
+    write, flush and discard of the device fails too, so that no flush can return as if
+    the lost write were durable (a merge's index chunk, a data segment)."""
+    import errno
+    import subprocess
+    import sys
+    path = str(tmp_path / "img")
+    create_image(path, 8 << 20)
+    out = subprocess.run([sys.executable, "-c", _LOST_WRITE, path], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split("\n")
+    if out[0] == "no-uring":
+        pytest.skip("needs O_DIRECT and io_uring (the in-flight path)")
+    e = errno.EFBIG
+    assert out[:5] == [f"read raised {e}", f"flush raised {e}", f"write raised {e}",
+                       f"write_many raised {e}", f"discard raised {e}"], out
