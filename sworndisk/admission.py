@@ -59,8 +59,7 @@ class Admission:
             piece = mv if k == n else mv[done * BLOCK_SIZE:(done + k) * BLOCK_SIZE]
             self.guarded(lambda: self.batch.put(lba + done, piece))
             done += k
-        self.lifetime.user_blocks_written += n
-        self.session.user_blocks_written += n
+        self._written(n)
 
     def write_many(self, views: list, total: int) -> None:
         """(lba, view) writes of `total` blocks in all, in order. When the whole batch fits
@@ -73,8 +72,19 @@ class Admission:
                 self.write(lba, mv)
             return
         self.guarded(lambda: batch.put_many(views, single=total == len(views)))
-        self.lifetime.user_blocks_written += total
-        self.session.user_blocks_written += total
+        self._written(total)
+
+    def _written(self, n: int) -> None:
+        self.lifetime.user_blocks_written += n
+        self.session.user_blocks_written += n
+        self._advance(n)
+
+    def _advance(self, n: int) -> None:
+        """Moves a merge in progress on by as much as `n` blocks written or discarded pay
+        for (lsm.LsmIndex.advance): here, while the crypto workers seal."""
+        index = self.state.index
+        if index.merging():
+            self.guarded(lambda: index.advance(n))
 
     def discard(self, lba: int, nr_blocks: int) -> None:
         """Unmaps [lba, lba+nr_blocks) in pieces of at most the budget, each committed."""
@@ -84,6 +94,7 @@ class Admission:
                 self.guarded(self.commit)
             hi = min(end, lba + self.budget - batch.unflushed)
             self.guarded(lambda: batch.discard(lba, hi))    # may finish a seal
+            self._advance(hi - lba)
             lba = hi
         self.lifetime.blocks_discarded += nr_blocks
 

@@ -33,6 +33,7 @@ LAZY_FILTER_RECORDS = 1 << 18     # a loaded BIT up to this size is scanned for 
 _RESIDENT_SLICE = 4096            # records per array a resident BIT's leaves() yields
 _READ_RUN = 256                   # nodes one read of a BIT being loaded whole covers at most
 NODE_BATCH = 64                   # leaves a BIT builder seals together
+WRITE_CHUNKS = 4                  # index chunks a BIT builder writes together (1 MiB)
 
 
 @dataclass
@@ -246,13 +247,13 @@ class NodeStore:
         return node
 
     def seal(self, kind: int, height: int, recs: np.ndarray, n: int,
-             remember: bool = True) -> tuple[bytes, bytes, bytearray]:
+             remember: bool = True, share: bool = True) -> tuple[bytes, bytes, bytearray]:
         """Encrypts n nodes, recs split evenly over them, each under a fresh key, in one
         batch (`crypto`'s workers share it); returns (key || nonce material, MACs,
         ciphertexts), n of each. The plaintexts go into the cache as well
         (write-through) if `remember`: a new BIT replaces the ones it merged, so its
         nodes are the ones the next lookups need, and reading them back would cost a
-        device read and a decryption each."""
+        device read and a decryption each. `share`: see BlockCrypto.seal_blocks."""
         per = len(recs) // n
         pts = np.zeros((n, BLOCK_SIZE), np.uint8)
         pts[:, :NODE_HEADER.size] = np.frombuffer(
@@ -260,7 +261,7 @@ class NodeStore:
         pts[:, NODE_HEADER.size:NODE_HEADER.size + per * self.fmt.size] = \
             np.ascontiguousarray(recs).view(np.uint8).reshape(n, per * self.fmt.size)
         plain = memoryview(pts).cast("B")
-        material, macs, cts = self.crypto.seal_blocks(plain, n)
+        material, macs, cts = self.crypto.seal_blocks(plain, n, share)
         if remember:
             t = crypto.TAG_BYTES
             for j in range(n):
@@ -584,12 +585,14 @@ class BitBuilder:
         self.chunk_start = chunk_start
         self.chunks: list[int] = []
         self.buf = bytearray()
+        self._done: list[tuple[bytearray, int]] = []   # chunks built, not yet written
         self.pending: list[list[np.ndarray]] = [[]]   # per height: arrays awaiting a node
         self.pending_n: list[int] = [0]
         self.emitted: list[int] = [0]
         self.count = 0
         self.lba_min = self.lba_max = None
         self.blocks_written = 0
+        self.share_seals = True         # NodeStore.seal's `share`, for the nodes to come
 
     def add(self, recs: np.ndarray) -> None:
         if len(recs) == 0:
@@ -629,7 +632,8 @@ class BitBuilder:
         one level up and returns them."""
         kb = self.fmt.key_bytes
         material, macs, cts = self.store.seal(LEAF if height == 0 else INTERNAL, height, recs,
-                                              n, remember=self.records is None)
+                                              n, remember=self.records is None,
+                                              share=self.share_seals)
         entries = self.fmt.records(
             recs["lba"][::len(recs) // n], self._place(cts, n),
             np.frombuffer(material, np.uint8).reshape(n, kb + crypto.NONCE_BYTES),
@@ -667,14 +671,23 @@ class BitBuilder:
         return hbas
 
     def _write_chunk(self) -> None:
-        """A full (or the last) chunk to the meta device, left in flight where the device
-        can (pwrite_many): the next chunk is built meanwhile, and the device's next call,
-        at the latest the checkpoint's pack write, waits for it."""
+        """A full (or the last) chunk, to the meta device with the ones before it once
+        WRITE_CHUNKS are done (or at finish), left in flight where the device can
+        (pwrite_many): the next chunks are built meanwhile, and the device's next call,
+        at the latest the checkpoint's pack write, waits for them. A merge running
+        between writes shares the device with the data segments: fewer, larger writes
+        wait less for the one before."""
         if self.buf:
-            self.store.meta.pwrite_many([(self.buf,
-                                          self.chunk_start(self.chunks[-1]) * BLOCK_SIZE)])
+            self._done.append((self.buf, self.chunk_start(self.chunks[-1]) * BLOCK_SIZE))
             self.blocks_written += len(self.buf) // BLOCK_SIZE
             self.buf = bytearray()
+        if len(self._done) >= WRITE_CHUNKS:
+            self._write_done()
+
+    def _write_done(self) -> None:
+        if self._done:
+            self.store.meta.pwrite_many(self._done)
+            self._done = []
 
     def finish(self, bit_id: int, level: int) -> BitMeta | None:
         """Writes the partial nodes bottom-up; the single node at the top is the root."""
@@ -703,6 +716,7 @@ class BitBuilder:
                 self._emit(h, recs)
             h = h + 1 if root is None else h
         self._write_chunk()
+        self._write_done()
         self.emitted = self.emitted[:height + 1]
         return BitMeta(bit_id, level, height, self.count, self.lba_min, self.lba_max, root,
                        list(self.chunks))

@@ -71,11 +71,14 @@ class BlockCrypto:
             self._inline += len(values)
         return _InlineOpen(values, key_at, self.key_bytes, raws, dsts)
 
-    def seal_blocks(self, plain: memoryview, n: int) -> tuple[bytes, bytes, bytearray]:
+    def seal_blocks(self, plain: memoryview, n: int, share: bool = True
+                    ) -> tuple[bytes, bytes, bytearray]:
         """Seals n consecutive 4 KiB blocks of `plain` under fresh keys (a batch of BIT
         nodes): (key || nonce material, tags, ciphertext), as crypto.seal_blocks makes
-        them. Shared with the workers when the batch is worth a round trip."""
-        if self.pool is not None and n >= MIN_SHARED_SEAL:
+        them. Shared with the workers when the batch is worth a round trip and `share`
+        (not for a merge running between writes: the workers are sealing the writes'
+        segments then, and a share would wait behind them)."""
+        if self.pool is not None and share and n >= MIN_SHARED_SEAL:
             return self.pool.seal_blocks(plain, n)
         material = crypto.random_bytes(n * (self.key_bytes + NONCE))
         out, tags = bytearray(n * BLOCK + TAG), bytearray(n * TAG)

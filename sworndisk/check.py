@@ -34,7 +34,7 @@ from .errors import IntegrityError
 from .format import (BLOCK_SIZE, DETAIL_NONE, INDEX_CHUNK_BLOCKS, JOURNAL_HEADER,
                      JOURNAL_MAGIC, NO_BLOCK, NODE_INTERNAL, NODE_LEAF, PACK_HEADER, PACK_MAGIC,
                      SEGMENT_BLOCKS, TOMBSTONE_HBA, segdir_dtype)
-from .lsm import merge_streams
+from .merge import merge_streams
 from .superblock import Credential, Unlocked
 
 Progress = Callable[[str, int, int], None]     # (stage, done, total)

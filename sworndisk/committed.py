@@ -35,7 +35,7 @@ class CommittedState:
         self.space = DataSpace(segtable, layout.reserve_segments)
         self.ispace = IndexSpace(layout.index_chunks)
         self.index = LsmIndex(fmt, store, config, min(layout.nr_blocks, layout.data_blocks),
-                              self.ispace.alloc,
+                              self.ispace,
                               lambda c: layout.index_start + c * INDEX_CHUNK_BLOCKS)
         self.lookaside = Lookaside(config.lookaside_records)
 

@@ -267,15 +267,18 @@ class SwornDisk:
             self._clean(greedy=True)
 
     def background_step(self) -> bool:
-        """One bounded unit of background work (one segment's cleaning); True if it did any.
+        """One bounded unit of background work (one segment's cleaning when free space
+        runs low, else a chunk of a merge in progress); True if it did any.
 
-        Runs only when nothing unflushed is pending, since it commits its own moves."""
+        Runs only when nothing unflushed is pending: a cleaning step commits its moves,
+        and a merge is installed, right after the last commit."""
         self._check_usable()
         if not self._batch.is_empty():
             return False
-        if self._state.space.free_segments() >= self.layout.reserve_segments + 4:
-            return False
-        return self._clean(greedy=False)
+        if self._state.space.free_segments() < self.layout.reserve_segments + 4 \
+                and self._clean(greedy=False):
+            return True
+        return self._guarded(self._protocol.step_merge)
 
     def _clean(self, greedy: bool) -> bool:
         return self._guarded(lambda: self._cleaner.step(greedy, self._protocol.commit))
@@ -286,8 +289,7 @@ class SwornDisk:
         try:
             if self._latch.failed is None and not self.read_only:
                 self._guarded(self._protocol.commit)
-                if self._protocol.journal.used() > 1:
-                    self._guarded(self._protocol.checkpoint)
+                self._guarded(self._protocol.final_checkpoint)
         finally:
             self._closed = True
             self._crypto.close()

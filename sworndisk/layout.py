@@ -104,6 +104,15 @@ def index_chunks_needed(live: int, config: Config, record_size: int) -> int:
     return -(-nodes // INDEX_CHUNK_BLOCKS) + bits + 8
 
 
+def bit_chunks(records: int, record_size: int) -> int:
+    """Index chunks a BIT of at most `records` records takes, at most (nodes full but
+    the last of each height, the root, a chunk begun per BIT)."""
+    fanout = leaf_capacity(record_size)
+    nodes = -(-records // fanout)
+    nodes += nodes // (fanout - 1) + 2
+    return -(-nodes // INDEX_CHUNK_BLOCKS) + 1
+
+
 def auto_reserve_segments(data_segments: int) -> int:
     """Cleaning reserve: 2 segments, or 2% of the data device, whichever is more."""
     return max(2, -(-data_segments * 2 // 100))

@@ -4,11 +4,22 @@ Level 0 holds BITs, newest first, each a former MemTable (minor compaction). Whe
 more than `level_ratio` BITs or `level_ratio` MemTables' worth of records, all of L0 and
 L1 merge into one new L1 BIT; level i >= 1 holds a single BIT and merges into level i+1
 when it exceeds its limit (layout.level_caps: sized from the bottom, which holds the
-whole live index). A compaction does at most one merge, the shallowest due, so that the
-inputs it retires are freed by the very next checkpoint and index space never has to
-hold a whole cascade (layout.index_chunks_needed). The newest record of an LBA wins;
-tombstones drop out when the merge writes the deepest level. Merges stream leaf by leaf,
-so memory stays bounded by a few leaves per input whatever the disk size.
+whole live index). The newest record of an LBA wins; tombstones drop out when the merge
+writes the deepest level. Merges stream leaf by leaf, so memory stays bounded by a few
+leaves per input whatever the disk size.
+
+A checkpoint starts at most one merge, the shallowest due (merge.py), and it runs in the
+background: paced by the blocks written (`advance`), a chunk of records at a time, so
+that a commit does not stall for a rewrite of the deepest level and the crypto workers
+seal new writes meanwhile. Level 0 keeps taking MemTables while it runs, and a later
+checkpoint installs it once it is done. A merge runs in the background only while the
+index region has room for the rest of its output and for the next MemTable's BIT
+besides (checked at each checkpoint, each an upper bound: layout.bit_chunks), and
+while the level-0 BITs written since it began do not fill level 0; otherwise the
+checkpoint runs it to its end. A checkpoint installs at most one merge, so that the
+inputs it retires are freed by its own pack and index space never has to hold a cascade
+(layout.index_chunks_needed); the one it starts after an install takes no chunk before
+that pack is durable.
 """
 from __future__ import annotations
 
@@ -19,9 +30,11 @@ import numpy as np
 from .bit import Bit, BitBuilder, BitMeta, NodeStore
 from .config import Config
 from .flatindex import FlatIndex
-from .layout import INDEX_CHUNK_BLOCKS, level_caps
+from .layout import INDEX_CHUNK_BLOCKS, bit_chunks, level_caps, max_bit_records
 from .memtable import MemTable
-from .records import TOMBSTONE_HBA, RecordFormat, u64
+from .merge import Merge
+from .records import TOMBSTONE_HBA, RecordFormat
+from .space import IndexSpace
 
 # With several BITs, the flat index is built once the BIT searches since the last change
 # cost about what building it does (one BIT's search of a key, measured, costs about the
@@ -31,13 +44,17 @@ FLAT_BUILD_RATIO = 8
 
 class LsmIndex:
     def __init__(self, fmt: RecordFormat, store: NodeStore, config: Config, live: int,
-                 alloc_chunk: Callable[[], int], chunk_block: Callable[[int], int]):
+                 space: IndexSpace, chunk_block: Callable[[int], int]):
         self.fmt = fmt
         self.store = store
         self.config = config
         self.caps = level_caps(live, config)      # limits of levels 1..; the last is bottom
-        self.alloc_chunk = alloc_chunk
+        self.max_bit = max_bit_records(live, config)     # records of a MemTable's BIT
+        self.space = space
         self.chunk_block = chunk_block
+        self.merge: Merge | None = None         # the merge in progress (merge.py), or None
+        self._credit = 0.0                      # records it may merge now (advance)
+        self.merge_steps = 0                    # chunks merged between commits (advance)
         self.memtable = MemTable(fmt)
         self.levels: list[list[Bit]] = []
         self.next_bit_id = 1
@@ -60,6 +77,7 @@ class LsmIndex:
              major_compactions: int = 0) -> None:
         """The index of a checkpoint pack: its BIT catalog and compaction counts."""
         self.minor_compactions, self.major_compactions = minor_compactions, major_compactions
+        self.drop_merge()
         self._set_flat(None)
         for bit in self.bits():
             bit.release()
@@ -220,8 +238,8 @@ class LsmIndex:
         return self.range(min(lbas), max(lbas) + 1)
 
     # ---- compaction ----
-    def _builder(self, expect: int, bottom: bool) -> BitBuilder:
-        return BitBuilder(self.store, self.alloc_chunk, INDEX_CHUNK_BLOCKS, self.chunk_block,
+    def _builder(self, expect: int, bottom: bool, alloc: Callable[[], int]) -> BitBuilder:
+        return BitBuilder(self.store, alloc, INDEX_CHUNK_BLOCKS, self.chunk_block,
                           expect, filtered=not bottom)
 
     def _finish(self, builder: BitBuilder, level: int) -> Bit | None:
@@ -233,10 +251,12 @@ class LsmIndex:
         return Bit(meta, self.store, builder.fence(), builder.bloom,
                    records=builder.all_records())
 
-    def compact(self) -> list[int]:
-        """Minor compaction of the whole MemTable, then major compactions as needed.
-        Writes BIT nodes (no flush); returns the index chunks of retired BITs."""
-        retired: list[int] = []
+    def compact(self, finish: bool = False) -> list[int]:
+        """Minor compaction of the whole MemTable into a new level-0 BIT (nodes written,
+        no flush); then the install of a merge that is done or may not wait longer, or
+        the start of the shallowest merge due. `finish` (the last checkpoint before a
+        close): a merge in progress or started here is run to its end and installed.
+        Returns the index chunks of retired BITs."""
         if len(self.memtable):
             recs = self.memtable.to_array()
             bottom = not any(self.levels)
@@ -245,7 +265,7 @@ class LsmIndex:
             # Dropped first: the reads to come rebuild it if they pay for it, and the new
             # BIT takes its share of the resident budget (reserved when it is built).
             self._set_flat(None)
-            b = self._builder(len(recs), bottom)
+            b = self._builder(len(recs), bottom, self.space.alloc)
             b.add(recs)
             bit = self._finish(b, 0)
             if not self.levels:
@@ -254,105 +274,138 @@ class LsmIndex:
                 self.levels[0].insert(0, bit)
             self.memtable.clear()
             self.minor_compactions += 1
+        retired: list[int] = []
+        if self.merge is not None:
+            if not (finish or self.merge.done or not self._room_for(self._chunks_left())
+                    or self._full(self._since_merge())):
+                return []
+            retired = self._install()
         due = next((lvl for lvl in range(len(self.levels)) if self._overfull(lvl)), None)
-        if due is not None:
-            retired += self._merge_down(due)
-        while self.levels and not self.levels[-1]:
-            self.levels.pop()
+        if due is None or (retired and finish):
+            return retired
+        inputs, target, bottom = self._plan(due)
+        total = sum(bit.meta.count for bit in inputs)
+        if not finish and self._room_for(bit_chunks(total, self.fmt.size)):
+            self._start_merge(inputs, due, target, bottom)      # in the background
+        elif not retired:                   # at most one install per checkpoint
+            self._start_merge(inputs, due, target, bottom)
+            retired = self._install()
         return retired
 
     def _overfull(self, lvl: int) -> bool:
         level = self.levels[lvl]
         if lvl == 0:
-            return (len(level) > self.config.level_ratio
-                    or sum(b.meta.count for b in level)
-                    > self.config.level_ratio * self.config.memtable_records)
+            return self._full(level)
         return lvl <= len(self.caps) and bool(level) and level[0].meta.count > self.caps[lvl - 1]
 
-    def _merge_down(self, lvl: int) -> list[int]:
-        """Merges level `lvl` into the next one; if what they hold together would already
-        be over that level's limit, into the one below it instead (and so on), in the
-        same single merge: the output would spill at the very next checkpoint, and
-        writing it twice costs a rewrite of the deeper level's records for nothing."""
-        if lvl + 1 == len(self.levels):
-            self.levels.append([])
+    def _full(self, level0: list[Bit]) -> bool:
+        """Whether these level-0 BITs are more than level 0 holds."""
+        return (len(level0) > self.config.level_ratio
+                or sum(b.meta.count for b in level0)
+                > self.config.level_ratio * self.config.memtable_records)
+
+    def _since_merge(self) -> list[Bit]:
+        """The level-0 BITs written since the merge in progress began (none of its inputs):
+        once they alone fill level 0 (checkpoints that the journal or the segment table
+        called for come faster than the writes pace the merge), it is finished."""
+        inputs = {id(bit) for bit in self.merge.inputs}
+        return [bit for bit in self._level(0) if id(bit) not in inputs]
+
+    def _level(self, lvl: int) -> list[Bit]:
+        return self.levels[lvl] if lvl < len(self.levels) else []
+
+    def _plan(self, lvl: int) -> tuple[list[Bit], int, bool]:
+        """The merge of level `lvl` into the next one; if what they hold together would
+        already be over that level's limit, into the one below it instead (and so on), in
+        the same single merge: the output would spill at the very next checkpoint, and
+        writing it twice costs a rewrite of the deeper level's records for nothing.
+        Its inputs, target level, and whether that is the bottom."""
         target = lvl + 1
-        inputs = self.levels[lvl] + self.levels[target]
+        inputs = self._level(lvl) + self._level(target)
         while (target <= len(self.caps) and any(self.levels[target + 1:])
                and sum(bit.meta.count for bit in inputs) > self.caps[target - 1]):
             target += 1
-            inputs += self.levels[target]
-        bottom = not any(self.levels[target + 1:])
-        b = self._builder(sum(bit.meta.count for bit in inputs), bottom)
-        for recs in merge_streams([bit.leaves() for bit in inputs], self.fmt):
-            if bottom:
-                recs = recs[recs["hba"] != TOMBSTONE_HBA]
-            b.add(recs)
-        for bit in inputs:
+            inputs += self._level(target)
+        return inputs, target, not any(self.levels[target + 1:])
+
+    def _start_merge(self, inputs: list[Bit], lvl: int, target: int, bottom: bool) -> None:
+        builder = self._builder(sum(bit.meta.count for bit in inputs), bottom,
+                                self.space.alloc_building)
+        self.merge = Merge(inputs, lvl, target, bottom, builder, self.fmt)
+        self._credit = 0.0
+
+    # ---- the merge in progress ----
+    def merging(self) -> bool:
+        return self.merge is not None
+
+    def merge_ready(self) -> bool:
+        """A merge is in progress and has merged all its inputs (a checkpoint installs it)."""
+        return self.merge is not None and self.merge.done
+
+    def merge_progress(self) -> tuple[int, int]:
+        """(records merged, input records) of the merge in progress; (0, 0) if none."""
+        return (self.merge.merged, self.merge.total) if self.merge is not None else (0, 0)
+
+    def advance(self, blocks: int) -> bool:
+        """Paces the merge in progress by `blocks` just written: it is given the records
+        that finish it by the time 3/4 of level_ratio MemTables more are written (before
+        full MemTables can fill level 0 again; checkpoints called for by the journal may
+        come sooner, see _since_merge), and merges them a chunk at a time. Whether it is
+        done."""
+        m = self.merge
+        if m is None:
+            return False
+        self._credit += blocks * m.total / max(1, self.config.level_ratio
+                                               * self.config.memtable_records * 3 // 4)
+        while self._credit > 0:
+            n = m.step()
+            if not n:
+                break
+            self._credit -= n
+            self.merge_steps += 1
+        return m.done
+
+    def step_merge(self) -> None:
+        """One chunk of the merge in progress, whatever the pace (an idle disk's
+        background work); the last call finds the inputs exhausted (merge_ready)."""
+        if self.merge is not None and self.merge.step():
+            self.merge_steps += 1
+
+    def _chunks_left(self) -> int:
+        """Index chunks the merge in progress may still take, at most."""
+        m = self.merge
+        return bit_chunks(m.total, self.fmt.size) - len(m.chunks())
+
+    def _room_for(self, chunks: int) -> bool:
+        """Whether the index region has `chunks` free and the next MemTable's BIT besides."""
+        return self.space.free() >= chunks + bit_chunks(self.max_bit, self.fmt.size)
+
+    def _install(self) -> list[int]:
+        """Finishes the merge in progress and puts its BIT in place of its inputs; the
+        index chunks they held (retiring until the next pack is durable)."""
+        m = self.merge
+        m.run()
+        new = self._finish(m.builder, m.target)
+        self.space.settle(m.chunks())
+        self.merge = None
+        gone = {id(bit) for bit in m.inputs}
+        for bit in m.inputs:
             bit.release()
         self._set_flat(None)
-        new = self._finish(b, target)
-        retired = [c for bit in inputs for c in bit.meta.chunks]
-        for level in range(lvl, target):
+        while len(self.levels) <= m.target:
+            self.levels.append([])
+        self.levels[m.source] = [b for b in self.levels[m.source] if id(b) not in gone]
+        for level in range(m.source + 1, m.target):
             self.levels[level] = []
-        self.levels[target] = [new] if new is not None else []
+        self.levels[m.target] = [new] if new is not None else []
+        while self.levels and not self.levels[-1]:
+            self.levels.pop()
         self.major_compactions += 1
-        return retired
+        return [c for bit in m.inputs for c in bit.meta.chunks]
 
-
-MERGE_CHUNK_RECORDS = 4096
-
-
-def merge_streams(streams: list, fmt: RecordFormat) -> "iter[np.ndarray]":
-    """Merges sorted record streams (index 0 newest) into one, newest record per LBA.
-
-    Each step takes everything up to the smallest last-buffered LBA among the inputs, so
-    no input can still hold a smaller LBA. Inputs are read in chunks of a few thousand
-    records (several leaves), so that the numpy work of a step is spread over many
-    records; memory stays a chunk per input. Each chunk keeps its LBAs as a contiguous
-    array for the searches and the sort, and records move as opaque bytes (numpy copies
-    a structured dtype field by field)."""
-    streams = [_chunked(s, fmt) for s in streams]
-    bufs = [next(s, None) for s in streams]
-    raw = fmt.opaque
-    while True:
-        live = [i for i, b in enumerate(bufs) if b is not None]
-        if not live:
-            return
-        cut = u64(min(int(bufs[i][1][-1]) for i in live))
-        parts, keys = [], []
-        for i in live:
-            recs, lbas = bufs[i]
-            k = int(lbas.searchsorted(cut, side="right"))
-            if k:
-                parts.append(recs[:k].view(raw))
-                keys.append(lbas[:k])
-            bufs[i] = (recs[k:], lbas[k:]) if k < len(recs) else next(streams[i], None)
-        if len(parts) == 1:
-            yield parts[0].view(fmt.dtype)
-            continue
-        lbas = np.concatenate(keys)
-        order = np.argsort(lbas, kind="stable")     # equal LBAs: the newer input first
-        lbas = lbas[order]
-        first = np.empty(len(lbas), bool)
-        first[0] = True
-        np.not_equal(lbas[1:], lbas[:-1], out=first[1:])
-        yield np.concatenate(parts)[order[first]].view(fmt.dtype)
-
-
-def _chunked(stream, fmt: RecordFormat) -> "iter[tuple[np.ndarray, np.ndarray]]":
-    """The arrays of `stream` joined into chunks of at least MERGE_CHUNK_RECORDS, each
-    with its LBAs as a contiguous array."""
-    parts, n = [], 0
-    for recs in stream:
-        parts.append(recs)
-        n += len(recs)
-        if n >= MERGE_CHUNK_RECORDS:
-            chunk = fmt.concat(parts)
-            yield chunk, np.ascontiguousarray(chunk["lba"])
-            parts, n = [], 0
-    if parts:
-        chunk = fmt.concat(parts)
-        yield chunk, np.ascontiguousarray(chunk["lba"])
-
+    def drop_merge(self) -> None:
+        """Forgets the merge in progress (a reload): its chunks are free again."""
+        if self.merge is not None:
+            self.space.abandon(self.merge.chunks())
+            self.merge = None
 

@@ -8,6 +8,8 @@ Checkpoint (after a commit, when the MemTable is full, the journal half used or 
 many segment-table details dirty):
     compact -> journal Checkpoint record naming the new pack's seq and MAC -> write the
     pack to the slot that does not hold the trusted pack -> flush.
+    A merge the compaction starts runs between later writes (lsm.py) and is installed by
+    a later checkpoint; its chunks are free in every pack until then.
 Recovery: the newest pack that authenticates, confirmed by the Checkpoint record at its
 anchor, then every whole committed transaction after it, applied in order. A trailing
 Checkpoint record without its pack is the honest trace of a crash between the two
@@ -89,14 +91,33 @@ class CommitProtocol:
                 or st.segtable.dirty_count() > st.segtable.cache_limit // 2)
 
     # ---- checkpoint ----
-    def checkpoint(self) -> None:
+    def checkpoint(self, finish: bool = False) -> None:
+        """`finish`: a merge in progress or due is run to its end (lsm.LsmIndex.compact)."""
         st = self.state
-        st.ispace.retire(st.index.compact())
+        st.ispace.retire(st.index.compact(finish))
         st.segtable.write_dirty()
         self._write_pack(1 - self._pack_slot)
         st.ispace.release_retired()
         st.segtable.release_retired()
         self.lifetime.checkpoints += 1
+
+    def final_checkpoint(self) -> None:
+        """At close, after the last commit: a checkpoint if anything happened since the
+        last one, with every merge finished, so that reopening finds none half done."""
+        if self.journal.used() > 1 or self.state.index.merging():
+            self.checkpoint(finish=True)
+
+    def step_merge(self) -> bool:
+        """One chunk of a merge in progress, or the checkpoint that installs it once it is
+        done: an idle disk's background work, with nothing pending. Whether it did any."""
+        index = self.state.index
+        if not index.merging():
+            return False
+        if not index.merge_ready():
+            index.step_merge()
+        if index.merge_ready():
+            self.checkpoint()
+        return True
 
     def _write_pack(self, slot: int) -> None:
         """The Checkpoint record, then the pack in `slot`, then a flush."""
@@ -107,7 +128,7 @@ class CommitProtocol:
                     meta={"commit_seq": self.commit_seq, "bits": st.index.catalog(),
                           "next_bit_id": st.index.next_bit_id,
                           "counters": self.lifetime.to_dict(), "time": time.time()},
-                    segdir=st.segtable.directory(), ichunks=st.ispace.state)
+                    segdir=st.segtable.directory(), ichunks=st.ispace.packed())
         slot_bytes, mac = pack.encode(self.disk_key)
         if len(slot_bytes) > self.layout.checkpoint_blocks * BLOCK_SIZE:
             raise MetadataFullError(f"checkpoint pack {seq} outgrew its slot")
@@ -130,7 +151,7 @@ class CommitProtocol:
         the chain and the pack MAC still tie every block to this pack). Until the
         superblock names `layout`, the disk stays as it was."""
         self.commit()
-        self.checkpoint()
+        self.checkpoint(finish=True)
         self.state.segtable.move(layout.segtable_start, layout.segtable_blocks)
         self.meta.pwrite(bytes(BLOCK_SIZE), layout.checkpoint_slot(1) * BLOCK_SIZE)
         journal = Journal(self.meta, self.disk_key, layout.journal_start, layout.journal_blocks)

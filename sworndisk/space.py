@@ -21,6 +21,8 @@ from .segtable import NONE, SegmentTable
 from .format import ICHUNK_FREE as CHUNK_FREE, ICHUNK_RETIRING as CHUNK_RETIRING
 from .format import ICHUNK_USED as CHUNK_USED
 
+CHUNK_BUILDING = 3      # in memory only: a merge's output, not yet named by a pack
+
 
 HEAD_USER, HEAD_COLD = "user", "cold"
 
@@ -235,18 +237,52 @@ class _RitView:
 
 
 class IndexSpace:
-    """Index chunks: free, used by a live BIT, or retiring (freed at the next checkpoint)."""
+    """Index chunks: free, used by a live BIT, retiring (freed at the next checkpoint), or
+    building: written by a merge in progress (merge.py), used once it is installed. A pack
+    records a building chunk as free (`packed`): no BIT it names is there, so after a
+    crash the chunk is free again."""
 
     def __init__(self, nchunks: int):
         self.state = np.zeros(nchunks, np.uint8)
 
     def alloc(self) -> int:
+        return self._take(CHUNK_USED)
+
+    def alloc_building(self) -> int:
+        """A chunk for a merge in progress."""
+        return self._take(CHUNK_BUILDING)
+
+    def _take(self, state: int) -> int:
         free = np.flatnonzero(self.state == CHUNK_FREE)
         if len(free) == 0:
             raise MetadataFullError("the index region is full")
         c = int(free[0])
-        self.state[c] = CHUNK_USED
+        self.state[c] = state
         return c
+
+    def settle(self, chunks: list[int]) -> None:
+        """A merge's chunks, now its installed BIT's."""
+        self._expect(chunks, CHUNK_BUILDING)
+        self.state[chunks] = CHUNK_USED
+
+    def abandon(self, chunks: list[int]) -> None:
+        """A merge dropped before its install: its chunks are free at once (no pack
+        names them)."""
+        self._expect(chunks, CHUNK_BUILDING)
+        self.state[chunks] = CHUNK_FREE
+
+    def _expect(self, chunks: list[int], state: int) -> None:
+        if chunks and not (self.state[chunks] == state).all():
+            raise AssertionError(f"index chunks {chunks} are not all in state {state}")
+
+    def packed(self) -> np.ndarray:
+        """The chunk map as a checkpoint pack records it (building chunks free)."""
+        out = self.state.copy()
+        out[out == CHUNK_BUILDING] = CHUNK_FREE
+        return out
+
+    def free(self) -> int:
+        return int((self.state == CHUNK_FREE).sum())
 
     def load(self, state) -> None:
         """The chunk map of a checkpoint pack; retiring chunks are free once it is durable.

@@ -50,6 +50,9 @@ class Index:
     resident_bytes: int = 0          # BITs held whole in memory (bit.py), the flat index too
     resident_limit: int = 0
     flat_records: int = 0            # the flat index's records (flatindex.py; 0: none)
+    merge_records: int = 0           # input records of the merge in progress (0: none)
+    merged_records: int = 0          # how many of them it has merged
+    merge_steps: int = 0             # chunks merged between commits, this session (lsm.py)
     segtable_cached: int = 0
     segtable_dirty: int = 0
     journal_blocks_used: int = 0
@@ -79,6 +82,7 @@ def collect_stats(parts: "DebugView", lifetime: Lifetime, session: Session, nr_b
                   config: "Config", crypto_stats: CryptoStats) -> DiskStats:
     """A snapshot of a disk's figures, read from its parts (SwornDisk.stats)."""
     st, store, protocol = parts.state, parts.index.store, parts.protocol
+    merged, merging = st.index.merge_progress()
     layout = protocol.layout
     ses = session
     ses.data_bytes_written, ses.data_bytes_read = parts.data.bytes_written, parts.data.bytes_read
@@ -105,6 +109,8 @@ def collect_stats(parts: "DebugView", lifetime: Lifetime, session: Session, nr_b
                     summary_bytes=store.summaries.used, summary_limit=store.summaries.limit,
                     resident_bytes=store.resident.used, resident_limit=store.resident.limit,
                     flat_records=st.index.flat_records(),
+                    merged_records=merged, merge_records=merging,
+                    merge_steps=st.index.merge_steps,
                     segtable_cached=st.segtable.cached_count(),
                     segtable_dirty=st.segtable.dirty_count(),
                     journal_blocks_used=protocol.journal.used(),

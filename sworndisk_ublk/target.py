@@ -219,7 +219,8 @@ class SwornDiskTarget(Target):
                 out[i] = req.length
 
     def idle(self) -> None:
-        """Give the engine's background work (segment cleaning) a turn when queues are idle.
+        """Give the engine's background work (a merge in progress, segment cleaning) a turn
+        when queues are idle.
 
         Never waits for the lock: if a request holds it, the queues are not idle after all.
         """

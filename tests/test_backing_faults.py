@@ -127,6 +127,28 @@ def prep_checkpoint(disk, model, rng):
     return [model.copy()]
 
 
+def prep_merge(disk, model, rng):
+    """Flushed random overwrites until a merge is in progress (lsm.py): background_step
+    then merges (its inputs resident: index nodes written, none read) and installs it
+    with a checkpoint."""
+    for rnd in range(200):
+        for _ in range(16):
+            _write(disk, model, rng.randrange(FILLED), 1, 5 + rnd, rng)
+        disk.flush()
+        if disk.debug.index.merging():
+            return [model.copy()]
+    raise AssertionError("no merge started")
+
+
+def run_merge(disk, rng):
+    while disk.debug.index.merging():
+        assert disk.background_step(), "a merge in progress but no background work"
+
+
+def merged(before, after):
+    return after.lifetime.major_compactions > before.lifetime.major_compactions
+
+
 def cleaned(before, after):
     return after.lifetime.cleaning_runs > before.lifetime.cleaning_runs
 
@@ -142,6 +164,7 @@ SCENARIOS = {
     "background-cleaning": Scenario(prep_background,
                                     lambda disk, rng: disk.background_step(), cleaned),
     "checkpoint": Scenario(prep_checkpoint, lambda disk, rng: disk.close(), checkpointed),
+    "background-merge": Scenario(prep_merge, run_merge, merged),
 }
 POOL_SCENARIOS = {"pool-flush": Scenario(prep_pool_flush, lambda disk, rng: disk.flush(),
                                          lambda before, after: after.crypto.batches > 0)}
@@ -211,7 +234,9 @@ NO_CALLS = {("write", "data", "reads"), ("write", "data", "flushes"),
             ("write", "meta", "flushes"), ("flush", "data", "reads"),
             ("background-cleaning", "meta", "reads"), ("checkpoint", "data", "reads"),
             ("checkpoint", "data", "writes"), ("checkpoint", "data", "flushes"),
-            ("checkpoint", "meta", "reads")}
+            ("checkpoint", "meta", "reads"), ("background-merge", "data", "reads"),
+            ("background-merge", "data", "writes"), ("background-merge", "data", "flushes"),
+            ("background-merge", "meta", "reads")}
 DEVICES = ("data", "meta")
 CASES = [(s, d, f) for s in SCENARIOS for d in DEVICES for f in FAULTS
          if (s, d, FAULTS[f][0]) not in NO_CALLS] + \

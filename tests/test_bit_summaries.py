@@ -15,6 +15,12 @@ from sworndisk.bloom import BloomFilter
 
 from .conftest import KEY16, MiB, make_block, new_disk
 
+
+def _mapped(disk, records: dict) -> dict:
+    """`records` without tombstones: a merge into the bottom level drops them, and the
+    close before a reopen finishes the merge in progress."""
+    return {l: v for l, v in records.items() if v != disk.debug.fmt.tombstone}
+
 CFG = Config(memtable_records=64, level_ratio=2)
 NR = 4096
 
@@ -145,7 +151,7 @@ def test_a_reopened_disk_builds_its_summaries_on_first_use():
     index.store.resident.limit = 0
     assert disk.stats().index.summary_bytes == 0
     assert len(index.memtable) == 0
-    assert index.lookup_bits(list(range(NR))) == before
+    assert _mapped(disk, index.lookup_bits(list(range(NR)))) == _mapped(disk, before)
     bits = index.bits()
     assert all(b.fence() is not None for b in bits)
     assert all(b.bloom is not None for b in bits if b.meta.level < bits[-1].meta.level)
@@ -196,7 +202,7 @@ def test_resident_bits_answer_what_root_walks_answer_and_read_no_node():
     disk = SwornDisk.open(data, meta, KEY16)     # resident again, from the device
     index = disk.debug.index
     assert disk.stats().index.resident_bytes == 0
-    assert index.lookup_bits(list(range(NR))) == before
+    assert _mapped(disk, index.lookup_bits(list(range(NR)))) == _mapped(disk, before)
     assert all(b.resident() is not None for b in index.bits())
     disk.close()
 
