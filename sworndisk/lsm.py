@@ -385,13 +385,13 @@ class LsmIndex:
         index chunks they held (retiring until the next pack is durable)."""
         m = self.merge
         m.run()
+        for bit in m.inputs:                # their budget, before the new BIT takes its own
+            bit.release()
+        self._set_flat(None)
         new = self._finish(m.builder, m.target)
         self.space.settle(m.chunks())
         self.merge = None
         gone = {id(bit) for bit in m.inputs}
-        for bit in m.inputs:
-            bit.release()
-        self._set_flat(None)
         while len(self.levels) <= m.target:
             self.levels.append([])
         self.levels[m.source] = [b for b in self.levels[m.source] if id(b) not in gone]
