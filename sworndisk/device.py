@@ -479,7 +479,17 @@ class FileDevice(BlockDevice):
             return
         places = self._inflight
         self._inflight = None
-        failed = [user_data for user_data, res, _flags in self._ring.complete(len(places))
+        try:
+            done = self._ring.complete(len(places))
+        except BaseException as e:
+            # The writes' outcome is unknown and the ring is out of step with its calls:
+            # they count as lost, and the ring is dropped (reads go one at a time).
+            self._lost = e if isinstance(e, OSError) else OSError(
+                errno.EIO, f"{self.path}: writes in flight were not seen through ({e!r})")
+            self._ring.close()
+            self._ring = None
+            raise
+        failed = [user_data for user_data, res, _flags in done
                   if res != len(places[user_data][0])]
         for i in failed:                        # error or short write: redo it plainly
             view, offset = places[i]            # from the same bytes (every call drains
@@ -523,16 +533,20 @@ class FileDevice(BlockDevice):
             pass            # stays there is ciphertext under keys it has dropped
 
     def close(self) -> None:
-        if self.file.fd >= 0:
-            self._drain()
-        if self._ring:
-            self._ring.close()
-            self._ring = None
-        if self._claim >= 0:
-            os.close(self._claim)
-            self._claim = -1
-        self.file.close()               # releases the OFD lock with the open file
-        self._locked = False
+        """Waits for the writes in flight (raising their error, if any) and always lets
+        go of the ring, the claim and the file: a disk that failed is then reopened."""
+        try:
+            if self.file.fd >= 0:
+                self._drain()
+        finally:
+            if self._ring:
+                self._ring.close()
+                self._ring = None
+            if self._claim >= 0:
+                os.close(self._claim)
+                self._claim = -1
+            self.file.close()           # releases the OFD lock with the open file
+            self._locked = False
 
 
 def as_device(dev, what: str) -> BlockDevice:

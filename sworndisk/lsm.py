@@ -77,7 +77,7 @@ class LsmIndex:
              major_compactions: int = 0) -> None:
         """The index of a checkpoint pack: its BIT catalog and compaction counts."""
         self.minor_compactions, self.major_compactions = minor_compactions, major_compactions
-        self.drop_merge()
+        self.merge = None               # (none at an open; the pack's chunk map frees its chunks)
         self._set_flat(None)
         for bit in self.bits():
             bit.release()
@@ -402,10 +402,3 @@ class LsmIndex:
             self.levels.pop()
         self.major_compactions += 1
         return [c for bit in m.inputs for c in bit.meta.chunks]
-
-    def drop_merge(self) -> None:
-        """Forgets the merge in progress (a reload): its chunks are free again."""
-        if self.merge is not None:
-            self.space.abandon(self.merge.chunks())
-            self.merge = None
-

@@ -265,12 +265,6 @@ class IndexSpace:
         self._expect(chunks, CHUNK_BUILDING)
         self.state[chunks] = CHUNK_USED
 
-    def abandon(self, chunks: list[int]) -> None:
-        """A merge dropped before its install: its chunks are free at once (no pack
-        names them)."""
-        self._expect(chunks, CHUNK_BUILDING)
-        self.state[chunks] = CHUNK_FREE
-
     def _expect(self, chunks: list[int], state: int) -> None:
         if chunks and not (self.state[chunks] == state).all():
             raise AssertionError(f"index chunks {chunks} are not all in state {state}")
