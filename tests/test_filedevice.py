@@ -417,6 +417,8 @@ def test_close_lets_go_of_a_device_whose_writes_in_flight_failed(tmp_path):
     """close() raises the error of the writes it waited for, and still closes the ring,
     the claim and the file, so that the same process can open the device again (a disk
     reopened after a failure)."""
+    import time
+    from sworndisk import DeviceBusyError
     path, dev, ring, real_complete, _ = _failing_the_second_write(tmp_path)
     dev.lock("data device")
 
@@ -427,5 +429,12 @@ def test_close_lets_go_of_a_device_whose_writes_in_flight_failed(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         dev.close()
     again = FileDevice(path)
-    again.lock("data device")           # the exclusive lock was let go
+    for _ in range(100):                # the exclusive lock is let go once the ring's
+        try:                            # teardown, which the kernel finishes in the
+            again.lock("data device")   # background, drops its hold on the file
+            break
+        except DeviceBusyError:
+            time.sleep(0.05)
+    else:
+        raise AssertionError("the device is still locked after close()")
     again.close()
