@@ -5,6 +5,7 @@ Correctness only (tiny sizes); the numbers it prints are not checked. The runs u
 alone, so they do not depend on the engine, except one small SwornDisk run at depth.
 """
 import json
+import os
 import sys
 
 import pytest
@@ -198,6 +199,17 @@ def test_bench_scaling_table_workers_0_and_n_and_its_chart(tmp_path, capsys):
             assert 0 < r["thread_us_per_block"] <= r["cpu_us_per_block"] + 1e-9, w
             worked += r["worker_us_per_block"]
     assert worked > 0                                  # the workers' CPU was counted
+    # The reads again straight from CryptDisk's image, and what 2 cores could make of them.
+    assert "what more cores could give reads at most" in text
+    for entry in doc["suite"]:
+        device = entry["disks"]["cryptdisk"]["best"]["device"]
+        assert sorted(device) == ["randread", "seqread"]
+        assert all(d["user_bytes"] > 0 and d["seconds"] > 0 for d in device.values())
+        assert sorted(entry["ceilings"]) == ["randread", "seqread"]
+        for c in entry["ceilings"].values():
+            assert c["cores"] == min(2, os.cpu_count()) and 0 < c["device_share"]
+            assert c["vs_w0"] >= 1 and c["most_mb_per_s"] > 0
+            assert 0 < c["together"] <= 1 and c["bound"] == (c["together"] >= 0.9)
     assert doc["suite"][1]["workers_targets"] == {}      # depth 8: the issue sets none
     assert doc["suite"][0]["workers_targets"]["randread"] == 0.9
     assert sorted(p.name for p in charts.iterdir()) == ["cpu.png", "scaling.png",
@@ -260,3 +272,33 @@ def test_a_failed_run_is_reported_and_the_others_still_count(tmp_path, capsys, m
     assert "CryptDisk at depth 1: 1 of 2 run(s) failed" in text
     (entry,) = doc["suite"]
     assert entry["disks"]["cryptdisk"]["best"]["workloads"]["randread"]["mb_per_s"] > 0
+
+
+def test_fastest_possible_is_amdahl_over_the_device_time():
+    from tools.bench.suite import fastest_possible
+    from tools.bench.workloads import WorkloadResult
+
+    def mbs(seconds):     # 1 MB in `seconds`
+        return WorkloadResult("randread", 1, 1_000_000, seconds, 0.0, 0, 0)
+    # w0: 10 s, of which the device alone takes 6: 2 cores halve the other 4.
+    assert fastest_possible(mbs(10), mbs(6), 2) == pytest.approx(1 / 8)
+    assert fastest_possible(mbs(10), mbs(6), 1) == pytest.approx(1 / 10)
+    # A device measured slower than the disk on top of it (noise): nothing to gain.
+    assert fastest_possible(mbs(10), mbs(12), 4) == pytest.approx(1 / 10)
+
+
+def test_raw_disk_reads_every_range_from_the_image_and_fails_a_short_one(tmp_path):
+    from tools.bench.workloads import RawDisk
+    path = tmp_path / "image"
+    path.write_bytes(os.urandom(1 << 20))              # 256 blocks
+    fd = os.open(path, os.O_RDONLY)
+    raw = RawDisk(fd)
+    try:
+        got = raw.read_many([(0, 1), (255, 1), (8, 16)])
+        assert [len(b) for b in got] == [4096, 4096, 16 * 4096]
+        Payload.check(8, got[2])                       # answered as a NullDisk would
+        with pytest.raises(OSError, match="raw device read failed"):
+            raw.read_many([(0, 1), (256, 1)])          # past the end: a short read
+    finally:
+        raw.close()
+        os.close(fd)

@@ -8,7 +8,9 @@ from .aging import AgingPlan, AgingResult
 from .disks import BLOCK_SIZE, DISPLAY_NAMES
 from .isolate import Isolated
 from .suite import (CPU_TARGETS, LABELS, RSS_TARGETS_MIB, TARGETS, THREAD_CPU_TARGETS,
-                    WORKERS_TARGETS, SuiteResult, cpu_ratios, ratios, workers_ratios)
+                    WORKERS_TARGETS, SuiteResult, cpu_ratios, fastest_possible, ratios,
+                    workers_ratios)
+from .workloads import WorkloadResult
 
 
 @dataclass
@@ -31,12 +33,22 @@ class DiskSummary:
     @classmethod
     def of(cls, outcomes: List[Isolated]) -> "DiskSummary":
         runs: List[SuiteResult] = [o.value for o in outcomes]
-        fastest = {w: max((r.results[w] for r in runs), key=lambda x: x.mb_per_s)
-                   for w in runs[-1].results}
-        best = replace(runs[-1], results=fastest,
+        best = replace(runs[-1], results=_fastest([r.results for r in runs]),
+                       device=_fastest([r.device for r in runs]),
                        prefill=max((r.prefill for r in runs), key=lambda x: x.mb_per_s))
         return cls(best, max(o.rss_peak_kib for o in outcomes),
                    min(o.rss_start_kib for o in outcomes), all(o.isolated for o in outcomes))
+
+
+def _cores(report: "BenchReport", auto: SuiteResult) -> int:
+    """The cores a run with workers can use: the engine's thread and each worker, at most
+    the machine's CPUs."""
+    return min(report.settings["cpus"] or 1, 1 + auto.crypto_workers)
+
+
+def _fastest(per_run: List[Dict[str, WorkloadResult]]) -> Dict[str, WorkloadResult]:
+    """Per workload (those of the last run), its fastest run."""
+    return {w: max((d[w] for d in per_run), key=lambda x: x.mb_per_s) for w in per_run[-1]}
 
 
 @dataclass
@@ -154,7 +166,7 @@ def scaling_text(report: BenchReport) -> str:
     """--scaling: SwornDisk with 0 crypto workers and with its workers (the run's
     --crypto-workers, automatic by default) against CryptDisk, at every depth, with the
     issue's targets; then the memory of the engine's process and its workers."""
-    rows, mem_rows = [], []
+    rows, mem_rows, ceiling_rows = [], [], []
     for depth in report.depths:
         res = report.suite_results(depth)
         auto, crypt = res.get("sworndisk"), res.get("cryptdisk")
@@ -183,6 +195,7 @@ def scaling_text(report: BenchReport) -> str:
                          _verdict(vs_inline.get(w), lambda x: x >= wmin, wmin),
                          f"<={tmax:g}" if tmax else "-",
                          _verdict(a.engine_us_per_block, lambda x: x <= tmax, tmax)])
+        ceiling_rows += _ceiling_rows(depth, ceilings(inline, crypt, _cores(report, auto)))
         summary = report.summaries(depth)["sworndisk"]
         workers = auto.workers_rss_peak_kib / 1024
         total = summary.rss_peak_kib / 1024 + workers
@@ -203,7 +216,82 @@ def scaling_text(report: BenchReport) -> str:
             f"engine's thread) and with {w} (w{w}); MB/s, and CPU us per 4 KiB block on the "
             f"engine's thread (the driving thread's CPU less the benchmark loop's own, "
             f"'client', measured on a disk that does nothing) and in the workers\n{head}\n\npeak RSS, SwornDisk with its "
-            f"workers (the engine process's peak + the sum of its workers' VmHWM)\n{mem}")
+            f"workers (the engine process's peak + the sum of its workers' VmHWM)\n{mem}"
+            f"{_ceilings_text(ceiling_rows)}")
+
+
+# RawDisk.together at least this: a batch's reads complete at once, and fastest_possible
+# is a bound (else the device's time can overlap work on the data, and it is none)
+TOGETHER = 0.9
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What more cores could give a read workload at most (suite.fastest_possible)."""
+    device_mb_per_s: float     # the same requests straight from CryptDisk's image
+    device_share: float        # of w0's time: what no core can take off a batch
+    together: float            # RawDisk.together
+    cores: int
+    most_mb_per_s: float
+    vs_w0: float
+    vs_cryptdisk: Optional[float]
+
+    @property
+    def bound(self) -> bool:
+        return self.together >= TOGETHER
+
+
+def ceilings(inline: SuiteResult, crypt: Optional[SuiteResult], cores: int
+             ) -> Dict[str, Ceiling]:
+    """Per read workload that CryptDisk also ran straight from its image, its Ceiling."""
+    out = {}
+    for w, device in (crypt.device.items() if crypt else ()):
+        i, c = inline.results.get(w), crypt.results.get(w)
+        if i is None or not (i.mb_per_s and device.mb_per_s):
+            continue
+        best = fastest_possible(i, device, cores)
+        out[w] = Ceiling(device.mb_per_s, i.mb_per_s / device.mb_per_s, device.together,
+                         cores, best, best / i.mb_per_s,
+                         best / c.mb_per_s if c and c.mb_per_s else None)
+    return out
+
+
+def _ceiling_rows(depth: int, found: Dict[str, Ceiling]) -> List[List[str]]:
+    def verdict(x: Optional[float], minimum: Optional[float]) -> str:
+        return "" if x is None or not minimum else ("reachable" if x >= minimum else "ABOVE")
+    rows = []
+    for w in (w for w in LABELS if w in found):
+        c = found[w]
+        wmin, target = WORKERS_TARGETS.get(depth, {}).get(w), TARGETS.get(depth, {}).get(w)
+        row = [str(depth), LABELS[w], _fmt(c.device_mb_per_s), f"{100 * c.together:.0f}%",
+               f"{100 * c.device_share:.0f}%", str(c.cores)]
+        if c.bound:
+            row += [_fmt(c.most_mb_per_s), f"{c.vs_w0:.2f}x", f">={wmin:g}x" if wmin else "-",
+                    verdict(c.vs_w0, wmin),
+                    _fmt(c.vs_cryptdisk, ".2f") + "x" if c.vs_cryptdisk else "-",
+                    target.text() if target else "-",
+                    verdict(c.vs_cryptdisk, target.minimum if target else None)]
+        else:
+            row += ["-", "-", "-", "no bound", "-", "-", ""]
+        rows.append(row)
+    return rows
+
+
+def _ceilings_text(rows: List[List[str]]) -> str:
+    if not rows:
+        return ""
+    head = table(["depth", "workload", "device MB/s", "first done at", "device share of w0",
+                  "cores", "most MB/s", "most vs w0", "target", "", "most vs CryptDisk",
+                  "target", ""], rows, left=2)
+    return ("\n\nwhat more cores could give reads at most (Amdahl): a batch of `depth` "
+            "requests is read and answered before the next is issued; the same reads "
+            "straight from CryptDisk's image, no index and no crypto, give the device's time "
+            "per batch and when in it the first read completes. Where the reads complete "
+            f"together (first done at >= {100 * TOGETHER:.0f}% of the batch), no work on "
+            "the data overlaps the device's time, and at best the rest of w0's time is split "
+            "perfectly over the cores (the engine's thread and its workers, at most the "
+            "CPUs). ABOVE: the target asks more than that; no bound: the reads complete "
+            f"one after another, and the workers can overlap them\n{head}")
 
 
 def _per_disk_text(report: BenchReport) -> str:
@@ -304,7 +392,8 @@ def _suite_dict(r: SuiteResult) -> dict:
             "prefill": r.prefill.to_dict(),
             "workloads": {w: x.to_dict() for w, x in r.results.items()},
             "engine_stats": r.engine_stats,
-            "profiles": {w: asdict(p) for w, p in r.profiles.items()}}
+            "profiles": {w: asdict(p) for w, p in r.profiles.items()},
+            "device": {w: x.to_dict() for w, x in r.device.items()}}
 
 
 def _depth_dict(report: BenchReport, depth: int) -> dict:
@@ -330,6 +419,9 @@ def _workers0_dict(report: BenchReport, depth: int, res: Dict[str, SuiteResult])
     return {"workers0": {"runs": [_outcome_dict(o, _suite_dict) for o in report.workers0[depth]],
                          "best": _suite_dict(best) if best else None},
             "workers_ratios": workers_ratios(res.get("sworndisk"), best, list(LABELS)),
+            "ceilings": ({w: {**asdict(c), "bound": c.bound} for w, c in ceilings(
+                best, res.get("cryptdisk"), _cores(report, res["sworndisk"])).items()}
+                if best and "sworndisk" in res else {}),
             "workers_targets": WORKERS_TARGETS.get(depth, {}),
             "rss_target_mib": RSS_TARGETS_MIB.get(depth)}
 

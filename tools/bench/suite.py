@@ -26,8 +26,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .disks import BLOCK_SIZE, BenchDisk, make_cryptdisk, make_sworndisk, sworndisk_data_bytes
 from .profiling import WorkloadProfile, summarise
-from .workloads import (Body, NullDisk, Payload, WorkloadResult, client_seconds, random_lbas,
-                        random_read, random_write, sequential_read, sequential_write, timed)
+from .workloads import (Body, DeviceReads, NullDisk, Payload, RawDisk, WorkloadResult,
+                        client_seconds, random_lbas, random_read, random_write,
+                        sequential_read, sequential_write, timed)
 
 WORKLOADS = ("randwrite", "randread", "seqwrite", "seqread")
 LABELS = {"randwrite": "rand write 4K", "randread": "rand read 4K",
@@ -118,6 +119,9 @@ class SuiteResult:
     results: Dict[str, WorkloadResult] = field(default_factory=dict)
     engine_stats: dict = field(default_factory=dict)
     profiles: Dict[str, WorkloadProfile] = field(default_factory=dict)
+    # CryptDisk's runs: each read workload again straight from its image (RawDisk), the
+    # device's own share of a batch
+    device: Dict[str, DeviceReads] = field(default_factory=dict)
     crypto_workers: int = 0              # the pool's size as the engine chose it
     workers_rss_peak_kib: int = 0        # the most its workers held together (sum of VmHWM)
 
@@ -177,6 +181,13 @@ def run_suite(kind: str, workdir: str, params: SuiteParams) -> SuiteResult:
             pool = bench.pool()
             result.crypto_workers = pool.workers
             result.workers_rss_peak_kib = max(result.workers_rss_peak_kib, pool.rss_peak_kib())
+            if kind == "cryptdisk" and name in READS:
+                raw = RawDisk(bench.devices["data"].inner.fd)
+                try:
+                    result.device[name] = DeviceReads(
+                        timed(name, bench, _bodies(raw, params, payload)[name]()), raw.together)
+                finally:
+                    raw.close()
         result.engine_stats = _jsonable(bench.stats())
     return result
 
@@ -221,3 +232,16 @@ def workers_ratios(auto: Optional[SuiteResult], inline: Optional[SuiteResult],
         return {}
     return {w: auto.results[w].mb_per_s / inline.results[w].mb_per_s for w in workloads
             if w in auto.results and w in inline.results and inline.results[w].mb_per_s > 0}
+
+
+
+def fastest_possible(inline: WorkloadResult, device: DeviceReads, cores: int) -> float:
+    """The most MB/s `cores` could make of a batch-synchronous workload that `inline` ran
+    on one core, by Amdahl's law: with one batch in flight, and its reads completing
+    together (device.together near 1), the device's time (the same requests with nothing
+    on top) overlaps no work on the data, and the rest of `inline`'s time is split
+    perfectly over the cores. A device measured slower than w0 (noise) leaves nothing to
+    gain."""
+    t_inline = 1 / inline.mb_per_s
+    t_device = min(t_inline, 1 / device.mb_per_s)
+    return 1 / (t_device + (t_inline - t_device) / cores)

@@ -9,11 +9,16 @@ would be worse than none). The checks cost the same on both disks.
 """
 from __future__ import annotations
 
+import errno
+import mmap
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ublk_shim.sys import IORING_OP_READ, SQE_RW
+from ublk_shim.uring import Ring, buffer_address
 
 from .disks import BLOCK_SIZE, BenchDisk
 
@@ -177,6 +182,73 @@ class NullDisk:
         self._words[:n * WORDS_PER_BLOCK:WORDS_PER_BLOCK] = np.arange(lba, lba + n,
                                                                       dtype=np.uint64)
         return self._words[:n * WORDS_PER_BLOCK].tobytes()
+
+
+class RawDisk(NullDisk):
+    """The device alone: each batch of reads goes to the image file at the LBAs' own
+    offsets (where CryptDisk keeps them), every read of the batch in flight at once on one
+    io_uring (O_DIRECT, into one reused buffer, nothing copied), answered like a NullDisk.
+    Run through the same loop, it measures what a batch costs with no index, no crypto and
+    no copy: the device's time plus the loop's.
+
+    It also notes when a batch's first read completes, as a share of the whole batch's
+    time (`together`, the median over batches). Near 1, the completions arrive together:
+    no work on the data can overlap the device's time, so no number of crypto workers can
+    take that time off a batch-synchronous read."""
+
+    RING = 256
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self._fd, self._ring, self._buf = fd, Ring(self.RING), mmap.mmap(-1, BLOCK_SIZE)
+        self._first_shares: List[float] = []
+
+    @property
+    def together(self) -> float:
+        return float(np.median(self._first_shares)) if self._first_shares else 0.0
+
+    def read_many(self, ranges) -> list:
+        need = sum(n for _, n in ranges) * BLOCK_SIZE
+        if len(self._buf) < need:
+            self._buf.close()
+            self._buf = mmap.mmap(-1, need)
+        base, pos, rows = buffer_address(self._buf), 0, []
+        for i, (lba, n) in enumerate(ranges):
+            # opcode, flags, ioprio, fd, off, addr, len, op_flags, user_data, buf_index,
+            # personality, splice_fd_in
+            rows.append((IORING_OP_READ, 0, 0, self._fd, lba * BLOCK_SIZE, base + pos,
+                         n * BLOCK_SIZE, 0, i, 0, 0, 0))
+            pos += n * BLOCK_SIZE
+        start, first = time.perf_counter(), None
+        for i in range(0, len(rows), self.RING):
+            chunk = rows[i:i + self.RING]
+            self._ring.prep_packed_many(SQE_RW, chunk)
+            cqes = self._ring.submit_and_wait(1)
+            first = first or time.perf_counter()
+            cqes += self._ring.complete(len(chunk) - len(cqes))
+            for user_data, res, _flags in cqes:
+                if res != chunk[user_data - i][6]:
+                    raise OSError(-res if res < 0 else errno.EIO, "raw device read failed")
+        self._first_shares.append((first - start) / (time.perf_counter() - start))
+        return super().read_many(ranges)
+
+    def close(self) -> None:
+        self._ring.close()
+        self._buf.close()
+
+
+@dataclass
+class DeviceReads:
+    """A read workload run again on the device alone (RawDisk)."""
+    result: WorkloadResult
+    together: float             # RawDisk.together: near 1, a batch's reads complete at once
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.result.mb_per_s
+
+    def to_dict(self) -> dict:
+        return {**self.result.to_dict(), "together": self.together}
 
 
 def client_seconds(body: Body) -> float:
