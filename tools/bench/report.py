@@ -220,8 +220,9 @@ def scaling_text(report: BenchReport) -> str:
             f"{_ceilings_text(ceiling_rows)}")
 
 
-# RawDisk.together at least this: a batch's reads complete at once, and fastest_possible
-# is a bound (else the device's time can overlap work on the data, and it is none)
+# RawDisk.together at least this: a batch's reads complete at once, and for requests of
+# one block (which no reader can split into smaller reads to verify the first meanwhile)
+# fastest_possible is a bound; else the device's time can overlap work on the data
 TOGETHER = 0.9
 
 
@@ -231,6 +232,7 @@ class Ceiling:
     device_mb_per_s: float     # the same requests straight from CryptDisk's image
     device_share: float        # of w0's time: what no core can take off a batch
     together: float            # RawDisk.together
+    request_bytes: int
     cores: int
     most_mb_per_s: float
     vs_w0: float
@@ -238,7 +240,7 @@ class Ceiling:
 
     @property
     def bound(self) -> bool:
-        return self.together >= TOGETHER
+        return self.together >= TOGETHER and self.request_bytes == BLOCK_SIZE
 
 
 def ceilings(inline: SuiteResult, crypt: Optional[SuiteResult], cores: int
@@ -251,7 +253,8 @@ def ceilings(inline: SuiteResult, crypt: Optional[SuiteResult], cores: int
             continue
         best = fastest_possible(i, device, cores)
         out[w] = Ceiling(device.mb_per_s, i.mb_per_s / device.mb_per_s, device.together,
-                         cores, best, best / i.mb_per_s,
+                         device.result.user_bytes // device.result.ops, cores, best,
+                         best / i.mb_per_s,
                          best / c.mb_per_s if c and c.mb_per_s else None)
     return out
 
@@ -290,8 +293,10 @@ def _ceilings_text(rows: List[List[str]]) -> str:
             f"together (first done at >= {100 * TOGETHER:.0f}% of the batch), no work on "
             "the data overlaps the device's time, and at best the rest of w0's time is split "
             "perfectly over the cores (the engine's thread and its workers, at most the "
-            "CPUs). ABOVE: the target asks more than that; no bound: the reads complete "
-            f"one after another, and the workers can overlap them\n{head}")
+            "CPUs); each request is one block, so no reader can split it to verify a part "
+            "while the rest is read. ABOVE: the target asks more than that; no bound: "
+            "larger requests, or reads that complete one after another, which a reader "
+            f"can overlap with the verification\n{head}")
 
 
 def _per_disk_text(report: BenchReport) -> str:
